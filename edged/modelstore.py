@@ -186,6 +186,8 @@ def default_source_dir() -> Optional[Path]:
     env = os.environ.get("EDGED_MODEL_SOURCE")
     if env:
         return Path(env)
+    if os.environ.get("EDGED_NO_SHARED_SOURCE"):  # force the npm path (tests, fresh-machine check)
+        return None
     shared = CHECKOUT_ROOT.parent / "shared" / "models"
     return shared if shared.is_dir() else None
 

@@ -152,7 +152,10 @@ def load_delegate(library: str, options: Optional[dict] = None):
     mod = tflite_module()
     # Open it with ctypes first: a missing library then fails with a clean OSError instead of
     # the half-built Delegate object LiteRT leaves behind (which errors again in __del__).
-    ctypes.CDLL(library)
+    lib = ctypes.CDLL(library)
+    if not hasattr(lib, "tflite_plugin_create_delegate"):
+        raise ValueError(f"{library} is not a TFLite delegate library "
+                         f"(it has no tflite_plugin_create_delegate symbol)")
     opts = {str(k): str(v) for k, v in (options or {}).items()}
     return mod.load_delegate(library, opts)
 

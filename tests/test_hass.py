@@ -1,0 +1,120 @@
+"""Home Assistant device discovery: schema keys, birth-message republish, people changes."""
+from __future__ import annotations
+
+import json
+import time
+
+from edged.hass import HassDiscovery, build_discovery, discovery_topic
+from edged.mqtt import HassSettings, MqttSettings
+from edged.publish import Publisher
+from mqtt_producer import Subscriber, wait_until
+
+PREFIX = "edged/testcam"
+DISCOVERY = "homeassistant/device/edged_testcam/config"
+
+
+def validate(doc: dict) -> None:
+    """The documented schema (docs/mqtt.md, "Home Assistant")."""
+    assert set(doc) >= {"device", "origin", "availability", "components"}
+    assert doc["device"]["identifiers"] == ["edged_testcam"]
+    assert doc["device"]["name"] == "testcam"
+    assert doc["availability"] == [{
+        "topic": f"{PREFIX}/availability",
+        "value_template": "{{ 'online' if value == 'online' else 'offline' }}"}]
+    seen = set()
+    for cid, comp in doc["components"].items():
+        assert comp["platform"] in ("binary_sensor", "sensor", "event"), cid
+        if set(comp) == {"platform"}:
+            continue  # removal
+        for key in ("unique_id", "state_topic", "name"):
+            assert key in comp, f"{cid} has no {key}"
+        assert comp["unique_id"] == cid and cid not in seen
+        seen.add(cid)
+        assert comp["state_topic"].startswith(PREFIX + "/")
+    assert HassDiscovery.validate(doc) is None
+
+
+def test_payload_schema_offline():
+    doc = build_discovery("testcam", PREFIX, ["alice", "Bob Smith"], ["door", "yard"])
+    validate(doc)
+    comps = doc["components"]
+    alice = comps["edged_testcam_person_alice"]
+    assert alice["device_class"] == "presence" and alice["state_topic"] == f"{PREFIX}/person/alice"
+    assert comps["edged_testcam_person_bob_smith"]["state_topic"] == f"{PREFIX}/person/Bob_Smith"
+    event = comps["edged_testcam_recognition"]
+    assert event["platform"] == "event" and "recognized" in event["event_types"]
+    assert event["state_topic"] == f"{PREFIX}/events"
+    fps = comps["edged_testcam_fps_door"]
+    assert fps["state_topic"] == f"{PREFIX}/stats" and fps["unit_of_measurement"] == "fps"
+    assert "cameras['door'].fps" in fps["value_template"]
+    assert discovery_topic("homeassistant", "testcam") == DISCOVERY
+    assert HassDiscovery.validate({"device": {}}) == "missing root key 'origin'"
+
+
+def test_discovery_published_and_republished_on_birth(broker, tmp_path):
+    sub = Subscriber(broker.port, ["homeassistant/#"])
+    p = Publisher(MqttSettings(port=broker.port, reconnect_min_s=0.2, reconnect_max_s=1.0),
+                  "testcam", tmp_path / "state", people=["alice", "bob"])
+    p.start()
+    try:
+        p.update_status(cameras={"door": {"connected": True}})
+        assert sub.wait_for(lambda s: any("edged_testcam_fps_door" in d["components"]
+                                          for d in s.json(DISCOVERY)), 10)
+        doc = sub.json(DISCOVERY)[-1]
+        validate(doc)
+        assert {"edged_testcam_person_alice", "edged_testcam_person_bob",
+                "edged_testcam_recognition", "edged_testcam_fps_door",
+                "edged_testcam_spool_depth"} <= set(doc["components"])
+        n = len(sub.payloads(DISCOVERY))
+        time.sleep(0.5)
+        assert len(sub.payloads(DISCOVERY)) == n  # nothing more unless asked
+
+        # Home Assistant restarts: its birth message makes edged announce itself again
+        sub.publish("homeassistant/status", "online")
+        assert sub.wait_for(lambda s: len(s.payloads(DISCOVERY)) == n + 1, 10)
+        validate(sub.json(DISCOVERY)[-1])
+        sub.publish("homeassistant/status", "offline")  # HA's last will: nothing to do
+        time.sleep(0.5)
+        assert len(sub.payloads(DISCOVERY)) == n + 1
+
+        # bob leaves the gallery: his entity is removed (platform only), alice stays
+        p.set_people(["alice"])
+        assert sub.wait_for(lambda s: len(s.payloads(DISCOVERY)) == n + 2, 10)
+        doc = sub.json(DISCOVERY)[-1]
+        validate(doc)
+        assert doc["components"]["edged_testcam_person_bob"] == {"platform": "binary_sensor"}
+        assert "unique_id" in doc["components"]["edged_testcam_person_alice"]
+    finally:
+        p.stop()
+        sub.close()
+    # retained: a Home Assistant that starts later finds it
+    late = Subscriber(broker.port, DISCOVERY)
+    try:
+        assert late.wait_for(lambda s: s.json(DISCOVERY), 5)
+        assert late.msgs[0][2] is True
+        comps = late.json(DISCOVERY)[0]["components"]
+        assert comps.get("edged_testcam_person_bob", {"platform": "x"}).keys() == {"platform"}
+    finally:
+        late.close()
+
+
+def test_discovery_off_and_custom_prefix(broker, tmp_path):
+    sub = Subscriber(broker.port, ["homeassistant/#", "ha/#"])
+    off = Publisher(MqttSettings(port=broker.port, homeassistant=HassSettings(enabled=False)),
+                    "testcam", tmp_path / "a")
+    custom = Publisher(MqttSettings(port=broker.port, client_id="other",
+                                    homeassistant=HassSettings(discovery_prefix="ha")),
+                       "cam2", tmp_path / "b", people=["alice"])
+    off.start()
+    custom.start()
+    try:
+        assert wait_until(lambda: off.connected and custom.connected)
+        assert sub.wait_for(lambda s: s.json("ha/device/edged_cam2/config"), 10)
+        time.sleep(0.5)
+        assert not [t for t, _, _ in sub.msgs if t.startswith("homeassistant/")]
+        doc = sub.json("ha/device/edged_cam2/config")[0]
+        assert json.dumps(doc).count("edged/cam2/") >= 3
+    finally:
+        off.stop()
+        custom.stop()
+        sub.close()

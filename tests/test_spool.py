@@ -1,0 +1,136 @@
+"""The on-disk spool: order, bounds, persistence, torn records and damaged files."""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+
+import pytest
+
+from edged.spool import Spool
+
+
+def payload(i: int, event_id: str = None, pad: int = 0) -> bytes:
+    return json.dumps({"id": event_id or f"e{i}", "n": i, "pad": "x" * pad}).encode()
+
+
+def fill(sp: Spool, n: int, start: int = 0, pad: int = 0, created=None):
+    return [sp.put(f"e{i}", "cam", created if created is not None else time.time(),
+                   payload(i, pad=pad)) for i in range(start, start + n)]
+
+
+def test_oldest_first_delete_and_persistence(tmp_path):
+    sp = Spool(tmp_path / "s.db")
+    rows = fill(sp, 10)
+    assert rows == sorted(rows) and sp.depth == 10
+    recs = sp.fetch(0, 4)
+    assert [r.event_id for r in recs] == ["e0", "e1", "e2", "e3"]
+    assert [r.event_id for r in sp.fetch(recs[-1].rowid, 100)] == [f"e{i}" for i in range(4, 10)]
+    assert sp.delete([recs[0].rowid, recs[2].rowid]) == 2
+    assert sp.delete([recs[0].rowid]) == 0  # already gone: a duplicate PUBACK
+    assert sp.depth == 8
+    sp.close()
+    # a restart (or a crash: every put is committed) finds the rest, oldest first
+    sp2 = Spool(tmp_path / "s.db")
+    assert sp2.depth == 8
+    assert [r.event_id for r in sp2.fetch(0, 3)] == ["e1", "e3", "e4"]
+    assert json.loads(sp2.fetch(0, 1)[0].payload)["n"] == 1
+    assert sp2.size_bytes == sum(len(r.payload) for r in sp2.fetch(0, 100))
+    sp2.close()
+
+
+def test_wal_mode_and_fsync_policy(tmp_path):
+    for policy, level in (("off", 0), ("normal", 1), ("full", 2)):
+        sp = Spool(tmp_path / f"{policy}.db", fsync=policy)
+        assert sp._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert sp._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        sp.close()
+    with pytest.raises(ValueError, match=r"mqtt\.spool\.fsync: 'sometimes'"):
+        Spool(tmp_path / "bad.db", fsync="sometimes")
+
+
+def test_bounded_by_count_drops_oldest_and_counts(tmp_path, caplog):
+    sp = Spool(tmp_path / "s.db", max_events=10)
+    with caplog.at_level(logging.WARNING, "edged.spool"):
+        fill(sp, 15)
+    assert sp.depth == 10 and sp.dropped == 5
+    assert [r.event_id for r in sp.fetch(0, 100)] == [f"e{i}" for i in range(5, 15)]
+    assert "dropped the 1 oldest" in caplog.text
+    sp.close()
+    assert Spool(tmp_path / "s.db", max_events=10).dropped == 5  # the count survives restarts
+
+
+def test_bounded_by_bytes(tmp_path):
+    sp = Spool(tmp_path / "s.db", max_bytes=65536)
+    fill(sp, 40, pad=4000)  # ~4 KB each
+    assert sp.size_bytes <= 65536
+    assert sp.dropped > 0 and sp.depth + sp.dropped == 40
+    assert sp.fetch(0, 1)[0].event_id == f"e{sp.dropped}"
+
+
+def test_bounded_by_age(tmp_path):
+    sp = Spool(tmp_path / "s.db", max_age_s=60)
+    fill(sp, 3, created=time.time() - 3600)
+    fill(sp, 2, start=3)
+    sp.close()
+    sp = Spool(tmp_path / "s.db", max_age_s=60)  # expired on open (and every 10 s after)
+    assert [r.event_id for r in sp.fetch(0, 10)] == ["e3", "e4"]
+    assert sp.dropped == 3
+
+
+def test_torn_record_is_skipped_with_a_log_line(tmp_path, caplog):
+    sp = Spool(tmp_path / "s.db")
+    fill(sp, 3)
+    # what a torn write looks like: a cut payload, and one that is not this event's
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE events SET payload=? WHERE event_id='e1'", (payload(1)[:9],))
+    db.execute("INSERT INTO events (event_id, camera, created, payload) VALUES "
+               "('e3', 'cam', ?, ?)", (time.time(), b"\xff\xfe\x00garbage"))
+    db.execute("INSERT INTO events (event_id, camera, created, payload) VALUES "
+               "('e4', 'cam', ?, ?)", (time.time(), payload(5)))
+    db.commit()
+    db.close()
+    sp.close()
+    sp = Spool(tmp_path / "s.db")
+    with caplog.at_level(logging.WARNING, "edged.spool"):
+        recs = sp.fetch(0, 100)
+    assert [r.event_id for r in recs] == ["e0", "e2"]
+    assert sp.corrupt == 3 and sp.depth == 2
+    assert "record 2 (event e1) is torn or corrupt (payload is not JSON" in caplog.text
+    assert "(event e4) is torn or corrupt (payload does not carry the event id)" in caplog.text
+
+
+def test_damaged_database_file_is_moved_aside(tmp_path, caplog):
+    path = tmp_path / "s.db"
+    sp = Spool(path)
+    fill(sp, 50, pad=500)
+    sp.close()
+    # a power cut that left garbage over the file's first pages
+    data = bytearray(path.read_bytes())
+    data[0:4096] = b"\x00garbage" * 512
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, "edged.spool"):
+        sp = Spool(path)
+    assert "is damaged" in caplog.text and "moved aside to" in caplog.text
+    assert sp.depth == 0 and len(sp.moved_aside) == 1 and sp.moved_aside[0].exists()
+    fill(sp, 2)
+    assert [r.event_id for r in sp.fetch(0, 10)] == ["e0", "e1"]
+
+
+def test_not_a_database_at_all(tmp_path, caplog):
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not sqlite\n" * 100)
+    with caplog.at_level(logging.ERROR, "edged.spool"):
+        sp = Spool(path)
+    assert "moved aside" in caplog.text
+    assert sp.put("a", "cam", time.time(), payload(0, "a")) is not None
+
+
+def test_row_ids_keep_increasing_after_recovery(tmp_path):
+    sp = Spool(tmp_path / "s.db")
+    rows = fill(sp, 5)
+    sp._recover(sqlite3.DatabaseError("database disk image is malformed (test)"))
+    new = sp.put("n", "cam", time.time(), payload(0, "n"))
+    assert new > rows[-1]  # a reader's cursor (the last row id it sent) still sees it
+    assert [r.event_id for r in sp.fetch(rows[-1], 10)] == ["n"]

@@ -1,0 +1,608 @@
+"""MTCNN face detection on the TFLite P-Net, R-Net and O-Net.
+
+The three networks were converted from the original Caffe models and expect every image and
+crop with height and width swapped (``[N, W, H, 3]``), RGB, scaled as ``(x - 127.5) / 128``;
+their score and regression maps come back swapped the same way (index 0 runs along x).
+Pyramid levels are transposed after resizing and crops are sampled straight into the
+transposed layout, so the frame itself is never copied.
+
+Stages, as in the original MTCNN:
+
+1. **P-Net** on an image pyramid: the first level scales the frame by ``12 / min_face``, each
+   next one by ``scale_factor``, down to 12 pixels (area averaging, each level from the one
+   before).  For a given frame size the pyramid is fixed, so there is one P-Net interpreter
+   per level size, opened at that size on first use and kept (an LRU bounded by
+   :data:`PNET_CACHE` interpreters and :data:`PNET_CACHE_PIXELS` input pixels).  Candidate
+   boxes are thresholded, suppressed per level (IoU 0.5) and across levels (IoU 0.7),
+   regressed and made square.
+2. **R-Net** on 24 x 24 crops of the candidates, all in one batch (split into power-of-two
+   chunks, each with its own pre-sized interpreter, so nothing is re-allocated per frame);
+   suppression at IoU 0.6, regression, squaring.
+3. **O-Net** on 48 x 48 crops: final score, box regression and the 5 landmarks; a last
+   suppression ('Min' overlap 0.7, or Gaussian Soft-NMS when ``soft_nms`` is set).
+
+Crops are sampled bilinearly from the frame or one of its exact halvings (so that a crop is
+never more than 2x smaller than its source), with zero padding where a box crosses the frame
+border, so such boxes never fail; the boxes returned are not clipped to the frame (a face cut
+by the border has a box reaching outside it).  A detector is not thread-safe: use one per
+thread.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+
+from edged.imageio import to_bgr8
+from edged.types import Face
+
+log = logging.getLogger("edged.detect")
+
+__all__ = ["DetectionSettings", "MtcnnDetector", "BatchRunner", "nms", "soft_nms",
+           "pyramid_scales"]
+
+PNET_CACHE = 48  # at most this many P-Net interpreters kept, one per pyramid level size
+PNET_CACHE_PIXELS = 2_000_000  # ... and at most this many input pixels over all of them
+_NORM_SCALE = np.float32(1.0 / 128.0)
+_NORM_SHIFT = np.float32(127.5)
+
+
+@dataclass
+class DetectionSettings:
+    """MTCNN settings (``detection:`` in the configuration)."""
+
+    min_face: int = field(default=40, metadata={
+        "min": 12, "max": 4096,
+        "help": "smallest face to find, in pixels of the frame; smaller is slower "
+                "(the first pyramid level scales the frame by 12 / min_face)"})
+    scale_factor: float = field(default=0.709, metadata={
+        "min": 0.3, "max": 0.95,
+        "help": "ratio between image pyramid levels; closer to 1 finds more faces, slower"})
+    thresholds: List[float] = field(default_factory=lambda: [0.6, 0.7, 0.7], metadata={
+        "help": "score thresholds of P-Net, R-Net and O-Net, each in [0, 1]"})
+    nms_thresholds: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.6, 0.7], metadata={
+        "help": "suppression overlaps: P-Net per level (IoU), P-Net across levels (IoU), "
+                "R-Net (IoU; the original MTCNN uses 0.7: 0.6 sends fewer duplicate boxes to "
+                "O-Net, about 1 ms less per 640x480 frame), O-Net (intersection over the "
+                "smaller box)"})
+    soft_nms: bool = field(default=False, metadata={
+        "help": "final suppression by Gaussian Soft-NMS instead of hard suppression: keeps "
+                "strongly overlapping neighbours in crowds (their score is decayed)"})
+    soft_nms_sigma: float = field(default=0.3, metadata={
+        "min": 0.01, "max": 10.0, "help": "Gaussian width of Soft-NMS (score *= exp(-IoU^2 / sigma))"})
+
+    def config_errors(self) -> list:
+        """``[(key, message)]`` for what per-field metadata cannot express (list lengths)."""
+        errs = []
+        if not isinstance(self.min_face, int) or isinstance(self.min_face, bool) or self.min_face < 12:
+            errs.append(("min_face", f"expected an integer >= 12, got {self.min_face!r}"))
+        if not isinstance(self.scale_factor, (int, float)) or not 0.3 <= self.scale_factor <= 0.95:
+            errs.append(("scale_factor", f"expected a number in 0.3 .. 0.95, got {self.scale_factor!r}"))
+        for name, n in (("thresholds", 3), ("nms_thresholds", 4)):
+            values = getattr(self, name)
+            if (not isinstance(values, (list, tuple)) or len(values) != n
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and 0.0 <= v <= 1.0 for v in values)):
+                errs.append((name, f"expected {n} numbers in [0, 1], got {values!r}"))
+        if not isinstance(self.soft_nms_sigma, (int, float)) or self.soft_nms_sigma <= 0:
+            errs.append(("soft_nms_sigma", f"expected a positive number, got {self.soft_nms_sigma!r}"))
+        return errs
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad key (``detection.<key>: ...``)."""
+        errs = self.config_errors()
+        if errs:
+            raise ValueError("; ".join(f"detection.{k}: {m}" for k, m in errs))
+
+
+# ---------------------------------------------------------------------------- box helpers
+
+
+def _areas(b: np.ndarray) -> np.ndarray:
+    return (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+
+
+def _overlap(box: np.ndarray, others: np.ndarray, area: float, others_area: np.ndarray,
+             mode: str) -> np.ndarray:
+    xx1 = np.maximum(box[0], others[:, 0])
+    yy1 = np.maximum(box[1], others[:, 1])
+    xx2 = np.minimum(box[2], others[:, 2])
+    yy2 = np.minimum(box[3], others[:, 3])
+    inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+    if mode == "min":
+        return inter / np.minimum(area, others_area)
+    return inter / (area + others_area - inter)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression; indices kept, best score first.
+
+    ``boxes`` are ``[x1, y1, x2, y2]`` with inclusive corners; ``mode`` "union" (IoU) or "min"
+    (intersection over the smaller box).
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    areas = _areas(boxes)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        if order.size == 1:
+            break
+        rest = order[1:]
+        ov = _overlap(boxes[i], boxes[rest], areas[i], areas[rest], mode)
+        order = rest[ov <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+_HAVE_CV2_NMS = hasattr(cv2, "dnn") and hasattr(cv2.dnn, "NMSBoxes")
+
+
+def nms_union(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """IoU suppression (indices kept, best first): OpenCV's C++ NMSBoxes when available."""
+    n = len(boxes)
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)
+    global _HAVE_CV2_NMS
+    if _HAVE_CV2_NMS:
+        xywh = np.empty((n, 4), dtype=np.float64)
+        xywh[:, :2] = boxes[:, :2]
+        xywh[:, 2:] = boxes[:, 2:4] - boxes[:, :2] + 1.0
+        try:
+            keep = cv2.dnn.NMSBoxes(xywh, np.asarray(scores, dtype=np.float32), 0.0,
+                                    float(threshold))
+            return np.asarray(keep, dtype=np.int64).reshape(-1)
+        except (cv2.error, TypeError) as exc:  # an OpenCV build whose bindings differ
+            log.info("OpenCV NMSBoxes unusable (%s); using numpy suppression", exc)
+            _HAVE_CV2_NMS = False
+    return nms(boxes, scores, threshold, "union")
+
+
+def soft_nms(boxes: np.ndarray, scores: np.ndarray, sigma: float, min_score: float) -> tuple:
+    """Gaussian Soft-NMS: ``(indices kept, their decayed scores)``, best first."""
+    n = len(boxes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    areas = _areas(boxes)
+    s = np.asarray(scores, dtype=np.float64).copy()
+    idx = np.arange(n)
+    keep, kept_scores = [], []
+    while idx.size:
+        j = int(np.argmax(s[idx]))
+        i = idx[j]
+        if s[i] < min_score:
+            break
+        keep.append(i)
+        kept_scores.append(s[i])
+        idx = np.delete(idx, j)
+        if idx.size == 0:
+            break
+        iou = _overlap(boxes[i], boxes[idx], areas[i], areas[idx], "union")
+        s[idx] *= np.exp(-(iou * iou) / sigma)
+        idx = idx[s[idx] >= min_score]
+    return np.asarray(keep, dtype=np.int64), np.asarray(kept_scores, dtype=np.float32)
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray, plus_one: bool = True) -> np.ndarray:
+    w = boxes[:, 2] - boxes[:, 0] + (1 if plus_one else 0)
+    h = boxes[:, 3] - boxes[:, 1] + (1 if plus_one else 0)
+    out = boxes.copy()
+    out[:, 0] += reg[:, 0] * w
+    out[:, 1] += reg[:, 1] * h
+    out[:, 2] += reg[:, 2] * w
+    out[:, 3] += reg[:, 3] * h
+    return out
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out = boxes.copy()
+    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
+    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def pyramid_scales(height: int, width: int, min_face: int, factor: float) -> List[float]:
+    """Scales of the P-Net pyramid: ``12 / min_face`` times powers of ``factor``."""
+    m = 12.0 / float(min_face)
+    side = min(height, width) * m
+    scales = []
+    s = m
+    while side >= 12.0:
+        scales.append(s)
+        s *= factor
+        side *= factor
+    return scales
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+class BatchRunner:
+    """Runs a batch-resizable model on any number of samples without re-allocating per call.
+
+    The batch is split into power-of-two chunks (at most ``max_batch``); each chunk size has
+    its own interpreter, created and sized on first use and kept, so a steady stream of calls
+    never re-plans the model.
+    """
+
+    def __init__(self, model: bytes, accel=None, name: str = "model", sha256: str = "",
+                 max_batch: int = 64):
+        from edged.runtime import open_runner
+
+        self._open = lambda: open_runner(model, accel, name=name, sha256=sha256,
+                                         where=f"{name}.accelerator")
+        self.name = name
+        self.max_batch = max(1, int(max_batch))
+        first = self._open()
+        shape = list(first.input_details()[0]["shape"])
+        self.sample_shape = tuple(shape[1:])
+        self.delegate = first.delegate
+        self.fallback_reason = first.fallback_reason
+        self._runners: Dict[int, object] = {}
+        if shape[0] >= 1:
+            self._runners[int(shape[0])] = first
+
+    def runner(self, n: int):
+        r = self._runners.get(n)
+        if r is None:
+            r = self._open()
+            r.resize((n,) + self.sample_shape)
+            self._runners[n] = r
+        return r
+
+    def chunks(self, n: int) -> List[int]:
+        sizes = []
+        while n > 0:
+            c = min(1 << (n.bit_length() - 1), self.max_batch)
+            sizes.append(c)
+            n -= c
+        return sizes
+
+    def run(self, batch: np.ndarray) -> list:
+        n = len(batch)
+        if n == 0:
+            raise ValueError(f"{self.name}: empty batch")
+        outs, start = [], 0
+        for c in self.chunks(n):
+            outs.append(self.runner(c).run(batch[start:start + c]))
+            start += c
+        if len(outs) == 1:
+            return outs[0]
+        return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
+
+
+def _tflite_tensors(buf) -> tuple:
+    """(``[(shape vector position, rank)]`` of every tensor of the first subgraph, the
+    index of its first input tensor)."""
+    from flatbuffers.table import Table
+
+    from edged.tflitefile import ModelFormatError, _root
+
+    root = _root(buf)
+
+    def vector(tab, index):
+        off = tab.Offset(4 + 2 * index)
+        return (tab.Vector(off), tab.VectorLen(off)) if off else (None, 0)
+
+    def table_at(tab, start, i):
+        return Table(tab.Bytes, tab.Indirect(start + 4 * i))
+
+    sg_start, n_sg = vector(root, 2)  # Model.subgraphs
+    if not n_sg:
+        raise ModelFormatError("model has no subgraph")
+    sg = table_at(root, sg_start, 0)
+    t_start, n_t = vector(sg, 0)  # SubGraph.tensors
+    in_start, n_in = vector(sg, 1)  # SubGraph.inputs
+    if not n_in:
+        raise ModelFormatError("model has no input")
+    first_input = struct.unpack_from("<i", buf, in_start)[0]
+    tensors = [vector(table_at(sg, t_start, i), 0) for i in range(n_t)]  # Tensor.shape
+    return tensors, first_input
+
+
+def pnet_model_for(model: bytes, shape) -> bytes:
+    """A copy of the P-Net model declared for input ``shape`` ([1, W, H, 3], swapped).
+
+    P-Net is published for a 1280 x 960 input, and its activation tensors are declared at the
+    matching sizes; XNNPACK plans (and keeps) memory for the declared sizes when an interpreter
+    is opened, about 150 MB each, whatever size it is resized to later.  So the input and every
+    activation's declared shape are rewritten in place (int32 values only, same rank) to what
+    the level needs: 3 x 3 valid convolution (-2), 2 x 2 max-pool with SAME padding (ceil of
+    half), two more 3 x 3 convolutions (-2, -2), then 1 x 1 convolutions.  A shape this misses
+    is only a hint: the interpreter recomputes every shape when it allocates.
+    """
+    buf = bytearray(model)
+    tensors, first = _tflite_tensors(buf)
+    pos, rank = tensors[first]
+    if rank != 4 or len(shape) != 4:
+        raise ValueError(f"P-Net input has rank {rank}, asked for shape {tuple(shape)}")
+    declared = struct.unpack_from("<4i", buf, pos)
+
+    def chain(s0: int, s: int) -> dict:
+        half0, half = (s0 - 2 + 1) // 2, (s - 2 + 1) // 2
+        return {s0: s, s0 - 2: s - 2, half0: half, half0 - 2: half - 2, half0 - 4: half - 4}
+
+    maps = {1: chain(declared[1], int(shape[1])), 2: chain(declared[2], int(shape[2]))}
+    struct.pack_into("<4i", buf, pos, *(int(v) for v in shape))
+    for i, (p, r) in enumerate(tensors):
+        if i == first or r != 4:
+            continue
+        dims = list(struct.unpack_from("<4i", buf, p))
+        if dims[0] != 1:
+            continue  # weights, not activations
+        new = [dims[0], maps[1].get(dims[1], dims[1]), maps[2].get(dims[2], dims[2]), dims[3]]
+        if new != dims:
+            struct.pack_into("<4i", buf, p, *new)
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------------------- detector
+
+
+_NORM_LUT = ((np.arange(256, dtype=np.float32) - _NORM_SHIFT) * _NORM_SCALE).reshape(1, 256)
+
+
+def _normalise(bgr: np.ndarray) -> np.ndarray:
+    """BGR uint8 (..., 3) -> RGB float32 scaled as (x - 127.5) / 128 (OpenCV: two passes)."""
+    shape = bgr.shape
+    flat = np.ascontiguousarray(bgr).reshape(-1, shape[-2], 3)
+    return cv2.LUT(cv2.cvtColor(flat, cv2.COLOR_BGR2RGB), _NORM_LUT).reshape(shape)
+
+
+class _Octaves:
+    """A frame and its exact 2 x 2 area halvings (OpenCV's fast path), made once per frame
+    when first needed: the pyramid's first level and the crops both start from them."""
+
+    def __init__(self, img: np.ndarray):
+        self.images = [img]
+
+    def get(self, k: int) -> np.ndarray:
+        imgs = self.images
+        while len(imgs) <= k and min(imgs[-1].shape[:2]) >= 2:
+            prev = imgs[-1]
+            imgs.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
+                                   interpolation=cv2.INTER_AREA))
+        return imgs[min(k, len(imgs) - 1)]
+
+    def resize(self, rows: int, cols: int) -> np.ndarray:
+        """Area-averaging resize of the frame to rows x cols, from the smallest halving that is
+        still at least that large."""
+        img = self.images[0]
+        if rows >= img.shape[0] or cols >= img.shape[1]:
+            if (rows, cols) == img.shape[:2]:
+                return img
+            return cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA)
+        k = int(math.floor(math.log2(min(img.shape[0] / rows, img.shape[1] / cols))))
+        src = self.get(max(k, 0))
+        while src.shape[0] < rows or src.shape[1] < cols:  # // 2 may have lost a pixel
+            k -= 1
+            src = self.get(k)
+        if src.shape[:2] == (rows, cols):
+            return src
+        return cv2.resize(src, (cols, rows), interpolation=cv2.INTER_AREA)
+
+
+def _crops(octs: "_Octaves", boxes: np.ndarray, size: int) -> tuple:
+    """Square crops of the integer ``boxes`` (inclusive corners) of a BGR frame, resized to
+    ``size`` x ``size`` and transposed as the networks want them (N x size(x) x size(y) x 3,
+    BGR); and the mask of the boxes kept.
+
+    Bilinear sampling, one ``cv2.remap`` per octave: each box is sampled from the halving of
+    the frame in which it is between 1 and 2 times the crop size, so the sampling hardly
+    aliases.  Whatever lies outside the frame is black (zero padding); boxes that miss the
+    frame entirely are dropped.
+    """
+    H, W = octs.images[0].shape[:2]
+    b = boxes.astype(np.float64)
+    bw = b[:, 2] - b[:, 0] + 1.0
+    bh = b[:, 3] - b[:, 1] + 1.0
+    keep = ((bw >= 1) & (bh >= 1) & (b[:, 0] <= W - 1) & (b[:, 1] <= H - 1)
+            & (b[:, 2] >= 0) & (b[:, 3] >= 0) & np.isfinite(b).all(axis=1))
+    b, bw, bh = b[keep], bw[keep], bh[keep]
+    n = len(b)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    if n == 0:
+        return out, keep
+    octave = np.clip(np.floor(np.log2(np.maximum(bw, bh) / size)), 0, 30).astype(np.int64)
+    octs.get(int(octave.max()))
+    octave = np.minimum(octave, len(octs.images) - 1)
+    per_call = max(1, 32000 // size)  # cv2.remap output is limited to 32767 rows
+    for o in np.unique(octave):
+        for start in range(0, int((octave == o).sum()), per_call):
+            sel = np.nonzero(octave == o)[0][start:start + per_call]
+            _sample(octs.images[int(o)], b[sel], bw[sel], bh[sel], float(1 << int(o)), size,
+                    out, sel)
+    return out, keep
+
+
+def _sample(src: np.ndarray, b: np.ndarray, bw: np.ndarray, bh: np.ndarray, f: float,
+            size: int, out: np.ndarray, sel: np.ndarray) -> None:
+    """Bilinear crops of boxes ``b`` from ``src`` (the frame shrunk ``f`` times) into ``out[sel]``."""
+    grid = (np.arange(size, dtype=np.float64) + 0.5) / size  # sample centres in [0, 1]
+    # Frame coordinates of the sample centres, in this octave's pixel grid.  Output row u of a
+    # crop runs along x, column v along y (the transposed layout).
+    xs = (b[:, 0:1] + grid[None, :] * bw[:, None]) / f - 0.5
+    ys = (b[:, 1:2] + grid[None, :] * bh[:, None]) / f - 0.5
+    map_x = np.repeat(xs[:, :, None], size, axis=2).reshape(-1, size).astype(np.float32)
+    map_y = np.repeat(ys[:, None, :], size, axis=1).reshape(-1, size).astype(np.float32)
+    crops = cv2.remap(src, map_x, map_y, cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    out[sel] = crops.reshape(len(sel), size, size, 3)
+
+
+class MtcnnDetector:
+    """The three-stage MTCNN cascade on verified model bytes (see the module docstring)."""
+
+    def __init__(self, pnet: bytes, rnet: bytes, onet: bytes,
+                 settings: Optional[DetectionSettings] = None, accel=None):
+        from edged.modelstore import sha256_bytes
+        from edged.runtime import open_runner
+
+        self.settings = settings or DetectionSettings()
+        self.settings.check()
+        self.accel = accel
+        self.sha256s = {"pnet": sha256_bytes(pnet), "rnet": sha256_bytes(rnet),
+                        "onet": sha256_bytes(onet)}
+        self._pnet_bytes = pnet
+        self._open = open_runner
+        self._pnet_cache: "OrderedDict[tuple, object]" = OrderedDict()
+        self._pnet_pixels = 0
+        first = self._open_pnet((1, 24, 24, 3))  # checks the model and the accelerator now
+        self.delegate = first.delegate
+        self.fallback_reason = first.fallback_reason
+        self.rnet = BatchRunner(rnet, accel, name="rnet", sha256=self.sha256s["rnet"], max_batch=16)
+        self.onet = BatchRunner(onet, accel, name="onet", sha256=self.sha256s["onet"], max_batch=4)
+
+    @classmethod
+    def from_models(cls, models_dir=None, settings: Optional[DetectionSettings] = None,
+                    accel=None) -> "MtcnnDetector":
+        from edged.modelstore import read_verified
+
+        blobs = {role: read_verified(role, models_dir)[0] for role in ("pnet", "rnet", "onet")}
+        return cls(blobs["pnet"], blobs["rnet"], blobs["onet"], settings, accel)
+
+    # -- P-Net interpreters, one per level size
+
+    def _open_pnet(self, shape=None):
+        model = self._pnet_bytes if shape is None else pnet_model_for(self._pnet_bytes, shape)
+        return self._open(model, self.accel, name="pnet", sha256=self.sha256s["pnet"],
+                          where="pnet.accelerator")
+
+    def _pnet_for(self, shape: tuple):
+        r = self._pnet_cache.get(shape)
+        if r is not None:
+            self._pnet_cache.move_to_end(shape)
+            return r
+        pixels = shape[1] * shape[2]
+        while self._pnet_cache and (len(self._pnet_cache) >= PNET_CACHE or
+                                    self._pnet_pixels + pixels > PNET_CACHE_PIXELS):
+            old, _ = self._pnet_cache.popitem(last=False)  # the least recently used level
+            self._pnet_pixels -= old[1] * old[2]
+        r = self._open_pnet(shape)
+        r.resize(shape)  # no-op unless the model's declared shape could not be used
+        self._pnet_cache[shape] = r
+        self._pnet_pixels += pixels
+        return r
+
+    # -- stages
+
+    def _stage_pnet(self, img: "_Octaves") -> np.ndarray:
+        s = self.settings
+        H, W = img.images[0].shape[:2]
+        t_p, nms_level, nms_all = s.thresholds[0], s.nms_thresholds[0], s.nms_thresholds[1]
+        found = []
+        prev = None
+        for scale in pyramid_scales(H, W, s.min_face, s.scale_factor):
+            ws, hs = int(math.ceil(W * scale)), int(math.ceil(H * scale))
+            if ws < 12 or hs < 12:
+                break
+            if prev is None:
+                level = img.resize(hs, ws)
+            else:
+                # Each later level from the one before: area averaging on far fewer pixels.
+                level = cv2.resize(prev, (ws, hs), interpolation=cv2.INTER_AREA)
+            prev = level
+            x = _normalise(cv2.transpose(level))[None]  # [1, W, H, 3]: width and height swapped
+            prob, reg = self._pnet_for(x.shape).run(x)[:2]
+            prob = prob[0, :, :, 1]  # W' x H' (swapped): index 0 runs along x
+            xi, yi = np.nonzero(prob >= t_p)
+            if xi.size == 0:
+                continue
+            score = prob[xi, yi]
+            r = reg[0, xi, yi, :]
+            b = np.empty((xi.size, 9), dtype=np.float64)
+            b[:, 0] = np.fix((2.0 * xi) / scale)
+            b[:, 1] = np.fix((2.0 * yi) / scale)
+            b[:, 2] = np.fix((2.0 * xi + 11.0) / scale)
+            b[:, 3] = np.fix((2.0 * yi + 11.0) / scale)
+            b[:, 4] = score
+            b[:, 5:9] = r
+            keep = nms_union(b[:, :4], b[:, 4], nms_level)
+            found.append(b[keep])
+        if not found:
+            return np.zeros((0, 5))
+        b = np.concatenate(found)
+        keep = nms_union(b[:, :4], b[:, 4], nms_all)
+        b = b[keep]
+        boxes = _regress(b[:, :4], b[:, 5:9], plus_one=False)
+        boxes = np.fix(_square(boxes))
+        return np.hstack([boxes, b[:, 4:5]])
+
+    def _stage_rnet(self, img: "_Octaves", cand: np.ndarray) -> np.ndarray:
+        s = self.settings
+        crops, kept = _crops(img, cand[:, :4], 24)
+        cand = cand[kept]
+        if len(cand) == 0:
+            return cand
+        prob, reg = self.rnet.run(_normalise(crops))[:2]
+        score = prob[:, 1]
+        ok = score > s.thresholds[1]
+        if not ok.any():
+            return np.zeros((0, 5))
+        boxes, score, reg = cand[ok, :4], score[ok], reg[ok]
+        keep = nms_union(boxes, score, s.nms_thresholds[2])
+        boxes = _regress(boxes[keep], reg[keep])
+        boxes = np.fix(_square(boxes))
+        return np.hstack([boxes, score[keep, None].astype(np.float64)])
+
+    def _stage_onet(self, img: "_Octaves", cand: np.ndarray) -> List[Face]:
+        s = self.settings
+        crops, kept = _crops(img, cand[:, :4], 48)
+        cand = cand[kept]
+        if len(cand) == 0:
+            return []
+        prob, reg, pts = self.onet.run(_normalise(crops))[:3]
+        score = prob[:, 1]
+        ok = score > s.thresholds[2]
+        if not ok.any():
+            return []
+        boxes, score, reg, pts = cand[ok, :4], score[ok].astype(np.float64), reg[ok], pts[ok]
+        w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        lx = boxes[:, 0:1] + w * pts[:, 0:5]
+        ly = boxes[:, 1:2] + h * pts[:, 5:10]
+        boxes = _regress(boxes, reg)
+        if s.soft_nms:
+            keep, score_k = soft_nms(boxes, score, s.soft_nms_sigma, s.thresholds[2])
+        else:
+            keep = nms(boxes, score, s.nms_thresholds[3], "min")
+            score_k = score[keep]
+        faces = []
+        for k, sc in zip(keep, score_k):
+            x1, y1, x2, y2 = boxes[k]
+            faces.append(Face(
+                box=np.array([x1, y1, x2 + 1.0, y2 + 1.0], dtype=np.float32),
+                score=float(sc),
+                landmarks=np.stack([lx[k], ly[k]], axis=1).astype(np.float32)))
+        faces.sort(key=lambda f: -f.score)
+        return faces
+
+    def detect(self, image_bgr: np.ndarray) -> List[Face]:
+        """Faces in a BGR image (gray, BGRA and 16-bit are converted), best score first."""
+        if image_bgr.dtype != np.uint8 or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+            image_bgr = to_bgr8(image_bgr)
+        h, w = image_bgr.shape[:2]
+        if min(h, w) < 12:
+            return []
+        octs = _Octaves(image_bgr)
+        cand = self._stage_pnet(octs)
+        if len(cand) == 0:
+            return []
+        cand = self._stage_rnet(octs, cand)
+        if len(cand) == 0:
+            return []
+        return self._stage_onet(octs, cand)

@@ -1,0 +1,136 @@
+"""The face pipeline: detect -> align -> quality -> embed, on one BGR image.
+
+>>> pipe = FacePipeline.from_models()
+>>> faces = pipe.process(image_bgr)        # boxes, landmarks, aligned, quality, embeddings
+>>> face = central_face(faces, image_bgr.shape)
+
+Faces below the quality minimums are returned with ``embedding = None``.  A pipeline is not
+thread-safe (its interpreters are reused between calls): use one per thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from edged.align import align_face
+from edged.detect import DetectionSettings, MtcnnDetector
+from edged.embed import Embedder
+from edged.imageio import to_bgr8
+from edged.quality import QualitySettings, assess
+from edged.types import Face
+
+__all__ = ["PipelineSettings", "FacePipeline", "central_face", "cosine", "DEFAULT_MATCH_THRESHOLD"]
+
+# Chosen on ../shared/faces/dev/pairs.csv by tools/eval_verification.py (docs/accuracy.md):
+# the midpoint of the interval of thresholds with the best pair accuracy, over all 1297 pairs.
+DEFAULT_MATCH_THRESHOLD = 0.418
+
+
+@dataclass
+class PipelineSettings:
+    """Settings of the face pipeline (``pipeline:`` in the configuration)."""
+
+    detection: DetectionSettings = field(default_factory=DetectionSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    flip: bool = field(default=False, metadata={
+        "help": "also embed each face's mirror image and average the two (costs a second "
+                "embedding per face; see docs/accuracy.md for what it gives)"})
+    match_threshold: float = field(default=DEFAULT_MATCH_THRESHOLD, metadata={
+        "min": -1.0, "max": 1.0,
+        "help": "cosine similarity at or above which two faces are the same person "
+                "(edged compare; chosen on the dev pairs, docs/accuracy.md)"})
+
+
+def _split_accel(accel):
+    """``{"detector": {...}, "embedder": {...}}`` or one setting for both."""
+    if isinstance(accel, dict) and ("detector" in accel or "embedder" in accel) and "type" not in accel:
+        unknown = set(accel) - {"detector", "embedder"}
+        if unknown:
+            raise ValueError(f"accelerator: unknown keys {sorted(unknown)}; expected 'detector' "
+                             f"and/or 'embedder', or one accelerator setting with a 'type'")
+        return accel.get("detector"), accel.get("embedder")
+    return accel, accel
+
+
+class FacePipeline:
+    def __init__(self, detector: MtcnnDetector, embedder: Embedder,
+                 settings: Optional[PipelineSettings] = None):
+        self.detector = detector
+        self.embedder = embedder
+        self.settings = settings or PipelineSettings()
+        self.detector.settings = self.settings.detection
+        self.settings.detection.check()
+
+    @classmethod
+    def from_models(cls, models_dir=None, settings: Optional[PipelineSettings] = None,
+                    accel: Optional[dict] = None) -> "FacePipeline":
+        settings = settings or PipelineSettings()
+        det_accel, emb_accel = _split_accel(accel)
+        detector = MtcnnDetector.from_models(models_dir, settings.detection, det_accel)
+        embedder = Embedder.from_models(models_dir, emb_accel)
+        return cls(detector, embedder, settings)
+
+    @property
+    def embedder_sha256(self) -> str:
+        return self.embedder.sha256
+
+    def detect(self, image_bgr: np.ndarray) -> List[Face]:
+        """Faces with box, score, landmarks, aligned crop and quality filled; best score first."""
+        if image_bgr.dtype != np.uint8 or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+            image_bgr = to_bgr8(image_bgr)
+        faces = self.detector.detect(image_bgr)
+        q = self.settings.quality
+        for f in faces:
+            f.aligned = align_face(image_bgr, f.landmarks)
+            f.quality = assess(f, f.aligned, q)
+        return faces
+
+    def embed_faces(self, faces: List[Face], only_passing: bool = True) -> List[Face]:
+        """Fill ``.embedding`` of the faces (those that passed quality, unless told otherwise)."""
+        todo = [f for f in faces if f.aligned is not None
+                and (not only_passing or f.quality is None or f.quality.passed)]
+        if todo:
+            emb = self.embedder.embed([f.aligned for f in todo], flip=self.settings.flip)
+            for f, e in zip(todo, emb):
+                f.embedding = e
+        return faces
+
+    def process(self, image_bgr: np.ndarray) -> List[Face]:
+        """Detect and embed; faces below the quality minimums get no embedding."""
+        return self.embed_faces(self.detect(image_bgr))
+
+
+def central_face(faces: List[Face], image_shape) -> Optional[Face]:
+    """The face nearest the image centre, or None.
+
+    A face's centre is the mean of its 5 landmarks (about the nose): the detector's box is
+    looser (forehead, chin) and two overlapping boxes can share a centre.  Ties: the larger face.
+    """
+    if not faces:
+        return None
+    h, w = image_shape[:2]
+    cx, cy = w / 2.0, h / 2.0
+
+    def key(f: Face):
+        if f.landmarks is not None and np.isfinite(f.landmarks).all():
+            fx, fy = (float(v) for v in np.asarray(f.landmarks, dtype=np.float64).mean(axis=0))
+        else:
+            fx, fy = f.center
+        return ((fx - cx) ** 2 + (fy - cy) ** 2, -f.width * f.height)
+
+    return min(faces, key=key)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two embeddings (both normalised: their dot product)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def settings_replace(settings: PipelineSettings, **changes) -> PipelineSettings:
+    """A copy of ``settings`` with some top-level fields changed."""
+    return dataclasses.replace(settings, **changes)

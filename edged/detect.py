@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from edged.imageio import to_bgr8
+from edged.tflitefile import tensor_shapes
 from edged.types import Face
 
 log = logging.getLogger("edged.detect")
@@ -285,35 +286,6 @@ class BatchRunner:
         return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
 
 
-def _tflite_tensors(buf) -> tuple:
-    """(``[(shape vector position, rank)]`` of every tensor of the first subgraph, the
-    index of its first input tensor)."""
-    from flatbuffers.table import Table
-
-    from edged.tflitefile import ModelFormatError, _root
-
-    root = _root(buf)
-
-    def vector(tab, index):
-        off = tab.Offset(4 + 2 * index)
-        return (tab.Vector(off), tab.VectorLen(off)) if off else (None, 0)
-
-    def table_at(tab, start, i):
-        return Table(tab.Bytes, tab.Indirect(start + 4 * i))
-
-    sg_start, n_sg = vector(root, 2)  # Model.subgraphs
-    if not n_sg:
-        raise ModelFormatError("model has no subgraph")
-    sg = table_at(root, sg_start, 0)
-    t_start, n_t = vector(sg, 0)  # SubGraph.tensors
-    in_start, n_in = vector(sg, 1)  # SubGraph.inputs
-    if not n_in:
-        raise ModelFormatError("model has no input")
-    first_input = struct.unpack_from("<i", buf, in_start)[0]
-    tensors = [vector(table_at(sg, t_start, i), 0) for i in range(n_t)]  # Tensor.shape
-    return tensors, first_input
-
-
 def pnet_model_for(model: bytes, shape) -> bytes:
     """A copy of the P-Net model declared for input ``shape`` ([1, W, H, 3], swapped).
 
@@ -326,7 +298,7 @@ def pnet_model_for(model: bytes, shape) -> bytes:
     is only a hint: the interpreter recomputes every shape when it allocates.
     """
     buf = bytearray(model)
-    tensors, first = _tflite_tensors(buf)
+    tensors, first = tensor_shapes(buf)
     pos, rank = tensors[first]
     if rank != 4 or len(shape) != 4:
         raise ValueError(f"P-Net input has rank {rank}, asked for shape {tuple(shape)}")

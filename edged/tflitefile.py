@@ -116,6 +116,19 @@ def _reshapes(buf) -> list:
         raise ModelFormatError(f"not a readable TFLite model: {exc}") from exc
 
 
+def tensor_shapes(buf) -> tuple:
+    """``([(byte position of the shape vector, rank)] for every tensor of the first subgraph,
+    index of its first input tensor)``, for patching declared shapes in place."""
+    sgs = _table_vector(_root(buf), 2)  # Model.subgraphs
+    if not sgs:
+        raise ModelFormatError("model has no subgraph")
+    in_start, n_in = _vector(sgs[0], 1)  # SubGraph.inputs
+    if not n_in:
+        raise ModelFormatError("model has no input")
+    first_input = struct.unpack_from("<i", buf, in_start)[0]
+    return [_vector(t, 0) for t in _table_vector(sgs[0], 0)], first_input  # Tensor.shape
+
+
 def check_model_bytes(buf) -> None:
     """Raise :class:`ModelFormatError` unless ``buf`` parses as a TFLite model."""
     _reshapes(buf)

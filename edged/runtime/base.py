@@ -1,9 +1,14 @@
 """The Runner interface, the TFLite runner, and the plugin base class."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
+import sys
+import tempfile
+import threading
 from typing import Optional
 
 import numpy as np
@@ -30,6 +35,38 @@ def tflite_module():
             raise ImportError("neither ai-edge-litert nor tflite-runtime is installed; "
                               "pip install ai-edge-litert (or tflite-runtime on Python 3.8)") from exc
     return mod
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _tflite_info_to_debug():
+    """Route TFLite's native ``INFO:`` lines (one per interpreter) to the debug log.
+
+    LiteRT writes them straight to file descriptor 2 with no setting to turn them off; any
+    other line written meanwhile is passed back to stderr unchanged.
+    """
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            yield
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                for line in tmp.read().decode("utf-8", "replace").splitlines():
+                    if line.startswith("INFO: "):
+                        log.debug("tflite: %s", line[6:])
+                    elif line.strip():
+                        os.write(2, (line + "\n").encode())
 
 
 class Runner:
@@ -66,8 +103,9 @@ class TfliteRunner(Runner):
         kwargs = {"model_content": model, "num_threads": num_threads}
         if delegates:
             kwargs["experimental_delegates"] = list(delegates)
-        self.interpreter = mod.Interpreter(**kwargs)
-        self.interpreter.allocate_tensors()
+        with _tflite_info_to_debug():
+            self.interpreter = mod.Interpreter(**kwargs)
+            self.interpreter.allocate_tensors()
         self._inputs = self.interpreter.get_input_details()
         self._outputs = self.interpreter.get_output_details()
 
@@ -86,8 +124,9 @@ class TfliteRunner(Runner):
         shape = [int(s) for s in shape]
         if list(self._inputs[index]["shape"]) == shape:
             return
-        self.interpreter.resize_tensor_input(self._inputs[index]["index"], shape)
-        self.interpreter.allocate_tensors()
+        with _tflite_info_to_debug():
+            self.interpreter.resize_tensor_input(self._inputs[index]["index"], shape)
+            self.interpreter.allocate_tensors()
         self._inputs = self.interpreter.get_input_details()
         self._outputs = self.interpreter.get_output_details()
 

@@ -48,7 +48,7 @@ log = logging.getLogger("edged.detect")
 __all__ = ["DetectionSettings", "MtcnnDetector", "BatchRunner", "nms", "soft_nms",
            "pyramid_scales"]
 
-PNET_CACHE = 48  # at most this many P-Net interpreters kept, one per pyramid level size
+PNET_CACHE = 24  # at most this many P-Net interpreters kept, one per pyramid level size
 PNET_CACHE_PIXELS = 2_000_000  # ... and at most this many input pixels over all of them
 _NORM_SCALE = np.float32(1.0 / 128.0)
 _NORM_SHIFT = np.float32(127.5)

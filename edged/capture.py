@@ -1,0 +1,492 @@
+"""Cameras: one named thread per camera, the newest frame wins, reconnection with backoff.
+
+A :class:`Camera` reads its source in a thread called ``capture-<name>`` and hands frames to
+a :class:`FrameHub`, which keeps *one* frame per camera: when the pipeline is slower than the
+camera, older frames are overwritten (and counted as dropped) instead of queueing up, so the
+pipeline always works on the newest image.  (A video file read with ``realtime: false`` is
+the exception: its reader waits for the pipeline, so that every frame is processed as fast as
+it can be decoded; that is the benchmark mode.)
+
+Sources (``kind: auto`` guesses from ``source``):
+
+- ``v4l2``: ``/dev/videoN`` or an index ``N``, with optional ``width``, ``height``, ``fourcc``
+  (``MJPG``, ``YUYV``, ...);
+- ``gstreamer``: a pipeline string ending in ``appsink`` (``libcamerasrc ! ... ! appsink`` on
+  a Raspberry Pi, ``nvarguscamerasrc ! ... ! appsink`` on a Jetson); needs an OpenCV built with
+  GStreamer, which :func:`gstreamer_available` checks;
+- ``url``: ``rtsp://``, ``rtsps://``, ``http(s)://`` (MJPEG), ``tcp://``, ``udp://`` through
+  OpenCV's FFmpeg backend, with open and read time-outs;
+- ``file``: a video file, paced at its own frame rate (``realtime: true``) or read as fast as
+  the pipeline takes frames (``realtime: false``), optionally looped.
+
+When a source fails to open, ends (a live source), errors, or stalls (no frame for
+``stall_timeout`` seconds) the camera logs it, releases the source, and tries again after a
+backoff that doubles from ``reconnect_min`` up to ``reconnect_max`` seconds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import cv2
+
+from edged.logs import fields
+from edged.types import Frame
+
+log = logging.getLogger("edged.capture")
+
+KINDS = ["auto", "v4l2", "gstreamer", "url", "file"]
+URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "tcp://", "udp://",
+               "rtp://", "srt://")
+
+
+@dataclass
+class CameraSettings:
+    name: str = field(default="cam0", metadata={
+        "help": "camera name, used in events, topics and logs (letters, digits, - and _)"})
+    source: str = field(default="/dev/video0", metadata={
+        "help": "/dev/videoN or an index (V4L2), a GStreamer pipeline ending in appsink, an "
+                "rtsp:// http:// tcp:// URL, or a video file"})
+    kind: str = field(default="auto", metadata={
+        "choices": KINDS, "help": "source type; auto guesses it from source"})
+    width: int = field(default=0, metadata={"min": 0, "max": 8192,
+                                            "help": "requested width (V4L2); 0 = the device's"})
+    height: int = field(default=0, metadata={"min": 0, "max": 8192,
+                                             "help": "requested height (V4L2); 0 = the device's"})
+    fourcc: str = field(default="", metadata={
+        "help": "V4L2 pixel format, 4 characters (MJPG, YUYV, ...); empty = the device's"})
+    fps_limit: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 1000.0, "help": "process at most this many frames per second; 0 = no limit"})
+    loop: bool = field(default=False, metadata={"help": "video files: start again at the end"})
+    realtime: bool = field(default=True, metadata={
+        "help": "video files: pace at the file's frame rate (true) or read as fast as the "
+                "pipeline takes frames, none skipped (false: benchmarks, batch runs)"})
+    stall_timeout: float = field(default=5.0, metadata={
+        "min": 0.5, "max": 600.0, "help": "seconds without a frame before the source is "
+                                         "considered stalled and reopened"})
+    reconnect_min: float = field(default=0.5, metadata={
+        "min": 0.05, "max": 600.0, "help": "first delay before reopening a failed source (s)"})
+    reconnect_max: float = field(default=30.0, metadata={
+        "min": 0.05, "max": 3600.0, "help": "longest delay between reopening attempts (s)"})
+
+    def resolved_kind(self) -> str:
+        return guess_kind(self.source) if self.kind == "auto" else self.kind
+
+    def config_errors(self):
+        errs = []
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name or ""):
+            errs.append(("name", f"expected letters, digits, '-' or '_' (it becomes an MQTT "
+                                 f"topic level), got {self.name!r}"))
+        if not self.source.strip():
+            errs.append(("source", "must not be empty"))
+        if self.fourcc and len(self.fourcc) != 4:
+            errs.append(("fourcc", f"expected 4 characters such as MJPG or YUYV, got {self.fourcc!r}"))
+        if self.reconnect_max < self.reconnect_min:
+            errs.append(("reconnect_max", f"must be >= reconnect_min ({self.reconnect_min}), "
+                                          f"got {self.reconnect_max}"))
+        if self.kind == "v4l2" and not _v4l2_target(self.source):
+            errs.append(("source", f"kind v4l2 needs /dev/videoN or an index, got {self.source!r}"))
+        return errs
+
+
+def guess_kind(source: str) -> str:
+    s = source.strip()
+    if s.isdigit() or s.startswith("/dev/video") or s.startswith("/dev/v4l/"):
+        return "v4l2"
+    if s.lower().startswith(URL_SCHEMES):
+        return "url"
+    if "!" in s and ("appsink" in s or "src" in s.split("!")[0]):
+        return "gstreamer"
+    return "file"
+
+
+def _v4l2_target(source: str):
+    s = source.strip()
+    if s.isdigit():
+        return int(s)
+    if s.startswith("/dev/"):
+        return s
+    return None
+
+
+def gstreamer_available() -> bool:
+    """Whether this OpenCV was built with GStreamer (``cv2.getBuildInformation()``)."""
+    info = cv2.getBuildInformation()
+    m = re.search(r"GStreamer:\s*(\S+)", info)
+    return bool(m and m.group(1).upper() not in ("NO", "OFF"))
+
+
+def quiet_opencv() -> None:
+    """Keep OpenCV's and FFmpeg's own console messages (a refused connection, a read time-out)
+    out of the daemon's log: edged logs those events itself, with their camera.  Setting
+    ``$OPENCV_LOG_LEVEL`` or ``$OPENCV_FFMPEG_LOGLEVEL`` keeps them (for debugging)."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")  # AV_LOG_FATAL
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        try:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        except AttributeError:
+            pass
+
+
+class SourceError(Exception):
+    """A source cannot be used as configured (a permanent problem, not an outage)."""
+
+
+def preflight(settings: CameraSettings) -> Optional[str]:
+    """A reason why ``settings`` can never work on this machine, or None."""
+    kind = settings.resolved_kind()
+    if kind == "gstreamer" and not gstreamer_available():
+        return (f"camera {settings.name}: the source is a GStreamer pipeline but this OpenCV "
+                f"({cv2.__version__}) was built without GStreamer (cv2.getBuildInformation() "
+                f"says 'GStreamer: NO'); install an OpenCV with GStreamer (on Raspberry Pi OS "
+                f"and JetPack: the distribution's python3-opencv, see docs/configuration.md), "
+                f"or use a V4L2 device")
+    if kind == "file" and not os.path.exists(settings.source):
+        return f"camera {settings.name}: video file {settings.source} does not exist"
+    return None
+
+
+# ---------------------------------------------------------------------------- frame hub
+
+
+class FrameHub:
+    """One slot per camera; the newest frame overwrites an untaken one.
+
+    ``take()`` hands out the waiting frame that was captured first, so that cameras take
+    turns.  ``put(..., wait=True)`` (files read with ``realtime: false``) waits for the slot
+    to be free instead of overwriting.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._slots: Dict[str, Frame] = {}
+        self.dropped: Dict[str, int] = {}
+        self._closed = False
+
+    def put(self, frame: Frame, wait: bool = False, stop: Optional[threading.Event] = None) -> bool:
+        with self._cond:
+            if wait:
+                while frame.camera in self._slots and not self._closed and not (stop and stop.is_set()):
+                    self._cond.wait(0.1)
+                if self._closed or (stop and stop.is_set()):
+                    return False
+            elif frame.camera in self._slots:
+                self.dropped[frame.camera] = self.dropped.get(frame.camera, 0) + 1
+            self._slots[frame.camera] = frame
+            self._cond.notify_all()
+            return True
+
+    def wait_free(self, camera: str, stop: Optional[threading.Event] = None) -> bool:
+        """Wait until ``camera``'s slot is empty (the pipeline took its frame); False if closed."""
+        with self._cond:
+            while camera in self._slots and not self._closed and not (stop and stop.is_set()):
+                self._cond.wait(0.1)
+            return not self._closed and not (stop and stop.is_set())
+
+    def take(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._slots and not self._closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
+            if not self._slots:
+                return None
+            cam = min(self._slots, key=lambda c: self._slots[c].monotonic)
+            frame = self._slots.pop(cam)
+            self._cond.notify_all()
+            return frame
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._slots
+
+    def discard(self, camera: str) -> None:
+        with self._cond:
+            self._slots.pop(camera, None)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------------- camera
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Camera:
+    """One source read by one thread; see the module's documentation."""
+
+    def __init__(self, settings: CameraSettings, hub: FrameHub):
+        self.settings = settings
+        self.name = settings.name
+        self.kind = settings.resolved_kind()
+        self.hub = hub
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._generation = 0
+        self._lock = threading.Lock()
+        # state, read by the daemon for status and stats
+        self.connected = False
+        self.finished = False  # a non-looping file reached its end
+        self.frames_read = 0
+        self.frames_delivered = 0
+        self.reconnects = 0
+        self.open_attempts = 0
+        self.outages = 0
+        self.last_error: Optional[str] = None
+        self.last_frame_monotonic: Optional[float] = None
+        self.first_frame = threading.Event()
+        self.resolution = None
+        self.source_fps = None
+        self._read_started: Optional[float] = None
+
+    # -- life
+
+    def start(self) -> "Camera":
+        with self._lock:
+            self._generation += 1
+            gen = self._generation
+            self._thread = threading.Thread(target=self._run, args=(gen,), name=f"capture-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 3.0) -> bool:
+        """Stop the thread; True when it ended within ``timeout``."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+            return not t.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Called periodically by the daemon: replace a reader stuck in a blocking read."""
+        started = self._read_started
+        limit = max(2.0 * self.settings.stall_timeout, self.settings.stall_timeout + 2.0)
+        if started is not None and not self._stop.is_set() and time.monotonic() - started > limit:
+            log.error("camera %s: a read has been blocked for %.0f s; abandoning that reader "
+                      "and reopening the source", self.name, time.monotonic() - started,
+                      extra=fields(camera=self.name, event="stall"))
+            self._read_started = None
+            self.connected = False
+            self.start()  # a new generation; the old thread exits when its read returns
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        age = None if self.last_frame_monotonic is None else now - self.last_frame_monotonic
+        return {"name": self.name, "kind": self.kind, "source": _redact(self.settings.source),
+                "connected": self.connected, "finished": self.finished,
+                "frames_read": self.frames_read, "reconnects": self.reconnects,
+                "outages": self.outages, "last_error": self.last_error,
+                "last_frame_age_s": None if age is None else round(age, 3),
+                "resolution": self.resolution}
+
+    # -- opening
+
+    def _open(self):
+        s = self.settings
+        if self.kind == "v4l2":
+            target = _v4l2_target(s.source)
+            if isinstance(target, str) and not os.path.exists(target):
+                raise OSError(f"{target}: no such device (is the camera plugged in? "
+                              f"ls /dev/video*)")
+            if isinstance(target, str) and not os.access(target, os.R_OK | os.W_OK):
+                raise OSError(f"{target}: permission denied (the user needs the 'video' group)")
+            cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
+            if not cap.isOpened():
+                cap.release()
+                raise OSError(f"{s.source}: V4L2 could not open the device")
+            if s.fourcc:
+                cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*s.fourcc))
+            if s.width:
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, s.width)
+            if s.height:
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, s.height)
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+            return cap
+        if self.kind == "gstreamer":
+            if not gstreamer_available():
+                raise SourceError(preflight(s))
+            cap = cv2.VideoCapture(s.source, cv2.CAP_GSTREAMER)
+            if not cap.isOpened():
+                cap.release()
+                raise OSError("GStreamer could not start the pipeline (run it with gst-launch-1.0 "
+                              "to see why)")
+            return cap
+        if self.kind == "url":
+            ms = int(s.stall_timeout * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, max(ms, 1000), cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+            cap = cv2.VideoCapture(s.source, cv2.CAP_FFMPEG, params)
+            if not cap.isOpened():
+                cap.release()
+                raise OSError(f"{_redact(s.source)}: cannot open the stream")
+            return cap
+        # file
+        if not os.path.exists(s.source):
+            raise OSError(f"{s.source}: no such file")
+        cap = cv2.VideoCapture(s.source, cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError(f"{s.source}: not a video file OpenCV can decode")
+        return cap
+
+    # -- the thread
+
+    def _sleep(self, seconds: float, gen: int) -> None:
+        if self._stop.wait(seconds) or gen != self._generation:
+            raise _Stopped()
+
+    def _run(self, gen: int) -> None:
+        backoff = self.settings.reconnect_min
+        reported_down = False
+        try:
+            while not self._stop.is_set() and gen == self._generation:
+                self.open_attempts += 1
+                try:
+                    cap = self._open()
+                except SourceError as exc:
+                    self.last_error = str(exc)
+                    log.error("camera %s: %s", self.name, exc, extra=fields(camera=self.name))
+                    return
+                except (OSError, cv2.error) as exc:
+                    self.last_error = str(exc)
+                    self.connected = False
+                    level = logging.WARNING if not reported_down else logging.INFO
+                    log.log(level, "camera %s: cannot open %s: %s; retrying in %.1f s", self.name,
+                            self.kind, exc, backoff, extra=fields(camera=self.name, event="camera_down"))
+                    reported_down = True
+                    self._sleep(backoff, gen)
+                    backoff = min(backoff * 2, self.settings.reconnect_max)
+                    continue
+                try:
+                    got = self._read_loop(cap, gen)
+                finally:
+                    self._read_started = None
+                    try:
+                        cap.release()
+                    except cv2.error:
+                        pass
+                if self.finished or self._stop.is_set() or gen != self._generation:
+                    return
+                if got:
+                    backoff = self.settings.reconnect_min
+                self.connected = False
+                self.outages += 1
+                self.reconnects += 1
+                log.warning("camera %s: source lost (%s); reconnecting in %.1f s", self.name,
+                            self.last_error, backoff, extra=fields(camera=self.name, event="camera_down"))
+                reported_down = True
+                self._sleep(backoff, gen)
+                backoff = min(backoff * 2, self.settings.reconnect_max)
+        except _Stopped:
+            pass
+        except Exception:  # never let a capture bug kill the thread silently
+            log.exception("camera %s: capture thread failed", self.name, extra=fields(camera=self.name))
+            self.last_error = "capture thread failed"
+        finally:
+            if gen == self._generation:
+                self.connected = False
+
+    def _read_loop(self, cap, gen: int) -> bool:
+        """Read until the source fails; return whether at least one frame came."""
+        s = self.settings
+        is_file = self.kind == "file"
+        wait = is_file and not s.realtime
+        fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+        self.source_fps = fps if 0 < fps < 1000 else None
+        period = 1.0 / self.source_fps if (is_file and s.realtime and self.source_fps) else 0.0
+        min_gap = 1.0 / s.fps_limit if s.fps_limit > 0 else 0.0
+        got_any = False
+        t_start = time.monotonic()
+        n_file = 0
+        last_accepted = -1e9
+        opened_at = time.monotonic()
+        slow_read = None
+        while not self._stop.is_set() and gen == self._generation:
+            if wait and not self.hub.wait_free(self.name, self._stop):
+                return got_any  # read a file only when the pipeline is ready for the frame
+            started = self._read_started = time.monotonic()
+            ok, image = cap.read()
+            self._read_started = None
+            now = time.monotonic()
+            if now - started >= 0.9 * s.stall_timeout:
+                # the source went quiet: FFmpeg's read time-out fired (a demuxer may still
+                # hand out a few buffered frames before the read fails)
+                slow_read = (now, now - started)
+            if gen != self._generation:
+                return got_any
+            if not ok or image is None:
+                if is_file:
+                    if s.loop and got_any:
+                        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                        ok2, image = cap.read()
+                        if not ok2:
+                            self.last_error = "cannot rewind the file"
+                            return got_any
+                        t_start, n_file = time.monotonic(), 0
+                    else:
+                        self.finished = True
+                        self.connected = False
+                        log.info("camera %s: end of file %s (%d frames)", self.name, s.source,
+                                 self.frames_read, extra=fields(camera=self.name, event="end_of_file"))
+                        return got_any
+                else:
+                    waited = now - (self.last_frame_monotonic or opened_at)
+                    if slow_read and now - slow_read[0] < s.stall_timeout:
+                        waited = max(waited, slow_read[1])
+                    self.last_error = ("stalled: no frame for %.1f s" % waited
+                                       if waited >= s.stall_timeout * 0.9 else "read failed")
+                    return got_any
+            if not got_any:
+                got_any = True
+                self.connected = True
+                self.resolution = [int(image.shape[1]), int(image.shape[0])]
+                log.info("camera %s: %s connected, %dx%d%s", self.name, self.kind,
+                         image.shape[1], image.shape[0],
+                         f" at {self.source_fps:.2f} fps" if self.source_fps else "",
+                         extra=fields(camera=self.name, event="camera_up"))
+            self.frames_read += 1
+            if period:
+                n_file += 1
+                delay = t_start + n_file * period - time.monotonic()
+                if delay > 0:
+                    self._sleep(delay, gen)
+                elif delay < -1.0:  # far behind (a slow machine): re-anchor rather than burst
+                    t_start, n_file = time.monotonic(), 0
+            now = time.monotonic()
+            self.last_frame_monotonic = now
+            if min_gap and now - last_accepted < min_gap:
+                continue
+            last_accepted = now
+            frame = Frame(camera=self.name, index=self.frames_read - 1, timestamp=time.time(),
+                          image=image, monotonic=now)
+            if self.hub.put(frame, wait=wait, stop=self._stop):
+                self.frames_delivered += 1
+                self.first_frame.set()
+        return got_any
+
+
+def _redact(source: str) -> str:
+    """A URL without its password, for logs and status."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", source)
+
+
+def open_cameras(settings: List[CameraSettings], hub: FrameHub) -> List[Camera]:
+    return [Camera(s, hub) for s in settings]

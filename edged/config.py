@@ -1,0 +1,680 @@
+"""The daemon's configuration: a typed tree of dataclasses loaded from YAML.
+
+This module is a *generic* loader.  Each stage owns its settings as a plain
+``@dataclasses.dataclass`` in its own module (``DetectionSettings`` in :mod:`edged.detect`,
+``QualitySettings`` in :mod:`edged.quality`, ``MatchSettings`` in :mod:`edged.gallery`,
+``MqttSettings`` in :mod:`edged.mqtt`, ``CameraSettings`` in :mod:`edged.capture`,
+``TrackingSettings`` in :mod:`edged.track`, ``LoggingSettings`` in :mod:`edged.logs`), with
+every default written once there and per-field metadata ``{"min", "max", "choices", "help"}``.
+:func:`build` checks a mapping against those dataclasses: unknown keys, wrong types,
+out-of-range values and missing required keys are all reported at once, each with the key's
+full path (``cameras[1].fps_limit``), the bad value and what was expected, and with the line
+of the YAML file when the mapping came from one.
+
+A dataclass may add checks that involve several fields with a ``config_errors(self)`` method
+returning ``[(subkey or "", message)]`` (``subkey`` relative to the dataclass), or else a
+``check(self)`` method raising ``ValueError("section.key: message")``.
+
+:func:`defaults_yaml` prints the full default configuration and :func:`reference_markdown` the
+reference table kept in docs/configuration.md (``edged check-config --defaults``,
+``--reference``, ``--update-doc``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import socket
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+log = logging.getLogger("edged.config")
+
+__all__ = ["Config", "ConfigError", "load", "loads", "build", "check_file", "defaults_yaml",
+           "reference_markdown", "DeviceSettings", "ModelsSettings", "PathsSettings",
+           "PipelineOptions",
+           "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration cannot be used.  ``errors`` lists one line per problem."""
+
+    def __init__(self, errors, source: str = "config"):
+        self.errors = list(errors)
+        self.source = source
+        head = f"{source}: {len(self.errors)} error{'s' if len(self.errors) != 1 else ''}"
+        super().__init__(head + "\n" + "\n".join("  " + e for e in self.errors))
+
+
+# ---------------------------------------------------------------------------- own sections
+
+
+@dataclass
+class DeviceSettings:
+    name: str = field(default="", metadata={
+        "help": "device name used in MQTT topics, client id and events; empty = the host name"})
+
+    def resolved_name(self) -> str:
+        return self.name or socket.gethostname().split(".")[0] or "edged"
+
+    def config_errors(self):
+        bad = set(self.name) & set("/#+ \t\n")
+        if bad:
+            return [("name", f"must not contain {''.join(sorted(bad))!r} "
+                             f"(it becomes an MQTT topic level), got {self.name!r}")]
+        return []
+
+
+@dataclass
+class ModelsSettings:
+    detector: Dict[str, Any] = field(default_factory=lambda: {"type": "cpu", "num_threads": 1},
+                                     metadata={"help": "accelerator for P-Net, R-Net and O-Net "
+                                                       "(see docs/models.md: type cpu, gpu, nnapi, "
+                                                       "edgetpu, external and their keys)"})
+    embedder: Dict[str, Any] = field(default_factory=lambda: {"type": "cpu", "num_threads": 1},
+                                     metadata={"help": "accelerator for MobileFaceNet"})
+    def config_errors(self):
+        from edged.runtime import SettingsError, parse_settings
+
+        errs = []
+        for key in ("detector", "embedder"):
+            try:
+                parse_settings(getattr(self, key), key)
+            except SettingsError as exc:
+                msg = str(exc)
+                # parse_settings names the key as "<key>.sub: ..."; keep it relative.
+                sub, _, rest = msg.partition(": ")
+                errs.append((sub if sub.startswith(key) else key, rest or msg))
+        return errs
+
+
+@dataclass
+class PipelineOptions:
+    workers: int = field(default=1, metadata={
+        "min": 1, "max": 16, "help": "detection threads, each with its own detector "
+                                     "interpreters; frames are tracked in capture order after"})
+    flip: bool = field(default=False, metadata={
+        "help": "also embed the mirrored face and average the two (build the gallery "
+                "with the same setting: edged gallery build --flip)"})
+
+
+
+@dataclass
+class PathsSettings:
+    models_dir: str = field(default="", metadata={
+        "help": "models directory; empty = $EDGED_MODELS_DIR, else /var/lib/edged/models for "
+                "root, else ~/.local/share/edged/models"})
+    gallery: str = field(default="/var/lib/edged/gallery.edgal", metadata={
+        "help": "gallery file of enrolled people (edged gallery build); watched and hot-swapped"})
+    state_dir: str = field(default="/var/lib/edged/state", metadata={
+        "help": "writable directory for the event spool and runtime state"})
+    drop_dir: str = field(default="", metadata={
+        "help": "directory watched for over-the-air model and gallery drops; empty = none"})
+
+
+# ---------------------------------------------------------------------------- stage sections
+
+
+from edged.capture import CameraSettings  # noqa: E402
+from edged.detect import DetectionSettings  # noqa: E402
+from edged.gallery import MatchSettings  # noqa: E402
+from edged.logs import LoggingSettings  # noqa: E402
+from edged.mqtt import MqttSettings  # noqa: E402
+from edged.quality import QualitySettings  # noqa: E402
+from edged.track import TrackingSettings  # noqa: E402
+
+
+def _example_cameras():
+    return [CameraSettings(name="cam0", source="/dev/video0")]
+
+
+@dataclass
+class Config:
+    """The whole configuration file."""
+
+    device: DeviceSettings = field(default_factory=DeviceSettings,
+                                   metadata={"help": "this device"})
+    cameras: List[CameraSettings] = field(default_factory=_example_cameras, metadata={
+        "help": "one entry per camera (at least one)", "min_items": 1})
+    detection: DetectionSettings = field(default_factory=DetectionSettings,
+                                         metadata={"help": "MTCNN face detection"})
+    quality: QualitySettings = field(default_factory=QualitySettings, metadata={
+        "help": "minimum face quality for recognition (faces below are still tracked)"})
+    match: MatchSettings = field(default_factory=MatchSettings,
+                                 metadata={"help": "gallery search (identification)"})
+    tracking: TrackingSettings = field(default_factory=TrackingSettings,
+                                       metadata={"help": "tracking and evidence accumulation"})
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions, metadata={
+        "help": "how frames go through the face pipeline"})
+    models: ModelsSettings = field(default_factory=ModelsSettings,
+                                   metadata={"help": "per-model accelerators"})
+    paths: PathsSettings = field(default_factory=PathsSettings, metadata={"help": "files"})
+    mqtt: MqttSettings = field(default_factory=MqttSettings, metadata={"help": "MQTT"})
+    logging: LoggingSettings = field(default_factory=LoggingSettings,
+                                     metadata={"help": "log output"})
+
+    def config_errors(self):
+        errs = []
+        seen = {}
+        for i, cam in enumerate(self.cameras or []):
+            name = getattr(cam, "name", None)
+            if name in seen:
+                errs.append((f"cameras[{i}].name",
+                             f"duplicate camera name {name!r} (also cameras[{seen[name]}])"))
+            seen.setdefault(name, i)
+        return errs
+
+
+# ---------------------------------------------------------------------------- loader
+
+
+_NONE = type(None)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return "any value"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str or tp is Path:
+        return "a string"
+    if origin is typing.Union:
+        non_none = [a for a in args if a is not _NONE]
+        names = " or ".join(_type_name(a) for a in non_none)
+        return names + (" or null" if _NONE in args else "")
+    if origin in (list, tuple) or tp in (list, tuple):
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict or tp is dict:
+        return f"a mapping of {_type_name(args[1])}" if len(args) == 2 else "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "mappings"
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(
+        tp, _type_name(tp))
+
+
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolved forward refs: fall back to raw annotations
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+class _Builder:
+    def __init__(self, lines: Optional[dict] = None, source: str = ""):
+        self.errors: List[Tuple[str, str]] = []
+        self.lines = lines or {}
+        self.source = source
+
+    def error(self, path: str, msg: str) -> None:
+        self.errors.append((path, msg))
+
+    def messages(self) -> List[str]:
+        out = []
+        for path, msg in self.errors:
+            line = self._line_of(path)
+            where = f"{self.source}:{line}: " if (self.source and line) else ""
+            out.append(f"{where}{path or '(top level)'}: {msg}")
+        return out
+
+    def _line_of(self, path: str):
+        p = path
+        while True:
+            if p in self.lines:
+                return self.lines[p]
+            if not p:
+                return None
+            # strip the last component: ".key" or "[i]"
+            cut = max(p.rfind("."), p.rfind("["))
+            p = p[:cut] if cut > 0 else ""
+
+    # ---- conversion
+
+    def convert(self, tp, value, path: str, meta: Optional[dict] = None):
+        meta = meta or {}
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if tp is Any:
+            return value
+        if origin is typing.Union:
+            if value is None:
+                if _NONE in args:
+                    return None
+                self.error(path, f"expected {_type_name(tp)}, got null")
+                return _BAD
+            non_none = [a for a in args if a is not _NONE]
+            if len(non_none) == 1:
+                return self.convert(non_none[0], value, path, meta)
+            for a in non_none:  # first type that accepts it, silently
+                sub = _Builder(self.lines, self.source)
+                v = sub.convert(a, value, path, meta)
+                if not sub.errors:
+                    return v
+            self.error(path, f"expected {_type_name(tp)}, got {_short(value)}")
+            return _BAD
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, path)
+        if origin in (list, tuple) or tp in (list, tuple):
+            if not isinstance(value, list):
+                self.error(path, f"expected {_type_name(tp)}, got {_short(value)}")
+                return _BAD
+            item_tp = args[0] if args else Any
+            out = [self.convert(item_tp, v, f"{path}[{i}]", _item_meta(meta))
+                   for i, v in enumerate(value)]
+            if "min_items" in meta and len(out) < meta["min_items"]:
+                self.error(path, f"expected at least {meta['min_items']} item(s), got {len(out)}")
+            return out if origin is not tuple else tuple(out)
+        if origin is dict or tp is dict:
+            if not isinstance(value, dict):
+                self.error(path, f"expected {_type_name(tp)}, got {_short(value)}")
+                return _BAD
+            val_tp = args[1] if len(args) == 2 else Any
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    self.error(f"{path}.{k}", f"keys must be strings, got {_short(k)}")
+                    continue
+                out[k] = self.convert(val_tp, v, f"{path}.{k}", _item_meta(meta))
+            return out
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.error(path, f"expected true or false, got {_short(value)}")
+                return _BAD
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    self.error(path, f"expected an integer{_range(meta)}, got {_short(value)}")
+                    return _BAD
+            return self.check_meta(value, path, meta)
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.error(path, f"expected a number{_range(meta)}, got {_short(value)}")
+                return _BAD
+            return self.check_meta(float(value), path, meta)
+        if tp is str or tp is Path:
+            if not isinstance(value, str):
+                hint = " (quote it in the YAML)" if isinstance(value, (int, float, bool)) else ""
+                self.error(path, f"expected a string, got {_short(value)}{hint}")
+                return _BAD
+            return self.check_meta(value, path, meta)
+        # Enum or other plain class: accept instances, else try the constructor.
+        if isinstance(tp, type):
+            if isinstance(value, tp):
+                return value
+            try:
+                return tp(value)
+            except Exception as exc:
+                self.error(path, f"expected {_type_name(tp)}, got {_short(value)} ({exc})")
+                return _BAD
+        return value
+
+    def check_meta(self, value, path, meta):
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            self.error(path, f"expected one of {', '.join(map(str, choices))}; got {_short(value)}")
+            return _BAD
+        lo, hi = meta.get("min"), meta.get("max")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:  # NaN
+                self.error(path, f"expected a number{_range(meta)}, got {_short(value)}")
+                return _BAD
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                self.error(path, f"expected {'a number' if isinstance(value, float) else 'an integer'}"
+                                 f"{_range(meta)}, got {_short(value)}")
+                return _BAD
+        return value
+
+    def build(self, cls, data, path: str = ""):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.error(path, f"expected a mapping ({_type_name(cls)}), got {_short(data)}")
+            return _BAD
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        hints = _hints(cls)
+        kwargs = {}
+        ok = True
+        for key, value in data.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                self.error(sub, f"unknown key{hint}; expected one of: {', '.join(fields)}")
+                ok = False
+                continue
+            f = fields[key]
+            v = self.convert(hints.get(key, f.type), value, sub, dict(f.metadata))
+            if v is _BAD or _contains_bad(v):
+                ok = False
+                continue
+            kwargs[key] = v
+        for name, f in fields.items():
+            if (name not in data and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING):
+                self.error(f"{path}.{name}" if path else name,
+                           f"required key missing ({f.metadata.get('help', _type_name(hints.get(name)))})")
+                ok = False
+        if not ok:
+            return _BAD
+        try:
+            obj = cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            self.error(path, str(exc))
+            return _BAD
+        check = getattr(obj, "config_errors", None)
+        if callable(check):
+            for sub, msg in check() or []:
+                full = ".".join(p for p in (path, sub) if p).replace(".[", "[")
+                self.error(full, msg)
+        check = getattr(obj, "check", None)  # a stage module's own checks, when it has no
+        if callable(check) and not callable(getattr(obj, "config_errors", None)):  # config_errors
+            try:
+                check()
+            except (TypeError, ValueError) as exc:
+                self._check_error(path, str(exc))
+        return obj
+
+    def _check_error(self, path: str, msg: str) -> None:
+        """A ``check()`` message, which names its key from the section (``detection.x: ...``)."""
+        head, sep, rest = msg.partition(": ")
+        if sep and " " not in head:
+            # re-root the key under this dataclass's full path (cameras[1].x, mqtt.tls.x ...)
+            last = path.rsplit(".", 1)[-1] if path else ""
+            base = head.split(".", 1)
+            if last and base[0] == last:
+                head = path + ("." + base[1] if len(base) > 1 else "")
+            elif path and not head.startswith(path):
+                head = f"{path}.{head}"
+            self.error(head, rest)
+        else:
+            self.error(path, msg)
+
+
+def _item_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k in ("min", "max", "choices")}
+
+
+def _range(meta: dict) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+class _BadType:
+    def __repr__(self):
+        return "<invalid>"
+
+
+_BAD = _BadType()
+
+
+def _contains_bad(v) -> bool:
+    if v is _BAD:
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_contains_bad(x) for x in v)
+    if isinstance(v, dict):
+        return any(_contains_bad(x) for x in v.values())
+    return False
+
+
+def build(cls, data, source: str = "", lines: Optional[dict] = None):
+    """Build ``cls`` from ``data``; raise :class:`ConfigError` listing every problem."""
+    b = _Builder(lines, source)
+    obj = b.build(cls, data, "")
+    if b.errors or obj is _BAD:
+        raise ConfigError(b.messages() or ["invalid configuration"], source or "config")
+    return obj
+
+
+# ---------------------------------------------------------------------------- YAML
+
+
+def _line_map(node, path: str = "", out: Optional[dict] = None) -> dict:
+    """``{key path: 1-based line}`` for every node of a composed YAML document."""
+    out = {} if out is None else out
+    if node is None:
+        return out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = str(k.value)
+            sub = f"{path}.{key}" if path else key
+            out[sub] = k.start_mark.line + 1
+            _line_map(v, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            out[sub] = v.start_mark.line + 1
+            _line_map(v, sub, out)
+    return out
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ConfigError([f"{where}: YAML syntax error: {problem}"], source) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: YAML error: {exc}"], source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}:1: the file must be a mapping of sections "
+                           f"(device, cameras, ...), got {type(data).__name__}"], source)
+    return data, _line_map(node)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    data, lines = _parse_yaml(text, source)
+    return build(Config, data, source, lines)
+
+
+def load(path) -> Config:
+    """Read and check a configuration file; raise :class:`ConfigError` when it is not usable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"], str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a configuration file"], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"], str(path)) from None
+    return loads(text, str(path))
+
+
+def check_file(path) -> List[str]:
+    """Errors of a configuration file, or ``[]`` when it is good."""
+    try:
+        load(path)
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
+def to_dict(obj):
+    """A dataclass tree as plain data (for YAML and JSON)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------- defaults & docs
+
+
+def _walk(cls, prefix: str = ""):
+    """``(path, field, type, default)`` for every leaf and section of ``cls``."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name, f.type)
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else dataclasses.MISSING)
+        yield path, f, tp, default
+        inner = _list_item_dataclass(tp)
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, path)
+        elif inner is not None:
+            yield from _walk(inner, path + "[]")
+
+
+def _list_item_dataclass(tp):
+    if typing.get_origin(tp) in (list, tuple):
+        args = typing.get_args(tp)
+        if args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
+def _yaml_scalar(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def defaults_yaml() -> str:
+    """The full default configuration as commented YAML (``edged check-config --defaults``)."""
+    lines = ["# edged configuration: every key with its default value.",
+             "# Generated from the settings dataclasses (edged check-config --defaults).", ""]
+    _emit_yaml(Config(), Config, 0, lines)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _comment(f) -> str:
+    meta = f.metadata
+    parts = []
+    if meta.get("help"):
+        parts.append(meta["help"])
+    rng = _range(meta).strip()
+    if rng:
+        parts.append(rng)
+    if meta.get("choices"):
+        parts.append("one of: " + ", ".join(map(str, meta["choices"])))
+    return "; ".join(parts)
+
+
+def _emit_yaml(obj, cls, indent: int, lines: list, first_prefix: str = "") -> None:
+    pad = " " * indent
+    hints = _hints(cls)
+    first = True
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name, f.type)
+        value = getattr(obj, f.name)
+        lead = (first_prefix if first else pad) if first_prefix else pad
+        first = False
+        comment = _comment(f)
+        if dataclasses.is_dataclass(tp):
+            if indent == 0:
+                lines.append("")
+            if comment:
+                lines.append(f"{pad}# {comment}")
+            lines.append(f"{lead}{f.name}:")
+            _emit_yaml(value, tp, indent + 2, lines)
+        elif _list_item_dataclass(tp) is not None and value:
+            if indent == 0:
+                lines.append("")
+            if comment:
+                lines.append(f"{pad}# {comment}")
+            lines.append(f"{lead}{f.name}:")
+            for item in value:
+                _emit_yaml(item, _list_item_dataclass(tp), indent + 4, lines,
+                           first_prefix=pad + "  - ")
+        else:
+            text = f"{lead}{f.name}: {_yaml_scalar(to_dict(value))}"
+            if comment:
+                text += f"  # {comment}"
+            lines.append(text)
+
+
+def reference_markdown() -> str:
+    """The reference table of every key (kept in docs/configuration.md; a test compares)."""
+    out = []
+    hints = _hints(Config)
+    for top in dataclasses.fields(Config):
+        tp = hints[top.name]
+        inner = _list_item_dataclass(tp) or tp
+        out.append(f"### `{top.name}`")
+        out.append("")
+        if top.metadata.get("help"):
+            out.append(top.metadata["help"][0].upper() + top.metadata["help"][1:] + ".")
+            out.append("")
+        out.append("| key | type | default | allowed | meaning |")
+        out.append("|---|---|---|---|---|")
+        prefix = top.name + ("[]" if _list_item_dataclass(tp) else "")
+        for path, f, ftp, default in _walk(inner, prefix):
+            if dataclasses.is_dataclass(ftp) or _list_item_dataclass(ftp) is not None:
+                continue
+            d = "(required)" if default is dataclasses.MISSING else f"`{_yaml_scalar(to_dict(default))}`"
+            allowed = _range(f.metadata).strip()
+            if f.metadata.get("choices"):
+                allowed = ", ".join(f"`{c}`" for c in f.metadata["choices"])
+            help_ = f.metadata.get("help", "").replace("|", "\\|")
+            out.append(f"| `{path}` | {_type_name(ftp)} | {d.replace('|', chr(92) + '|')} | "
+                       f"{allowed} | {help_} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def resolve_paths(cfg: Config, base: Optional[Path] = None) -> None:
+    """Expand ``~`` and environment variables in the path settings (in place)."""
+    for f in dataclasses.fields(cfg.paths):
+        v = getattr(cfg.paths, f.name)
+        if v:
+            setattr(cfg.paths, f.name, os.path.expandvars(os.path.expanduser(v)))
+
+
+REFERENCE_BEGIN = "<!-- BEGIN REFERENCE (edged check-config --reference) -->"
+REFERENCE_END = "<!-- END REFERENCE -->"
+
+
+def update_reference_doc(path) -> bool:
+    """Replace the reference between the markers of ``path``; True when it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if REFERENCE_BEGIN not in text or REFERENCE_END not in text:
+        raise ValueError(f"{path}: the markers {REFERENCE_BEGIN} and {REFERENCE_END} are missing")
+    head, rest = text.split(REFERENCE_BEGIN, 1)
+    _, tail = rest.split(REFERENCE_END, 1)
+    new = head + REFERENCE_BEGIN + "\n" + reference_markdown() + REFERENCE_END + tail
+    if new == text:
+        return False
+    path.write_text(new, encoding="utf-8")
+    return True

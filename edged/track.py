@@ -1,0 +1,419 @@
+"""Per-camera face tracking, evidence accumulation and the events of a track's life.
+
+A :class:`Tracker` (one per camera) links the faces detected in successive frames by box
+overlap (IoU, greedy, best pairs first).  It does not run models: ``update()`` says which
+faces of which tracks are worth embedding (a track's best-quality faces, not every frame's:
+the first good one, a clearly better one, then one every ``embed_every`` detections to keep
+checking that the same person is still there); the daemon embeds and matches those and
+hands the answers to ``observe()``.
+
+Identity is decided by evidence, not by one frame.  Each matched embedding adds its face's
+quality score to its identity's evidence; a track is *recognized* (one ``recognized`` event
+per track) once an identity has at least ``recognize_evidence`` of it from at least
+``min_matches`` embeddings, and at least ``min_agreement`` of all the track's evidence.
+Embeddings that match nobody by a clear distance (best score below the match threshold minus
+``unknown_margin``) add to the *unknown* evidence; near misses count for nothing either way.
+``unknown_evidence`` of it from at least ``min_unknown`` embeddings, and at least
+``min_agreement`` of all the track's evidence (near misses included), confirms the track as
+``unknown`` (once).  Faces whose quality does not pass the minimums are tracked and
+reported (``face_appeared``, ``track_ended``) but never embedded, so they can never be
+recognized.
+
+Boxes are not identity:
+
+- a *scene cut* (a large change of the colour histogram or of the pixels between two frames)
+  or a gap in the frames (a reconnected stream) ends every track: nothing is inherited;
+- a track keeps the quality-weighted mean of its embeddings; ``split_after`` embeddings in a
+  row that disagree with it (cosine below ``split_similarity``, or a confident match to
+  another identity) end the track and start a new one at the same place, with no name.
+
+Events: ``face_appeared`` (once a track has been seen ``min_hits`` times), ``recognized``,
+``unknown``, ``track_ended`` (duration and best match score), all :class:`edged.types.Event`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from edged.types import Event, Face, Frame, Match
+
+log = logging.getLogger("edged.track")
+
+
+@dataclass
+class TrackingSettings:
+    detect_every: int = field(default=1, metadata={
+        "min": 1, "max": 100, "help": "run detection on every Nth frame; between detections "
+                                      "tracks keep their last box"})
+    iou_threshold: float = field(default=0.3, metadata={
+        "min": 0.01, "max": 0.99, "help": "least box overlap (IoU) for a detection to continue "
+                                          "a track"})
+    min_hits: int = field(default=2, metadata={
+        "min": 1, "max": 100, "help": "detections before a track is reported (face_appeared)"})
+    max_missed: int = field(default=8, metadata={
+        "min": 0, "max": 1000, "help": "detection rounds a track may go unseen before it ends"})
+    embed_every: int = field(default=5, metadata={
+        "min": 1, "max": 1000, "help": "a decided track is re-embedded every N detections (to "
+                                       "catch a new person stepping into its place); undecided "
+                                       "tracks are embedded at every good detection"})
+    quality_gain: float = field(default=0.05, metadata={
+        "min": 0.0, "max": 1.0, "help": "re-embed a decided track sooner when its face quality "
+                                        "beats its best embedded one by this much"})
+    recognize_evidence: float = field(default=1.0, metadata={
+        "min": 0.0, "max": 1000.0, "help": "quality-weighted matches an identity needs before "
+                                           "the track is recognized"})
+    min_matches: int = field(default=2, metadata={
+        "min": 1, "max": 1000, "help": "matched embeddings needed to recognize"})
+    min_agreement: float = field(default=0.6, metadata={
+        "min": 0.0, "max": 1.0, "help": "share of the track's evidence that must be for the "
+                                        "identity"})
+    unknown_evidence: float = field(default=1.5, metadata={
+        "min": 0.0, "max": 1000.0, "help": "quality-weighted non-matches before the track is "
+                                           "confirmed unknown"})
+    min_unknown: int = field(default=3, metadata={
+        "min": 1, "max": 1000, "help": "non-matching embeddings needed to confirm unknown"})
+    unknown_margin: float = field(default=0.15, metadata={
+        "min": 0.0, "max": 2.0, "help": "an embedding counts as evidence of an unknown face only "
+                                        "when its best score is below match.threshold minus "
+                                        "this; nearer misses are ambiguous and count for nothing"})
+    split_similarity: float = field(default=0.3, metadata={
+        "min": -1.0, "max": 1.0, "help": "a new embedding whose cosine similarity to the track's "
+                                         "mean is below this disagrees with the track"})
+    split_after: int = field(default=2, metadata={
+        "min": 1, "max": 100, "help": "disagreeing embeddings in a row that split the track"})
+    scene_cut_correlation: float = field(default=0.8, metadata={
+        "min": 0.0, "max": 1.0, "help": "a colour-histogram correlation between two frames below "
+                                        "this is a scene cut (ends all tracks); 0 = off"})
+    scene_cut_difference: float = field(default=40.0, metadata={
+        "min": 0.0, "max": 255.0, "help": "a mean absolute grey-level change above this is a "
+                                          "scene cut; 0 = off"})
+    max_gap: float = field(default=10.0, metadata={
+        "min": 0.0, "max": 3600.0, "help": "seconds between two processed frames of a camera "
+                                           "above which all its tracks end; 0 = off (a "
+                                           "reconnected source always ends them)"})
+    max_tracks: int = field(default=32, metadata={
+        "min": 1, "max": 1000, "help": "most tracks per camera (the smallest faces are ignored "
+                                       "beyond it)"})
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N x 4) with every box in ``b`` (M x 4)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), np.float32)
+    a = np.asarray(a, np.float32)[:, None, :]
+    b = np.asarray(b, np.float32)[None, :, :]
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-6)
+
+
+class SceneCutDetector:
+    """Compares each frame with the previous one on a 64 x 36 thumbnail."""
+
+    def __init__(self, correlation: float, difference: float):
+        self.correlation = correlation
+        self.difference = difference
+        self._hist = None
+        self._gray = None
+
+    def reset(self) -> None:
+        self._hist = self._gray = None
+
+    def is_cut(self, image: np.ndarray) -> bool:
+        if not self.correlation and not self.difference:
+            return False
+        small = cv2.resize(image, (64, 36), interpolation=cv2.INTER_AREA)
+        hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+        hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+        cv2.normalize(hist, hist)
+        gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        cut = False
+        if self._hist is not None:
+            corr = cv2.compareHist(self._hist, hist, cv2.HISTCMP_CORREL)
+            diff = float(np.mean(np.abs(gray - self._gray)))
+            cut = ((self.correlation > 0 and corr < self.correlation)
+                   or (self.difference > 0 and diff > self.difference))
+        self._hist, self._gray = hist, gray
+        return cut
+
+
+@dataclass(eq=False)  # compared by identity
+class Track:
+    id: int
+    box: np.ndarray
+    first_time: float
+    last_time: float
+    face: Optional[Face] = None  # latest detection
+    hits: int = 1
+    missed: int = 0
+    reported: bool = False  # face_appeared sent
+    state: str = "pending"  # pending | recognized | unknown
+    name: Optional[str] = None
+    identity: Optional[str] = None
+    evidence: Dict[str, float] = field(default_factory=dict)
+    matches: Dict[str, int] = field(default_factory=dict)
+    names: Dict[str, str] = field(default_factory=dict)
+    best: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # identity -> (score, margin)
+    unknown_weight: float = 0.0
+    unknown_count: int = 0
+    unknown_sent: bool = False
+    ambiguous_weight: float = 0.0
+    embeds: int = 0
+    since_embed: int = 0
+    best_embedded_quality: float = -1.0
+    mean: Optional[np.ndarray] = None  # quality-weighted sum of agreeing embeddings
+    disagree: int = 0
+    best_score: Optional[float] = None
+    best_quality: float = 0.0
+
+    @property
+    def decided(self) -> bool:
+        return self.state == "recognized" or (self.state == "unknown" and self.embeds >= 1)
+
+
+class Tracker:
+    """The tracks of one camera; see the module's documentation."""
+
+    _ids = itertools.count(1)  # track ids are unique in the process, across cameras and cuts
+
+    def __init__(self, camera: str, settings: Optional[TrackingSettings] = None,
+                 match_threshold: Optional[float] = None):
+        self.camera = camera
+        self.s = settings or TrackingSettings()
+        # below this best score an unmatched embedding is evidence of a stranger
+        self.unknown_below = (None if match_threshold is None
+                              else match_threshold - self.s.unknown_margin)
+        self.ambiguous = 0
+        self.tracks: List[Track] = []
+        self.cuts = SceneCutDetector(self.s.scene_cut_correlation, self.s.scene_cut_difference)
+        self._frames = 0
+        self._last_time: Optional[float] = None
+        self.scene_cuts = 0
+        self.splits = 0
+
+    # -- helpers
+
+    def _event(self, type_: str, track: Track, t: float, **kw) -> Event:
+        face = track.face
+        box = [round(float(v), 1) for v in track.box]
+        q = kw.pop("quality", None)
+        if q is None and face is not None and face.quality is not None:
+            q = round(float(face.quality.score), 4)
+        return Event(id=uuid.uuid4().hex, type=type_, camera=self.camera, track_id=track.id,
+                     frame_time=t, box=box, quality=q, **kw)
+
+    def _new_track(self, face: Face, t: float) -> Track:
+        tr = Track(id=next(self._ids), box=np.asarray(face.box, np.float32).copy(), first_time=t,
+                   last_time=t, face=face)
+        if face.quality is not None:
+            tr.best_quality = float(face.quality.score)
+        return tr
+
+    def _end(self, track: Track, t: float, why: str) -> List[Event]:
+        if not track.reported:
+            return []
+        log.debug("camera %s: track %d ends (%s)", self.camera, track.id, why)
+        return [self._event("track_ended", track, track.last_time,
+                            name=track.name, identity=track.identity,
+                            duration=round(track.last_time - track.first_time, 3),
+                            best_score=None if track.best_score is None else round(track.best_score, 4),
+                            quality=round(track.best_quality, 4))]
+
+    def _appear(self, tr: Track, t: float) -> List[Event]:
+        if tr.reported:
+            return []
+        tr.reported = True
+        return [self._event("face_appeared", tr, t)]
+
+    def is_detection_frame(self) -> bool:
+        """Whether the next frame given to :meth:`update` should be run through detection."""
+        return self._frames % self.s.detect_every == 0
+
+    # -- the frame loop
+
+    def end_all(self, t: Optional[float] = None, why: str = "stop") -> List[Event]:
+        events = []
+        for tr in self.tracks:
+            events += self._end(tr, t if t is not None else tr.last_time, why)
+        self.tracks = []
+        return events
+
+    def reset(self, why: str = "reset") -> List[Event]:
+        """End every track and forget the previous frame (a reconnected or replaced source)."""
+        events = self.end_all(why=why)
+        self.cuts.reset()
+        self._last_time = None
+        return events
+
+    def update(self, frame: Frame, faces: Optional[List[Face]]) -> Tuple[List[Event], List[Tuple[Track, Face]]]:
+        """Take one frame's detections (``None`` when detection did not run on it).
+
+        Returns the events it causes and the ``(track, face)`` pairs to embed and match.
+        """
+        s = self.s
+        t = frame.timestamp
+        self._frames += 1
+        events: List[Event] = []
+        if self._last_time is not None and s.max_gap and t - self._last_time > s.max_gap:
+            events += self.reset("gap of %.1f s between frames" % (t - self._last_time))
+        self._last_time = t
+        if self.cuts.is_cut(frame.image):
+            self.scene_cuts += 1
+            if self.tracks:
+                log.debug("camera %s: scene cut at frame %d: ending %d track(s)", self.camera,
+                          frame.index, len(self.tracks))
+            events += self.end_all(t, "scene cut")
+        if faces is None:
+            return events, []
+        faces = sorted(faces, key=lambda f: -f.width * f.height)[: s.max_tracks]
+        boxes = np.array([np.asarray(f.box, np.float32) for f in faces]).reshape(-1, 4)
+        iou = iou_matrix(np.array([tr.box for tr in self.tracks]).reshape(-1, 4), boxes)
+        pairs = []
+        if iou.size:
+            order = np.dstack(np.unravel_index(np.argsort(-iou, axis=None), iou.shape))[0]
+            used_t, used_f = set(), set()
+            for ti, fi in order:
+                if iou[ti, fi] < s.iou_threshold:
+                    break
+                if ti in used_t or fi in used_f:
+                    continue
+                used_t.add(ti)
+                used_f.add(fi)
+                pairs.append((self.tracks[ti], faces[fi]))
+        matched_t = {id(tr) for tr, _ in pairs}
+        matched_f = {id(f) for _, f in pairs}
+        survivors = []
+        for tr in self.tracks:
+            if id(tr) in matched_t:
+                survivors.append(tr)
+                continue
+            tr.missed += 1
+            if tr.missed > s.max_missed:
+                events += self._end(tr, t, "lost")
+            else:
+                survivors.append(tr)
+        self.tracks = survivors
+        for f in faces:
+            if id(f) not in matched_f and len(self.tracks) < s.max_tracks:
+                tr = self._new_track(f, t)
+                self.tracks.append(tr)
+                pairs.append((tr, f))
+        to_embed = []
+        for tr, f in pairs:
+            if tr.face is not f:  # an existing track seen again
+                tr.hits += 1
+                tr.missed = 0
+                tr.face = f
+                tr.box = np.asarray(f.box, np.float32).copy()
+                tr.last_time = t
+            q = f.quality
+            if q is not None:
+                tr.best_quality = max(tr.best_quality, float(q.score))
+            if not tr.reported and tr.hits >= s.min_hits:
+                tr.reported = True
+                events.append(self._event("face_appeared", tr, t))
+            tr.since_embed += 1
+            if q is None or not q.passed:
+                continue
+            qs = float(q.score)
+            if (tr.embeds == 0 or not tr.decided
+                    or tr.since_embed >= s.embed_every
+                    or qs >= tr.best_embedded_quality + s.quality_gain):
+                to_embed.append((tr, f))
+        return events, to_embed
+
+    def observe(self, frame: Frame, pairs: List[Tuple[Track, Face]], matches: List[Match]) -> List[Event]:
+        """Take the gallery's answers for the faces :meth:`update` asked to embed."""
+        events = []
+        t = frame.timestamp
+        for (tr, face), m in zip(pairs, matches):
+            if tr not in self.tracks or face.embedding is None:
+                continue
+            events += self._observe_one(tr, face, m, t)
+        return events
+
+    def _observe_one(self, tr: Track, face: Face, m: Match, t: float) -> List[Event]:
+        s = self.s
+        e = np.asarray(face.embedding, np.float32)
+        q = float(face.quality.score) if face.quality is not None else 1.0
+        w = max(q, 1e-3)
+        tr.embeds += 1
+        tr.since_embed = 0
+        tr.best_embedded_quality = max(tr.best_embedded_quality, q)
+        disagrees = False
+        if tr.mean is not None:
+            mean = tr.mean / max(float(np.linalg.norm(tr.mean)), 1e-9)
+            sim = float(np.dot(mean, e))
+            if sim < s.split_similarity:
+                disagrees = True
+            if tr.state == "recognized" and m.identity is not None and m.identity != tr.identity:
+                disagrees = True
+        if disagrees:
+            tr.disagree += 1
+            if tr.disagree < s.split_after:
+                return []
+            # A new person in the old one's place: end the track, start a fresh one here.
+            self.splits += 1
+            log.debug("camera %s: track %d split (its new faces disagree with its identity)",
+                      self.camera, tr.id)
+            events = self._end(tr, tr.last_time, "split")
+            new = self._new_track(face, t)
+            new.hits = tr.hits
+            new.reported = True
+            self.tracks[self.tracks.index(tr)] = new
+            events.append(self._event("face_appeared", new, t))
+            return events + self._observe_one(new, face, m, t)
+        tr.disagree = 0
+        tr.mean = e * w if tr.mean is None else tr.mean + e * w
+        if tr.best_score is None or m.score > tr.best_score:
+            tr.best_score = float(m.score)
+        if m.identity is not None:
+            tr.evidence[m.identity] = tr.evidence.get(m.identity, 0.0) + w
+            tr.matches[m.identity] = tr.matches.get(m.identity, 0) + 1
+            tr.names[m.identity] = m.name
+            best = tr.best.get(m.identity)
+            if best is None or m.score > best[0]:
+                tr.best[m.identity] = (float(m.score), float(m.margin))
+        elif self.unknown_below is not None and m.score >= self.unknown_below:
+            # a near miss: neither this person nor surely a stranger; it holds back "unknown"
+            self.ambiguous += 1
+            tr.ambiguous_weight += w
+        else:
+            tr.unknown_weight += w
+            tr.unknown_count += 1
+        return self._decide(tr, t, m)
+
+    def _decide(self, tr: Track, t: float, m: Match) -> List[Event]:
+        s = self.s
+        if tr.state == "recognized":
+            return []
+        total = sum(tr.evidence.values()) + tr.unknown_weight
+        if tr.evidence:
+            ident = max(tr.evidence, key=tr.evidence.get)
+            ev = tr.evidence[ident]
+            if (ev >= s.recognize_evidence and tr.matches[ident] >= s.min_matches
+                    and ev >= s.min_agreement * total):
+                tr.state = "recognized"
+                tr.identity, tr.name = ident, tr.names[ident]
+                score, margin = tr.best[ident]
+                pre = self._appear(tr, t)
+                return pre + [self._event("recognized", tr, t, name=tr.name, identity=ident,
+                                    score=round(score, 4), margin=round(margin, 4))]
+        if (not tr.unknown_sent and tr.unknown_weight >= s.unknown_evidence
+                and tr.unknown_count >= s.min_unknown
+                and tr.unknown_weight >= s.min_agreement * (total + tr.ambiguous_weight)):
+            tr.state = "unknown"
+            tr.unknown_sent = True
+            pre = self._appear(tr, t)
+            return pre + [self._event("unknown", tr, t, score=round(float(tr.best_score or m.score), 4),
+                                margin=round(float(m.margin), 4) if m.margin is not None else None)]
+        return []

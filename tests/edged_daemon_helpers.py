@@ -1,0 +1,156 @@
+"""Helpers for the tests that run ``edged run`` as a real process (e2e, stream reconnect)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGED = str(Path(sys.executable).parent / "edged")
+
+
+def build_gallery(enrol_dir: Path, out: Path) -> Path:
+    """Enrol with the real CLI: ``edged gallery build DIR -o FILE``."""
+    r = subprocess.run([EDGED, "gallery", "build", str(enrol_dir), "-o", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and out.exists(), r.stdout + r.stderr
+    return out
+
+
+class NotifyListener:
+    """A real unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []  # (monotonic time, text)
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode("utf-8", "replace")))
+
+    def times(self, line: str):
+        return [t for t, m in self.messages if line in m.split("\n")]
+
+    def first(self, prefix: str):
+        for t, m in self.messages:
+            for line in m.split("\n"):
+                if line.startswith(prefix):
+                    return t, line
+        return None
+
+    def wait_for(self, line: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ts = self.times(line)
+            if ts:
+                return ts[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no {line} on NOTIFY_SOCKET after {timeout}s; got "
+                             f"{[m for _, m in self.messages]}")
+
+    def close(self):
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+
+class Subscriber:
+    """A paho-mqtt 2 subscriber on the test broker."""
+
+    def __init__(self, port: int, topic: str):
+        import paho.mqtt.client as mqtt
+
+        self.messages = []  # (topic, payload bytes)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{os.getpid()}")
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "subscriber could not subscribe"
+
+    def events(self, prefix: str):
+        return [json.loads(p) for t, p in self.messages if t == f"{prefix}/events"]
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+class DaemonProcess:
+    """``edged run`` as a child process, its stderr (the log) in a file."""
+
+    def __init__(self, config: Path, workdir: Path, notify: str = None, watchdog_usec: int = None,
+                 extra_args=()):
+        self.log_path = workdir / "edged.log"
+        self.events_path = workdir / "events.jsonl"
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        if notify:
+            env["NOTIFY_SOCKET"] = notify
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([EDGED, "run", "--config", str(config), "--events-out",
+                                      str(self.events_path), *extra_args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float, after: int = 0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log()[after:]:
+                return time.monotonic()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"edged exited ({self.proc.returncode}) before logging "
+                                     f"{text!r}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the log after {timeout}s:\n{self.log()[-3000:]}")
+
+    def events(self):
+        if not self.events_path.exists():
+            return []
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
+
+    def terminate(self, timeout: float = 15.0) -> float:
+        """SIGTERM; return the seconds it took to exit."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        return time.monotonic() - t0
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

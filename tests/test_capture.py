@@ -1,0 +1,193 @@
+"""Capture: the newest frame wins, pacing, fps limit, loop, and clear errors with reconnects."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edged.capture import (Camera, CameraSettings, FrameHub, gstreamer_available, guess_kind,
+                           preflight)
+from edged.types import Frame
+
+CLIP = "videos/facerec_short_hamilton_clip.mp4"  # 275 frames, 640x360, 29.97 fps
+
+
+def frame(cam="c", i=0):
+    return Frame(camera=cam, index=i, timestamp=time.time(), image=np.zeros((2, 2, 3), np.uint8),
+                 monotonic=time.monotonic())
+
+
+def wait_for(cond, timeout=10.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+@pytest.mark.parametrize("source,kind", [
+    ("/dev/video0", "v4l2"), ("2", "v4l2"), ("/dev/v4l/by-id/usb-cam-video-index0", "v4l2"),
+    ("rtsp://u:p@10.0.0.2/s", "url"), ("http://cam/mjpg", "url"), ("tcp://127.0.0.1:5000", "url"),
+    ("libcamerasrc ! video/x-raw,width=640 ! videoconvert ! appsink", "gstreamer"),
+    ("/srv/clips/door.mp4", "file"),
+])
+def test_guess_kind(source, kind):
+    assert guess_kind(source) == kind
+
+
+def test_hub_newest_frame_wins_and_counts_drops():
+    hub = FrameHub()
+    for i in range(5):
+        hub.put(frame("a", i))
+    got = hub.take(timeout=0)
+    assert got.index == 4
+    assert hub.dropped["a"] == 4
+    assert hub.take(timeout=0.05) is None
+
+
+def test_hub_cameras_take_turns():
+    hub = FrameHub()
+    hub.put(frame("a", 0))
+    hub.put(frame("b", 0))
+    hub.put(frame("a", 1))  # overwrites a's older frame; b's frame is now the oldest
+    assert hub.take(0).camera == "b"
+    assert hub.take(0).camera == "a"
+
+
+def test_hub_wait_mode_blocks_until_taken():
+    hub = FrameHub()
+    hub.put(frame("a", 0), wait=True)
+    done = threading.Event()
+    threading.Thread(target=lambda: (hub.put(frame("a", 1), wait=True), done.set()),
+                     daemon=True).start()
+    assert not done.wait(0.3)  # slot full: the reader waits, nothing is dropped
+    assert hub.take(0).index == 0
+    assert done.wait(2)
+    assert hub.take(0).index == 1
+    assert hub.dropped.get("a", 0) == 0
+
+
+def collect(hub, n_max, timeout, delay=0.0):
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n_max and time.monotonic() < deadline:
+        f = hub.take(timeout=0.2)
+        if f is not None:
+            out.append(f)
+            if delay:
+                time.sleep(delay)
+    return out
+
+
+def test_file_as_fast_as_the_pipeline_takes_every_frame(shared_dir):
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="f", source=str(shared_dir / CLIP), realtime=False), hub).start()
+    frames = collect(hub, 275, 60, delay=0.001)
+    assert cam.first_frame.is_set()
+    assert [f.index for f in frames] == list(range(275))  # none skipped, in order
+    assert frames[0].image.shape == (360, 640, 3) and frames[0].image.dtype == np.uint8
+    assert wait_for(lambda: cam.finished)
+    assert cam.resolution == [640, 360]
+    cam.stop()
+    assert not cam.alive
+
+
+def test_file_in_real_time_with_a_slow_consumer_skips_frames(shared_dir):
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="rt", source=str(shared_dir / CLIP), realtime=True), hub).start()
+    assert cam.first_frame.wait(10)
+    t0 = time.monotonic()
+    frames = collect(hub, 1000, 1.5, delay=0.2)  # a pipeline 6x slower than the camera
+    elapsed = time.monotonic() - t0
+    cam.stop()
+    idx = [f.index for f in frames]
+    assert idx == sorted(idx)
+    assert max(np.diff(idx)) >= 3, idx  # the newest frame won; stale ones were dropped
+    assert hub.dropped["rt"] > 0
+    # paced at the file's 29.97 fps, not as fast as it decodes
+    assert cam.frames_read < 29.97 * elapsed + 15, (cam.frames_read, elapsed)
+
+
+def test_fps_limit(shared_dir):
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="lim", source=str(shared_dir / CLIP), fps_limit=5), hub).start()
+    assert cam.first_frame.wait(10)
+    t0 = time.monotonic()
+    frames = collect(hub, 1000, 2.0)
+    elapsed = time.monotonic() - t0
+    cam.stop()
+    assert 5 * elapsed - 3 <= len(frames) <= 5 * elapsed + 2, (len(frames), elapsed)
+
+
+def test_loop(shared_dir):
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="loop", source=str(shared_dir / CLIP), realtime=False,
+                                loop=True), hub).start()
+    frames = collect(hub, 400, 60)
+    cam.stop()
+    assert len(frames) == 400 and not cam.finished
+    assert cam.frames_read >= 400
+
+
+def test_missing_v4l2_device_clear_error_and_retries(caplog):
+    caplog.set_level(logging.INFO, logger="edged.capture")
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="usb", source="/dev/video9", reconnect_min=0.05,
+                                reconnect_max=0.2), hub).start()
+    assert wait_for(lambda: cam.open_attempts >= 4, timeout=10)
+    cam.stop()
+    assert not cam.connected
+    assert cam.last_error == "/dev/video9: no such device (is the camera plugged in? ls /dev/video*)"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("camera usb: cannot open v4l2: /dev/video9: no such device") and
+               "retrying in" in m for m in msgs), msgs
+    assert hub.take(0) is None
+
+
+def test_unreachable_stream_retries_with_backoff(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="net", source=f"tcp://127.0.0.1:{port}", stall_timeout=1,
+                                reconnect_min=0.1, reconnect_max=0.4), hub).start()
+    assert wait_for(lambda: cam.open_attempts >= 3, timeout=20)
+    cam.stop()
+    assert cam.last_error == f"tcp://127.0.0.1:{port}: cannot open the stream"
+    assert not cam.connected
+
+
+def test_not_a_video_file(tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video")
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="bad", source=str(bad), reconnect_min=0.05,
+                                reconnect_max=0.1), hub).start()
+    assert wait_for(lambda: cam.open_attempts >= 2)
+    cam.stop()
+    assert cam.last_error == f"{bad}: not a video file OpenCV can decode"
+
+
+def test_preflight():
+    assert preflight(CameraSettings(name="x", source="/nope/clip.mp4")) == \
+        "camera x: video file /nope/clip.mp4 does not exist"
+    assert preflight(CameraSettings(name="x", source="/dev/video9")) is None  # may be plugged later
+    gst = CameraSettings(name="csi", kind="gstreamer",
+                         source="libcamerasrc ! video/x-raw,width=640,height=480 ! appsink")
+    if gstreamer_available():
+        assert preflight(gst) is None
+    else:
+        msg = preflight(gst)
+        assert "was built without GStreamer" in msg and "cv2.getBuildInformation()" in msg
+
+
+def test_password_is_masked_in_status():
+    cam = Camera(CameraSettings(name="ip", source="rtsp://admin:hunter2@10.1.2.3/live"), FrameHub())
+    assert cam.status()["source"] == "rtsp://admin:***@10.1.2.3/live"

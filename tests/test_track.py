@@ -1,0 +1,263 @@
+"""Tracking: one recognition per track, evidence, unknowns, scene cuts, splits, track ends."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edged.track import SceneCutDetector, Tracker, TrackingSettings, iou_matrix
+from edged.types import Face, Frame, Match, Quality
+
+RNG = np.random.default_rng(5)
+
+
+def unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+ALICE = unit(RNG.normal(size=192))
+BOB = unit(RNG.normal(size=192))
+GALLERY = {"alice": ALICE, "bob": BOB}
+THRESHOLD = 0.36
+
+
+def near(base, noise=0.3):
+    return unit(base + noise * unit(RNG.normal(size=192)))
+
+
+def face(box, quality=0.9, passed=True):
+    box = np.asarray(box, np.float32)
+    return Face(box=box, score=0.99, landmarks=np.zeros((5, 2), np.float32),
+                quality=Quality(size_px=float(box[2] - box[0]), sharpness=200.0, frontal=0.9,
+                                score=quality, passed=passed))
+
+
+def match(e):
+    scores = {k: float(np.dot(v, e)) for k, v in GALLERY.items()}
+    best = sorted(scores.items(), key=lambda kv: -kv[1])
+    (n1, s1), (_, s2) = best[0], best[1]
+    ok = s1 >= THRESHOLD
+    return Match(name=n1 if ok else None, identity=n1 if ok else None, score=s1, margin=s1 - s2,
+                 candidates=best)
+
+
+class Scene:
+    """Drives a Tracker the way the daemon does, with an embedding per face given by ``who``."""
+
+    def __init__(self, settings=None, image=None):
+        self.t = Tracker("cam", settings or TrackingSettings())
+        self.i = 0
+        self.image = image if image is not None else np.full((90, 160, 3), 120, np.uint8)
+        self.events = []
+        self.embedded = 0
+
+    def step(self, faces_who, image=None):
+        fr = Frame(camera="cam", index=self.i, timestamp=1000.0 + self.i / 30.0,
+                   image=self.image if image is None else image)
+        self.i += 1
+        faces = None
+        if faces_who is not None:
+            faces = [f for f, _ in faces_who]
+            who = {id(f): w for f, w in faces_who}
+        evs, todo = self.t.update(fr, faces)
+        for _, f in todo:
+            f.embedding = who[id(f)]()
+        self.embedded += len(todo)
+        evs += self.t.observe(fr, todo, [match(f.embedding) for _, f in todo])
+        self.events += evs
+        return evs
+
+    def types(self):
+        return [(e.type, e.track_id, e.name) for e in self.events]
+
+    def finish(self):
+        self.events += self.t.end_all()
+
+
+def test_iou_matrix():
+    a = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10]], np.float32)
+    m = iou_matrix(a, b)
+    assert m[0, 0] == pytest.approx(1.0)
+    assert m[0, 1] == pytest.approx(50 / 150)
+    assert m[1].max() == 0
+    assert iou_matrix(np.zeros((0, 4)), b).shape == (0, 2)
+
+
+def test_one_person_for_30_seconds_is_one_recognition():
+    s = Scene()
+    for k in range(900):  # 30 s at 30 fps, standing still with a little jitter
+        j = (k % 3) - 1
+        s.step([(face([50 + j, 20, 90 + j, 60]), lambda: near(ALICE))])
+    s.finish()
+    types = [e.type for e in s.events]
+    assert types.count("recognized") == 1
+    assert types == ["face_appeared", "recognized", "track_ended"]
+    rec = s.events[1]
+    assert rec.name == "alice" and rec.score >= THRESHOLD and rec.margin > 0
+    end = s.events[-1]
+    assert end.duration == pytest.approx(899 / 30, abs=1e-3)
+    assert end.best_score >= rec.score and end.name == "alice"
+    # the best-quality faces, not every frame's: first ones until decided, then 1 in 5
+    assert s.embedded < 900 / 5 + 10
+
+
+def test_evidence_needs_several_matches():
+    s = Scene(TrackingSettings(min_matches=3, recognize_evidence=2.0))
+    evs = []
+    for _ in range(2):
+        evs += s.step([(face([10, 10, 50, 50]), lambda: near(ALICE))])
+    assert [e.type for e in evs] == ["face_appeared"]  # 2 matches: not enough yet
+    evs = s.step([(face([10, 10, 50, 50]), lambda: near(ALICE))])
+    assert [e.type for e in evs] == ["recognized"]
+
+
+def test_quality_weighting():
+    # at quality 0.3 each match adds 0.3 of evidence: 1.0 needs 4 of them
+    s = Scene(TrackingSettings(recognize_evidence=1.0, min_matches=1, min_hits=1))
+    n = 0
+    while not any(e.type == "recognized" for e in s.events):
+        s.step([(face([10, 10, 50, 50], quality=0.3), lambda: near(ALICE))])
+        n += 1
+    assert n == 4
+
+
+def test_low_quality_faces_are_never_embedded_or_named():
+    s = Scene()
+    for _ in range(60):
+        s.step([(face([10, 10, 30, 30], quality=0.2, passed=False), lambda: near(ALICE))])
+    s.finish()
+    assert s.embedded == 0
+    assert [e.type for e in s.events] == ["face_appeared", "track_ended"]
+    assert s.events[-1].name is None and s.events[-1].best_score is None
+
+
+def test_stranger_is_confirmed_unknown_once():
+    stranger = unit(RNG.normal(size=192))
+    s = Scene()
+    for _ in range(100):
+        s.step([(face([10, 10, 50, 50]), lambda: near(stranger, 0.2))])
+    s.finish()
+    types = [e.type for e in s.events]
+    assert types == ["face_appeared", "unknown", "track_ended"]
+    assert s.events[1].name is None and s.events[1].score < THRESHOLD
+
+
+def test_scene_cut_ends_tracks_and_nothing_is_inherited():
+    a = np.full((90, 160, 3), 40, np.uint8)
+    b = np.zeros((90, 160, 3), np.uint8)
+    b[:, :, 2] = 220  # a different shot: other colours
+    s = Scene(image=a)
+    box = [50, 20, 90, 60]
+    for _ in range(10):
+        s.step([(face(box), lambda: near(ALICE))])
+    assert [e.type for e in s.events] == ["face_appeared", "recognized"]
+    # the cut: a stranger at exactly the same place
+    stranger = unit(RNG.normal(size=192))
+    for _ in range(10):
+        s.step([(face(box), lambda: near(stranger, 0.2))], image=b)
+    s.finish()
+    t = s.types()
+    first = s.events[0].track_id
+    assert t[2] == ("track_ended", first, "alice")  # ended at the cut
+    later = [e for e in s.events[3:]]
+    assert all(e.track_id != first for e in later)
+    assert all(e.name is None for e in later)
+    assert "unknown" in [e.type for e in later]
+    assert s.t.scene_cuts == 1
+
+
+def test_new_person_in_the_same_place_splits_the_track():
+    s = Scene()
+    box = [50, 20, 90, 60]
+    for _ in range(20):
+        s.step([(face(box), lambda: near(ALICE))])
+    # no cut (same image): Bob steps into Alice's place
+    for _ in range(30):
+        s.step([(face(box), lambda: near(BOB))])
+    s.finish()
+    rec = [e for e in s.events if e.type == "recognized"]
+    assert [e.name for e in rec] == ["alice", "bob"]
+    assert rec[0].track_id != rec[1].track_id
+    ended = [e for e in s.events if e.type == "track_ended"]
+    assert [e.name for e in ended] == ["alice", "bob"]
+    assert s.t.splits == 1
+
+
+def test_lost_track_ends_after_max_missed():
+    s = Scene(TrackingSettings(max_missed=3))
+    for _ in range(5):
+        s.step([(face([10, 10, 50, 50]), lambda: near(ALICE))])
+    for _ in range(3):
+        s.step([])
+    assert "track_ended" not in [e.type for e in s.events]
+    s.step([])
+    assert [e.type for e in s.events][-1] == "track_ended"
+
+
+def test_detect_every_nth_frame_keeps_tracks():
+    s = Scene(TrackingSettings(detect_every=3))
+    for k in range(30):
+        if s.t.is_detection_frame():
+            s.step([(face([10, 10, 50, 50]), lambda: near(ALICE))])
+        else:
+            s.step(None)
+    assert [e.type for e in s.events] == ["face_appeared", "recognized"]
+
+
+def test_two_people_two_tracks():
+    s = Scene()
+    for _ in range(10):
+        s.step([(face([10, 10, 50, 50]), lambda: near(ALICE)),
+                (face([100, 10, 140, 50]), lambda: near(BOB))])
+    names = sorted(e.name for e in s.events if e.type == "recognized")
+    assert names == ["alice", "bob"]
+
+
+def test_scene_cuts_of_the_real_clip(shared_dir):
+    """The Hamilton clip has three cuts (frames 20, 82 and 211); nothing else is a cut."""
+    det = SceneCutDetector(TrackingSettings().scene_cut_correlation,
+                           TrackingSettings().scene_cut_difference)
+    cap = cv2.VideoCapture(str(shared_dir / "videos/facerec_short_hamilton_clip.mp4"))
+    cuts, i = [], 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        if det.is_cut(img):
+            cuts.append(i)
+        i += 1
+    assert cuts == [20, 82, 211]
+
+
+def test_near_misses_are_neither_a_name_nor_unknown():
+    """With the match threshold known, embeddings just below it (a small or blurred face of an
+    enrolled person) hold back "unknown"; clear misses (a stranger) confirm it."""
+    t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
+    img = np.full((90, 160, 3), 120, np.uint8)
+    events = []
+    box = [10, 10, 50, 50]
+    for i in range(30):
+        fr = Frame(camera="cam", index=i, timestamp=float(i), image=img)
+        evs, todo = t.update(fr, [face(box)])
+        for _, f in todo:
+            f.embedding = ALICE
+        # alternate a near miss (0.50) and a clear miss (0.30): the near misses weigh against
+        # "unknown", so it is never confirmed
+        score = 0.50 if i % 3 else 0.30
+        evs += t.observe(fr, todo, [Match(None, None, score, score) for _ in todo])
+        events += evs
+    assert [e.type for e in events] == ["face_appeared"]
+    assert t.ambiguous > 0
+    # the same clear misses alone confirm a stranger
+    t2 = Tracker("cam", TrackingSettings(), match_threshold=0.58)
+    events = []
+    for i in range(10):
+        fr = Frame(camera="cam", index=i, timestamp=float(i), image=img)
+        evs, todo = t2.update(fr, [face(box)])
+        for _, f in todo:
+            f.embedding = ALICE
+        evs += t2.observe(fr, todo, [Match(None, None, 0.30, 0.30) for _ in todo])
+        events += evs
+    assert [e.type for e in events] == ["face_appeared", "unknown"]

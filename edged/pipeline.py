@@ -31,7 +31,8 @@ DEFAULT_MATCH_THRESHOLD = 0.418
 
 @dataclass
 class PipelineSettings:
-    """Settings of the face pipeline (``pipeline:`` in the configuration)."""
+    """Settings of the face pipeline: the ``detection:`` and ``quality:`` sections and
+    ``pipeline.flip`` in the configuration (``match_threshold`` is for ``edged compare``)."""
 
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)

@@ -122,3 +122,17 @@ def test_f16_widening_is_exact():
     got = G._widen_f16(block, out, tmp)
     assert np.array_equal(got, block.astype(np.float32))
     assert np.array_equal(np.signbit(got), np.signbit(block))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_topk_identities_equal_brute_force(gal, k):
+    """The whole top-k list, not only the best: identities and scores of a brute force."""
+    p, ri, emb, n_id, dtype = gal
+    q = np.random.default_rng(9).standard_normal((6, 192)).astype(np.float32)
+    want = brute(emb, ri, n_id, q)
+    tol = 1e-5 if dtype == "float32" else 3e-3
+    with Gallery.open(p) as g:
+        for i, r in enumerate(g.search(q, k=k)):
+            order = np.argsort(-want[i], kind="stable")[:k]
+            assert np.allclose([s for _, _, s in r], want[i][order], atol=tol)
+            assert {ident for ident, _, _ in r} == {f"id{j}" for j in order} or dtype == "float16"

@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edged.modelstore import atomic_write
 from edged.types import Match
 
 log = logging.getLogger("edged.gallery")
@@ -609,33 +610,8 @@ def write_gallery(path, identities: Sequence[Tuple[str, str]], row_identity, emb
                     n_id, time.time() if created is None else float(created), end, so_off, rs_off,
                     ri_off, s_off, len(blob), m_off, emb_raw, h.digest())
     _CRC.pack_into(head, _CRC_AT, zlib.crc32(bytes(head[:_CRC_AT])))
-    _atomic_write_parts(path, [bytes(head), bytes(body), memoryview(mat.reshape(-1).view(np.uint8))])
+    atomic_write(path, [bytes(head), bytes(body), memoryview(mat.reshape(-1).view(np.uint8))])
     return h.hexdigest()
-
-
-def _atomic_write_parts(path: Path, parts) -> None:
-    """Like :func:`edged.modelstore.atomic_write`, but streams the parts (no big join)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for p in parts:
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(str(path.parent), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_entries(path) -> tuple:

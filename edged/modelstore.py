@@ -53,14 +53,20 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
+def atomic_write(path, data, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
+
+    ``data`` is bytes-like, or an iterable of bytes-like chunks (streamed, never joined).
+    Temporary file in the same directory, fsync, rename, fsync of the directory.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

@@ -274,6 +274,18 @@ class SwapHolder(Generic[T]):
             if slot is not None:
                 self._release(slot)
 
+    @staticmethod
+    def _retire(slots) -> list:
+        """Mark ``slots`` out of service (call under the lock); return those to close now,
+        the ones no reader holds.  The others close when their last lease ends."""
+        to_close = []
+        for slot in slots:
+            slot.retired = True
+            if slot.refs == 0 and not slot.closed:
+                slot.closed = True
+                to_close.append(slot)
+        return to_close
+
     def _release(self, slot: _Slot) -> None:
         with self._lock:
             slot.refs -= 1
@@ -324,13 +336,7 @@ class SwapHolder(Generic[T]):
                 self._previous = old
             else:
                 retire.append(old)
-        to_close = []
-        for slot in retire:
-            slot.retired = True
-            if slot.refs == 0 and not slot.closed:
-                slot.closed = True
-                to_close.append(slot)
-        return old, to_close
+        return old, self._retire(retire)
 
     def _close_all(self, slots) -> None:
         for slot in slots:
@@ -426,12 +432,7 @@ class SwapHolder(Generic[T]):
         with self._lock:
             slots = [s for s in (self._slot, self._previous) if s is not None]
             self._slot = self._previous = None
-            to_close = []
-            for slot in slots:
-                slot.retired = True
-                if slot.refs == 0 and not slot.closed:
-                    slot.closed = True
-                    to_close.append(slot)
+            to_close = self._retire(slots)
         self._close_all(to_close)
 
 

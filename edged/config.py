@@ -114,7 +114,8 @@ class PathsSettings:
     state_dir: str = field(default="/var/lib/edged/state", metadata={
         "help": "writable directory for the event spool and runtime state"})
     drop_dir: str = field(default="", metadata={
-        "help": "directory watched for over-the-air model and gallery drops; empty = none"})
+        "help": "directory watched for over-the-air model drops (docs/ota.md); empty = the "
+                "models directory"})
 
 
 # ---------------------------------------------------------------------------- stage sections
@@ -125,6 +126,7 @@ from edged.detect import DetectionSettings  # noqa: E402
 from edged.gallery import MatchSettings  # noqa: E402
 from edged.logs import LoggingSettings  # noqa: E402
 from edged.mqtt import MqttSettings  # noqa: E402
+from edged.ota import DropSettings  # noqa: E402
 from edged.quality import QualitySettings  # noqa: E402
 from edged.track import TrackingSettings  # noqa: E402
 
@@ -154,6 +156,8 @@ class Config:
     models: ModelsSettings = field(default_factory=ModelsSettings,
                                    metadata={"help": "per-model accelerators"})
     paths: PathsSettings = field(default_factory=PathsSettings, metadata={"help": "files"})
+    drops: DropSettings = field(default_factory=DropSettings, metadata={
+        "help": "over-the-air model and gallery drops (docs/ota.md)"})
     mqtt: MqttSettings = field(default_factory=MqttSettings, metadata={"help": "MQTT"})
     logging: LoggingSettings = field(default_factory=LoggingSettings,
                                      metadata={"help": "log output"})

@@ -12,10 +12,15 @@ Threads (all named, so that ``top -H`` and the journal's THREAD_NAME say what is
   ``RELOADING``, ``STOPPING``), status and stats.
 
 What is in service is one reference, :attr:`Daemon.service`, a :class:`ServiceSet` holding the
-face pipeline (models) and the gallery together.  The pipeline thread reads it once per frame,
-so replacing it (:meth:`Daemon.swap_service`, used by SIGHUP reloads and by over-the-air drops)
-takes effect between two frames and a frame is never processed half with one set and half
-with the other.
+face pipeline (models) and the gallery together, kept by a :class:`edged.hotswap.SwapHolder`
+(``keep_previous``: the set replaced is kept until the new one is confirmed, for a rollback).
+The pipeline thread reads it once per frame, so replacing it (:meth:`Daemon.swap_service`, used
+by SIGHUP reloads and by over-the-air drops, :mod:`edged.ota`) takes effect between two frames
+and a frame is never processed half with one set and half with the other.
+
+The status document (versions, accelerators, cameras, the last swap and the last refused
+drop, see docs/mqtt.md) is published retained over MQTT and also written atomically to
+``<state_dir>/status.json``, which ``edged status`` reads.
 
 ``WATCHDOG=1`` is sent only when the pipeline finished a frame since the previous ping: a
 stalled camera or a stuck pipeline stops the pings and systemd restarts the service.
@@ -38,6 +43,7 @@ import cv2
 import numpy as np
 
 from edged import __version__, config as configmod, modelstore
+from edged.hotswap import SwapHolder
 from edged.capture import Camera, FrameHub, preflight, quiet_opencv
 from edged.logs import fields
 from edged.sdnotify import Notifier
@@ -48,6 +54,9 @@ log = logging.getLogger("edged.daemon")
 
 STATUS_EVERY_S = 5.0
 EVENT_QUEUE = 10000
+STATUS_FILE = "status.json"
+#: test hook: append one line per frame tracked ("camera index monotonic") to this file
+FRAME_LOG_ENV = "EDGED_FRAME_LOG"
 
 
 class StartupError(RuntimeError):
@@ -63,9 +72,13 @@ class ServiceSet:
     versions: dict
     accelerators: dict
     since: float = dataclasses.field(default_factory=time.time)
+    # role -> edged.ota.ModelBlob: the verified bytes of every model in this set
+    models: dict = dataclasses.field(default_factory=dict)
     # how this set fares in service (for a rollback decision after a swap)
     frames: int = 0  # frames it took through detection and tracking
-    failures: int = 0  # frames on which one of its stages raised
+    failures: int = 0  # frames on which one of its stages raised or gave non-finite output
+    embeds: int = 0  # embedder calls on its frames
+    last_failure: str = ""
 
     @property
     def pipeline(self):
@@ -123,8 +136,21 @@ class Daemon:
         self.hub = FrameHub()
         self.cameras: Dict[str, Camera] = {}
         self.trackers: Dict[str, Tracker] = {}
-        self.service: Optional[ServiceSet] = None
+        # the set in service (models and gallery), swapped between two frames; the set it
+        # replaced is kept until the new one is confirmed (edged.ota) or released (SIGHUP)
+        self.models_holder: SwapHolder = SwapHolder(
+            "models", None, loader=None, version=_set_version, closer=self._close_set,
+            watch=False, keep_previous=True)
+        self.ota = None  # edged.ota.DropManager once started
         self.publisher = None
+        self._status_doc: dict = {}  # what the daemon put in the status (mirrors the publisher)
+        self._status_dirty = False
+        self._status_lock = threading.Lock()
+        self.drop_counts = {"handled": 0, "swapped": 0, "held_back": 0, "rejected": 0,
+                            "rolled_back": 0, "unchanged": 0, "waiting": 0}
+        self._frame_log = None
+        if os.environ.get(FRAME_LOG_ENV):
+            self._frame_log = open(os.environ[FRAME_LOG_ENV], "a", buffering=1)
         self.event_hooks: List[Callable[[Event, float], None]] = []
         self._events: "queue.Queue" = queue.Queue(EVENT_QUEUE)
         self._stop = threading.Event()
@@ -161,6 +187,18 @@ class Daemon:
         self.faces_embedded = 0
         self.frames_done_total = 0
 
+    @property
+    def service(self) -> Optional[ServiceSet]:
+        return self.models_holder.current
+
+    @service.setter
+    def service(self, svc: Optional[ServiceSet]) -> None:
+        if svc is None:
+            self.models_holder.stop(close=False)
+        else:
+            self.swap_service(svc)
+            self.models_holder.release_previous()
+
     # ------------------------------------------------------------------ building blocks
 
     def models_dir(self) -> Path:
@@ -173,16 +211,32 @@ class Daemon:
         from edged.gallery import GalleryHolder
         from edged.pipeline import FacePipeline, PipelineSettings
 
+        from edged.ota import ModelBlob
+
         settings = PipelineSettings(detection=cfg.detection, quality=cfg.quality,
                                     flip=cfg.pipeline.flip)
+        from edged.ota import load_in_service
+
         md = self.models_dir()
         try:
+            models = {}
+            try:  # the models last in service (over-the-air drops), when kept
+                models = load_in_service(cfg.paths.state_dir) or {}
+                if models:
+                    log.info("models: the set last in service, from %s/models (drops)",
+                             cfg.paths.state_dir)
+            except modelstore.ModelError as exc:
+                log.warning("models: the set last in service cannot be used (%s); loading the "
+                            "installed models", exc)
+            for role in ("pnet", "rnet", "onet", "embedder"):
+                if role not in models:
+                    data, digest, path = modelstore.read_verified(role, md)
+                    models[role] = ModelBlob(role, data, digest, str(path))
             # One detector per detection worker (interpreters are not thread-safe), one
             # embedder: only the track thread embeds.
-            embedder = Embedder.from_models(md, cfg.models.embedder)
-            pipes = [FacePipeline(MtcnnDetector.from_models(md, settings.detection,
-                                                            cfg.models.detector),
-                                  embedder, settings)
+            emb = models["embedder"]
+            embedder = Embedder(emb.data, emb.sha256, cfg.models.embedder)
+            pipes = [FacePipeline(self._detector(models, settings, cfg), embedder, settings)
                      for _ in range(cfg.pipeline.workers)]
             pipe = pipes[0]
         except modelstore.ModelError as exc:
@@ -190,15 +244,56 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"models: cannot load the face pipeline: {exc}") from exc
         gpath = Path(cfg.paths.gallery)
-        holder = GalleryHolder(gpath, expect_embedder=pipe.embedder_sha256, settings=cfg.match,
-                               on_event=self._on_gallery_event,
-                               snapshot_dir=str(Path(cfg.paths.state_dir) / "gallery-snapshots"))
+        holder = self.new_gallery_holder(pipe.embedder_sha256, cfg)
+        holder.holder.on_event = self.gallery_event_handler(holder)
         if not gpath.exists():
             log.warning("gallery %s does not exist yet: every face is unknown until it arrives "
                         "(build one with 'edged gallery build DIR -o %s')", gpath, gpath)
         holder.start()
         return ServiceSet(pipelines=pipes, gallery=holder, versions=self._versions(pipe, holder),
-                          accelerators=self._accelerators(pipe))
+                          accelerators=self._accelerators(pipe), models=models)
+
+    @staticmethod
+    def _detector(models: dict, settings, cfg):
+        from edged.detect import MtcnnDetector
+
+        return MtcnnDetector(models["pnet"].data, models["rnet"].data, models["onet"].data,
+                             settings.detection, cfg.models.detector)
+
+    def new_gallery_holder(self, embedder_sha256: str, cfg=None):
+        """A gallery holder for sets made with ``embedder_sha256``; not watched by itself:
+        the drop manager (edged.ota) watches the gallery path for every set."""
+        from edged.gallery import GalleryHolder
+
+        cfg = cfg or self.cfg
+        return GalleryHolder(Path(cfg.paths.gallery), expect_embedder=embedder_sha256,
+                             settings=cfg.match, on_event=None, watch=False,
+                             snapshot_dir=str(Path(cfg.paths.state_dir) / "gallery-snapshots"))
+
+    def make_set(self, changed: dict, gallery_holder=None) -> ServiceSet:
+        """A new set: the set in service with the models in ``changed`` (role -> ModelBlob)
+        replaced, and ``gallery_holder`` if given.  Unchanged interpreters are shared (each
+        detector is used by one worker only, the embedder by the track thread only)."""
+        from edged.embed import Embedder
+        from edged.pipeline import FacePipeline
+
+        cur = self.service
+        models = dict(cur.models, **changed)
+        settings = cur.pipeline.settings
+        if "embedder" in changed:
+            emb = models["embedder"]
+            embedder = Embedder(emb.data, emb.sha256, self.cfg.models.embedder)
+        else:
+            embedder = cur.pipeline.embedder
+        if set(changed) & {"pnet", "rnet", "onet"}:
+            detectors = [self._detector(models, settings, self.cfg) for _ in cur.pipelines]
+        else:
+            detectors = [p.detector for p in cur.pipelines]
+        pipes = [FacePipeline(det, embedder, settings) for det in detectors]
+        gallery = gallery_holder if gallery_holder is not None else cur.gallery
+        return ServiceSet(pipelines=pipes, gallery=gallery,
+                          versions=self._versions(pipes[0], gallery),
+                          accelerators=self._accelerators(pipes[0]), models=models)
 
     @staticmethod
     def _versions(pipe, holder) -> dict:
@@ -206,7 +301,8 @@ class Daemon:
         g = holder.current
         return {"embedder": pipe.embedder_sha256,
                 "detector": dict(det) if isinstance(det, dict) else det,
-                "gallery": g.checksum if g is not None else None}
+                "gallery": g.checksum if g is not None else None,
+                "gallery_rows": int(g.rows) if g is not None else 0}
 
     @staticmethod
     def _accelerators(pipe) -> dict:
@@ -231,31 +327,205 @@ class Daemon:
         except Exception:
             return []
 
-    def _on_gallery_event(self, ev) -> None:
-        """The gallery holder reports a swap or a rejection (from its watcher thread)."""
-        d = ev.as_dict() if hasattr(ev, "as_dict") else {"event": str(ev)}
+    # ------------------------------------------------------------------ swaps and drops
+
+    def gallery_event_handler(self, holder):
+        """``on_event`` for a set's gallery holder: report its swaps and refusals."""
+        return lambda ev: self._on_gallery_event(ev, holder)
+
+    def _on_gallery_event(self, ev, holder=None) -> None:
+        """A gallery holder reports a swap or a rejection (from the drop watcher's thread)."""
+        d = ev.as_dict() if hasattr(ev, "as_dict") else {"accepted": True, "path": str(ev)}
         ok = bool(d.get("accepted", True))
-        # edged.hotswap logs the swap itself; this line adds the journal field
-        log.debug("gallery swap event: %s", ev, extra=fields(event="gallery_swap"))
-        self._last_swap = d
         svc = self.service
-        if svc is not None:
-            svc.versions = dict(svc.versions, gallery=svc.gallery.version())
+        if svc is not None and ok and (holder is None or svc.gallery is holder):
+            svc.versions = self._versions(svc.pipeline, svc.gallery)
             if self.publisher is not None:
                 self.publisher.set_people(self.people(svc))
-                parts = {"versions": svc.versions, "last_swap": d}
-                if not ok:
-                    parts["last_rejected"] = d
-                self.publisher.update_status(**parts)
+        from edged.publish import iso_utc
 
-    def swap_service(self, new: ServiceSet) -> ServiceSet:
-        """Put ``new`` in service between two frames; return the old set (to be closed)."""
+        g = holder.current if (holder is not None and ok) else None
+        record = {"kind": "gallery", "file": d.get("path"), "files": [d.get("path")],
+                  "result": "swapped" if ok else "rejected", "confirmed": True, "why": d.get("reason") or "",
+                  "old": {"gallery": d.get("old_version") or ""},
+                  "new": {"gallery": d.get("new_version") or "",
+                          "gallery_rows": int(g.rows) if g is not None else 0},
+                  "seconds": round(float(d.get("seconds") or 0.0), 3),
+                  "trigger": d.get("trigger") or "", "time": iso_utc(d.get("time") or time.time())}
+        if record["trigger"] == "start" and ok:
+            return  # the gallery loaded with its set: not a swap
+        self.report(record)
+
+    _report_lock = threading.RLock()
+
+    def report(self, record: dict) -> None:
+        """One outcome of a drop or a swap: to the journal and to the status (MQTT and file).
+        Called from the drop watcher, the track thread (rollback) and the main loop."""
+        with self._report_lock:
+            self._report(record)
+
+    def _report(self, record: dict) -> None:
+        result = record.get("result", "")
+        record.setdefault("trigger", "drop")
+        what = record.get("kind", "drop")
+        files = ", ".join(record.get("files") or [str(record.get("file"))])
+        ev = "ota_" + result
+        if result == "swapped":
+            old, new = record.get("old") or {}, record.get("new") or {}
+            log.info("%s swap: %s in service in %.3f s (%s)", what, files, record.get("seconds", 0),
+                     _describe_change(old, new), extra=fields(event=ev))
+        elif result == "rejected":
+            log.warning("%s drop refused: %s", what, record.get("why"), extra=fields(event=ev))
+        elif result == "rolled_back":
+            log.error("%s rollback: %s", what, record.get("why"), extra=fields(event=ev))
+        elif result == "held_back":
+            log.info("%s drop held back: %s: %s", what, files, record.get("why"),
+                     extra=fields(event=ev))
+        elif result == "confirmed":
+            log.info("%s swap confirmed: %s (%s)", what, files, record.get("why"),
+                     extra=fields(event=ev))
+        else:
+            log.info("%s drop %s: %s: %s", what, result.replace("_", " "), files,
+                     record.get("why"), extra=fields(event=ev))
+        parts = {}
+        if result in ("rolled_back", "waiting"):
+            self.drop_counts[result] += 1
+        elif record.get("trigger") == "drop" and result in self.drop_counts:
+            self.drop_counts[result] += 1
+            self.drop_counts["handled"] += 1  # one per drop: its final outcome
+        parts["drops"] = dict(self.drop_counts)
+        if result in ("swapped", "rolled_back", "confirmed"):
+            parts["last_swap"] = record
+        if result == "rejected":
+            parts["last_rejected_drop"] = record
+        svc = self.service
+        if svc is not None:
+            parts["versions"] = svc.versions
+            parts["accelerators"] = svc.accelerators
+        parts["held_back"] = (self.ota.held_status() if self.ota is not None else None) or {}
+        # a swap record replaces the previous one whole (update_status merges mappings)
+        self.update_status(**{k: None for k in ("last_swap", "last_rejected_drop", "held_back",
+                                                 "versions")
+                              if k in parts})
+        self.update_status(**parts)
+
+    def update_status(self, **parts) -> None:
+        """Merge ``parts`` into the status (None deletes a key): MQTT retained and status.json."""
+        from edged.publish import _merge
+
+        with self._status_lock:
+            _merge(self._status_doc, parts)
+            self._status_dirty = True
+        if self.publisher is not None:
+            self.publisher.update_status(**parts)
+
+    def status_document(self) -> dict:
+        """The status document as published (device, times, spool and mqtt included)."""
+        import copy
+
+        from edged.publish import iso_utc
+
+        with self._status_lock:
+            doc = {"device": self.device, "edged_version": __version__,
+                   "started": iso_utc(self.started), "pid": os.getpid()}
+            doc.update(copy.deepcopy(self._status_doc))
+        doc["time"] = iso_utc(time.time())
+        pub = self.publisher
+        if pub is not None and getattr(pub, "enabled", False):
+            try:
+                doc["spool"] = pub.spool.stats()
+                doc["mqtt"] = pub._mqtt_stats()
+            except Exception:  # the publisher is stopping
+                pass
+        return doc
+
+    def write_status_file(self) -> None:
+        """``<state_dir>/status.json``, written atomically (``edged status`` reads it)."""
+        with self._status_lock:
+            self._status_dirty = False
+        path = Path(self.cfg.paths.state_dir) / STATUS_FILE
+        try:
+            modelstore.atomic_write(path, (json.dumps(self.status_document(), indent=2,
+                                                      default=str) + "\n").encode())
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
+
+    def swap_service(self, new: ServiceSet, record: Optional[dict] = None) -> ServiceSet:
+        """Put ``new`` in service between two frames; return the old set.
+
+        The old set is kept (for a rollback) until :meth:`confirm` or the next swap;
+        ``record`` (a drop's outcome) is reported once the swap is done."""
         with self._swap_lock:
-            old, self.service = self.service, new
+            old = self.service
+            t0 = time.monotonic()
+            self.models_holder.commit(new, path=(record or {}).get("file") or "set",
+                                      trigger=(record or {}).get("trigger", "reload"),
+                                      started=t0)
         if self.publisher is not None:
             self.publisher.set_people(self.people(new))
-            self.publisher.update_status(versions=new.versions, accelerators=new.accelerators)
+        if record is not None:
+            self.report(record)
+        else:
+            self.update_status(versions=None)
+            self.update_status(versions=new.versions, accelerators=new.accelerators)
         return old
+
+    def rollback(self, good: ServiceSet, failed: ServiceSet, why: str, record: dict) -> None:
+        """The set put in service by ``record`` failed: the previous one goes back."""
+        from edged.publish import iso_utc
+
+        with self._swap_lock:
+            if self.service is not failed:
+                return
+            ev = self.models_holder.rollback(why)
+        if ev is None:  # nothing kept (cannot happen after swap_service)
+            log.error("rollback impossible: no previous set kept; %s", why)
+            return
+        if self.publisher is not None:
+            self.publisher.set_people(self.people(good))
+        self.report({"kind": record.get("kind", "models"), "file": record.get("file"),
+                     "files": record.get("files"), "result": "rolled_back", "why": why,
+                     "old": dict(failed.versions), "new": dict(good.versions),
+                     "seconds": round(ev.seconds, 3), "trigger": "rollback",
+                     "time": iso_utc(time.time())})
+
+    def confirm(self, new: ServiceSet, old: ServiceSet) -> None:
+        """The new set did well on its first frames: let the previous one go."""
+        if self.service is new:
+            self.models_holder.release_previous()
+            threading.Thread(target=self._keep_models, args=(new,), name="keep-models",
+                             daemon=True).start()  # never on the frame path (fsync)
+            self.update_status(last_swap={"confirmed": True,
+                                          "confirmed_after_frames": new.frames})
+        log.info("swap confirmed: %d good frame(s), %d embedding call(s)", new.frames,
+                 new.embeds, extra=fields(event="ota_confirmed"))
+
+    _keep_lock = threading.Lock()
+
+    def _keep_models(self, svc: ServiceSet) -> None:
+        """Write the confirmed set under <state_dir>/models for the next start (edged.ota)."""
+        from edged.ota import save_in_service
+
+        with self._keep_lock:
+            if self.service is not svc:
+                return
+            try:
+                save_in_service(self.cfg.paths.state_dir, svc.models)
+            except OSError as exc:
+                log.warning("cannot keep the models in service for the next start: %s", exc)
+
+    def _close_set(self, svc: ServiceSet) -> None:
+        """Close what a retired set does not share with the sets still kept."""
+        kept = [self.models_holder.current]
+        prev = getattr(self.models_holder, "_previous", None)
+        if prev is not None:
+            kept.append(prev.obj)
+        if any(k is not None and k.gallery is svc.gallery for k in kept):
+            return
+        try:
+            svc.gallery.stop()
+        except Exception:
+            log.exception("closing a retired gallery failed")
 
     # ------------------------------------------------------------------ start
 
@@ -273,6 +543,7 @@ class Daemon:
             raise StartupError(f"paths.state_dir: cannot create {state}: {exc}") from exc
         t0 = time.monotonic()
         self.service = self.build_service(cfg)
+        self._status_doc = {}
         log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people)",
                  time.monotonic() - t0, self.service.versions["embedder"][:12],
                  (self.service.versions.get("gallery") or "none")[:12], len(self.people()))
@@ -283,10 +554,11 @@ class Daemon:
         except (ValueError, OSError) as exc:  # a setting that can never work (names the key)
             self.service.gallery.stop()
             raise StartupError(str(exc)) from exc
-        self.publisher.update_status(versions=self.service.versions,
-                                     accelerators=self.service.accelerators,
-                                     cameras={c.name: {"connected": False} for c in cfg.cameras},
-                                     config=str(self.config_path) if self.config_path else None)
+        self.update_status(versions=self.service.versions,
+                           accelerators=self.service.accelerators,
+                           cameras={c.name: {"connected": False} for c in cfg.cameras},
+                           config=str(self.config_path) if self.config_path else None,
+                           drops=dict(self.drop_counts), state_dir=str(state))
         self.publisher.start()
         for cs in cfg.cameras:
             self._add_camera(cs)
@@ -302,22 +574,49 @@ class Daemon:
         self._spawn("track", self._track_loop)
         for i in range(len(self.service.pipelines)):
             self._spawn(f"detect-{i}", lambda i=i: self._detect_loop(i))
+        self._start_drops()
         self.ready = True
         self.status_text = self._status_line()
         self.notifier.ready(self.status_text)
         log.info("edged %s ready: device %s, %d camera(s)", __version__, self.device,
                  len(self.cameras))
 
-    def warm_up(self, svc: ServiceSet) -> None:
+    def _start_drops(self) -> None:
+        """Watch the drop directory and the gallery path (edged.ota)."""
+        from edged.ota import DropManager
+
+        try:
+            manifest = modelstore.Manifest.load()
+        except modelstore.ModelError as exc:
+            log.warning("drops: %s; only drops with their own manifest are taken", exc)
+            manifest = None
+        kept = Path(self.cfg.paths.state_dir) / "models" / "in-service.json"
+        drops = self.cfg.drops
+        drop_dir = (self.cfg.paths.drop_dir or str(self.models_dir())) if drops.enabled else None
+        self.ota = DropManager(self, drop_dir, self.cfg.paths.gallery, manifest, drops)
+        if kept.is_file():
+            try:
+                self.ota.learn(modelstore.Manifest.load(kept))
+            except modelstore.ModelError:
+                pass
+        self.ota.start()
+        self.update_status(drop_dir=drop_dir, held_back={})
+
+    def warm_up(self, svc: ServiceSet, parts=None) -> None:
         """Run every interpreter once at the cameras' frame sizes (before READY / a swap), so
-        that the first real frames do not pay for building the P-Net pyramid interpreters."""
+        that the first real frames do not pay for building the P-Net pyramid interpreters.
+        ``parts``: the roles that are new (a swap warms up only those)."""
         t0 = time.monotonic()
+        parts = set(parts) if parts is not None else {"pnet", "rnet", "onet", "embedder"}
         shapes = {tuple(c.resolution) for c in self.cameras.values() if c.resolution}
-        for w, h in sorted(shapes):
-            img = np.zeros((h, w, 3), np.uint8)
-            for p in svc.pipelines:
-                p.detect(img)
-        svc.pipeline.embedder.embed([np.zeros((112, 112, 3), np.uint8)], flip=svc.pipeline.settings.flip)
+        if parts & {"pnet", "rnet", "onet"}:
+            for w, h in sorted(shapes):
+                img = np.zeros((h, w, 3), np.uint8)
+                for p in svc.pipelines:
+                    p.detect(img)
+        if "embedder" in parts:
+            svc.pipeline.embedder.embed([np.zeros((112, 112, 3), np.uint8)],
+                                        flip=svc.pipeline.settings.flip)
         log.debug("warm-up in %.2f s for %s", time.monotonic() - t0, sorted(shapes))
 
     def _add_camera(self, cs) -> None:
@@ -352,9 +651,10 @@ class Daemon:
                 try:
                     pipes = svc.pipelines
                     faces = pipes[worker % len(pipes)].detect(frame.image)
-                except Exception:
+                except Exception as exc:
                     self.errors += 1
                     svc.failures += 1
+                    svc.last_failure = f"detect: {type(exc).__name__}: {exc}"
                     log.exception("detect: frame %d of camera %s failed", frame.index,
                                   frame.camera, extra=fields(camera=frame.camera))
                     faces = []
@@ -388,14 +688,23 @@ class Daemon:
                 with self._track_lock:
                     self.process(frame, faces, svc)
                 svc.frames += 1
-            except Exception:
+            except Exception as exc:
                 self.errors += 1
                 svc.failures += 1
+                svc.last_failure = f"track: {type(exc).__name__}: {exc}"
                 log.exception("track: frame %d of camera %s failed", frame.index, frame.camera,
                               extra=fields(camera=frame.camera))
             finally:
                 with self._order:
                     self._in_flight -= 1
+            if self._frame_log is not None:
+                self._frame_log.write(f"{frame.camera} {frame.index} {time.monotonic():.6f}\n")
+            ota = self.ota
+            if ota is not None:
+                try:
+                    ota.after_frame(svc)
+                except Exception:
+                    log.exception("drops: probation check failed")
 
     def process(self, frame, faces, svc) -> List[Event]:
         """One detected frame through track -> embed -> match; returns its events.
@@ -421,6 +730,17 @@ class Daemon:
             t3 = time.perf_counter()
             self.stage["embed"].add(t3 - t2)
             self.faces_embedded += len(todo)
+            svc.embeds += 1
+            bad = [f for _, f in todo if f.embedding is not None
+                   and not np.isfinite(f.embedding).all()]
+            if bad:  # a broken embedder: these faces are not matched; the set is failing
+                for f in bad:
+                    f.embedding = None
+                svc.failures += 1
+                svc.last_failure = (f"embedder {str(svc.versions.get('embedder'))[:12]} gave "
+                                    f"non-finite embeddings for {len(bad)} face(s)")
+                log.error("camera %s frame %d: %s", frame.camera, frame.index,
+                          svc.last_failure, extra=fields(camera=frame.camera))
             todo = [(tr, f) for tr, f in todo if f.embedding is not None]
             if todo:
                 matches = svc.gallery.match(np.stack([f.embedding for _, f in todo]))
@@ -542,8 +862,11 @@ class Daemon:
                 last_status = now
                 self.status_text = self._status_line()
                 self.notifier.status(self.status_text)
-                if self.publisher is not None:
-                    self.publisher.update_status(cameras=self.camera_status())
+                self.update_status(cameras=self.camera_status())
+            if self.ota is not None:
+                self.ota.tick()
+            if self._status_dirty:
+                self.write_status_file()
             if now - last_stats >= stats_every:
                 last_stats = now
                 if self.publisher is not None:
@@ -567,6 +890,8 @@ class Daemon:
         log.info("stopping")
         t0 = time.monotonic()
         self._stop.set()
+        if self.ota is not None:
+            self.ota.stop()
         for cam in self.cameras.values():
             cam._stop.set()
         self.hub.close()
@@ -590,7 +915,9 @@ class Daemon:
         if self.publisher is not None:
             self.publisher.stop(clean=True)
         if self.service is not None:
-            self.service.gallery.stop()
+            self.update_status(stopped=True)
+            self.write_status_file()
+            self.models_holder.stop(close=True)
         alive = [t.name for t in threading.enumerate()
                  if t.name.startswith(("capture-", "detect-", "track", "events")) and t.is_alive()]
         log.info("stopped in %.2f s%s", time.monotonic() - t0,
@@ -615,9 +942,10 @@ class Daemon:
             log.error("reload failed, keeping the running configuration: %s", exc)
             self.notifier.ready(f"reload failed: {str(exc).splitlines()[0]}")
             return False
-        old = self.swap_service(new)
-        if old is not None and old.gallery is not new.gallery:
-            old.gallery.stop()
+        if self.ota is not None:
+            self.ota.wait_probation()
+        self.swap_service(new)
+        self.models_holder.release_previous()  # closes the old set's gallery
         if cfg.tracking != self.cfg.tracking or cfg.match.threshold != self.cfg.match.threshold:
             with self._track_lock:
                 for name in list(self.trackers):
@@ -721,6 +1049,35 @@ class Daemon:
             "cpu_percent": self._cpu_percent(now),
             "rss_mb": _rss_mb(),
         }
+
+
+def _set_version(svc: ServiceSet) -> str:
+    v = svc.versions or {}
+    det = v.get("detector") or {}
+    parts = [f"embedder {str(v.get('embedder'))[:12]}"]
+    if isinstance(det, dict):
+        parts += [f"{k} {str(x)[:12]}" for k, x in sorted(det.items())]
+    return ", ".join(parts)
+
+
+def _describe_change(old: dict, new: dict) -> str:
+    """``embedder 1893867f712f -> 5d41...`` for the versions that changed."""
+    out = []
+
+    def flat(d):
+        f = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                f.update(v)
+            else:
+                f[k] = v
+        return f
+
+    o, n = flat(old), flat(new)
+    for k in n:
+        if k != "gallery_rows" and n.get(k) != o.get(k):
+            out.append(f"{k} {str(o.get(k) or 'none')[:12]} -> {str(n.get(k) or 'none')[:12]}")
+    return ", ".join(out) or "no version changed"
 
 
 def _snapshot(image, box) -> Optional[bytes]:

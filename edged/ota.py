@@ -1,0 +1,608 @@
+"""Over-the-air drops: new models and galleries taken by the running daemon.
+
+Files arrive in the *drop directory* (``paths.drop_dir``, by default the models directory)
+and at the gallery path, by any means (rename, new file, in-place copy): one
+:class:`edged.hotswap.FileWatcher` per directory reports each file once it has arrived, and
+:class:`DropManager` handles the files one at a time, on the watcher's thread (run at the lowest
+CPU priority), never on the frame path:
+
+``*.json``
+    a *drop manifest*, the same format as the repository's ``models/manifest.json``: for each
+    model its ``role`` (pnet, rnet, onet, embedder), ``file`` (next to the manifest), ``sha256``
+    and ``size`` (and optionally ``derived``: the dynamic-batch copy of an embedder and its
+    sha256).  Files it names that are not there yet are waited for; a file whose sha256 or
+    size differs is refused.
+``*.tflite``
+    a model.  Named by a manifest that is waiting: handled with it.  Otherwise its sha256 must
+    be that of a model known to the manifest in force (the installed manifest plus the drop
+    manifests accepted since start), which also gives its role.
+the gallery file (``paths.gallery``)
+    a gallery: taken when it was made by the embedder in service, swapped together with the
+    held-back embedder when it was made by that one, refused otherwise.
+
+A model drop is checked (sha256, TFLite structure), a MobileFaceNet with its batch baked at 2
+gets its dynamic-batch copy (as ``edged models install`` does), then every new model passes a
+self-test (built with the configured accelerator, one invoke on a fixed input, outputs finite
+and of the expected shapes), the new interpreters are built and warmed up, and the new
+:class:`edged.daemon.ServiceSet` replaces the old one between two frames.
+
+A new embedder is held back when the gallery in service was made by another one (its vectors
+would mean nothing to it) until a gallery made by it arrives; then both go into service in
+one swap.  After a model swap the new set is on *probation*: if one of its first frames raises,
+or the embedder gives a non-finite vector, the previous set goes back into service
+(rollback); after ``drops.probation_frames`` good frames (with at least one embedding when
+the embedder changed) or ``drops.probation_s`` seconds without a failure, the previous set is
+released.  Every outcome is reported through ``report(record)`` (journal and MQTT status).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from edged import modelstore
+from edged.hotswap import FileWatcher, default_filter
+from edged.tflitefile import ModelFormatError, make_batch_dynamic
+
+log = logging.getLogger("edged.ota")
+
+ROLES = ("pnet", "rnet", "onet", "embedder")
+DETECTOR_ROLES = ("pnet", "rnet", "onet")
+MODEL_SUFFIXES = (".tflite",)
+MANIFEST_SUFFIX = ".json"
+GALLERY_SUFFIX = ".edgal"
+
+
+
+@dataclass
+class DropSettings:
+    """The ``drops:`` section: over-the-air model and gallery drops (docs/ota.md)."""
+
+    enabled: bool = field(default=True, metadata={
+        "help": "watch the drop directory (paths.drop_dir) for model drops; the gallery path is "
+                "watched either way"})
+    manifest_wait_s: float = field(default=2.0, metadata={
+        "min": 0.0, "max": 3600.0,
+        "help": "how long a model file that no manifest names waits for one (copied before "
+                "its manifest) before it is refused as unknown (seconds)"})
+    probation_frames: int = field(default=5, metadata={
+        "min": 1, "max": 10000,
+        "help": "a new model set is confirmed after this many good frames (and one embedding "
+                "when the embedder changed); a failure before that rolls it back"})
+    probation_s: float = field(default=8.0, metadata={
+        "min": 0.1, "max": 3600.0,
+        "help": "... or after this long without a failure (no frame: camera down, no face)"})
+
+
+
+#: Self-test per role: the input shape fed and the output shapes expected (any order).
+#: P-Net's input is declared for one small level (24 x 24) so that no big plan is made.
+SELF_TEST = {
+    "pnet": ((1, 24, 24, 3), [(1, 7, 7, 2), (1, 7, 7, 4)]),
+    "rnet": ((1, 24, 24, 3), [(1, 2), (1, 4)]),
+    "onet": ((1, 48, 48, 3), [(1, 2), (1, 4), (1, 10)]),
+    "embedder": ((1, 112, 112, 3), [(1, 192)]),
+}
+
+#: Test hook only: sha256s (comma separated) whose self-test is skipped, so that a model that
+#: fails at run time can be put in service to exercise the rollback.
+SKIP_SELFTEST_ENV = "EDGED_TEST_SKIP_SELFTEST"
+
+
+class DropRejected(Exception):
+    """A drop is refused; ``reason`` says why (reported on MQTT status and in the journal)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def short(sha: Optional[str]) -> str:
+    return (sha or "none")[:12]
+
+
+@dataclass
+class ModelBlob:
+    """A verified model ready to load: the bytes actually loaded and their sha256."""
+
+    role: str
+    data: bytes
+    sha256: str  # of ``data`` (the derived dynamic-batch copy for a baked embedder)
+    file: str  # where it came from
+    dropped_sha256: str = ""  # of the file as dropped, when a copy was derived from it
+
+
+def prepare_model(role: str, data: bytes, where, expected_sha: Optional[str] = None,
+                  expected_size: int = 0, derived_sha: Optional[str] = None) -> ModelBlob:
+    """Check a dropped model's bytes and return what will be loaded; raise DropRejected."""
+    if role not in ROLES:
+        raise DropRejected(f"{where}: role {role!r} is not used by the daemon "
+                           f"(roles: {', '.join(ROLES)})")
+    try:
+        if expected_sha:
+            modelstore.check_blob(data, expected_sha.lower(), where, expected_size)
+        else:
+            from edged.tflitefile import check_model_bytes
+            check_model_bytes(data)
+    except modelstore.ModelError as exc:
+        raise DropRejected(str(exc)) from None
+    except ModelFormatError as exc:
+        raise DropRejected(f"{where}: {exc}") from None
+    sha = modelstore.sha256_bytes(data)
+    if role == "embedder":
+        try:
+            derived = make_batch_dynamic(data)
+        except ModelFormatError:
+            derived = None  # no RESHAPE to [2, 192]: already dynamic (or not MobileFaceNet:
+            # the self-test says so)
+        if derived is not None:
+            dsha = modelstore.sha256_bytes(derived)
+            if derived_sha and dsha != derived_sha.lower():
+                raise DropRejected(f"{where}: its dynamic-batch copy has sha256 {dsha}, the "
+                                   f"manifest says {derived_sha}")
+            return ModelBlob(role, derived, dsha, str(where), dropped_sha256=sha)
+    return ModelBlob(role, data, sha, str(where))
+
+
+def self_test(blob: ModelBlob, accel) -> None:
+    """Build the model with ``accel``, run it once on a fixed input; raise DropRejected."""
+    from edged.detect import pnet_model_for
+    from edged.runtime import open_runner
+
+    skip = {s.strip().lower() for s in os.environ.get(SKIP_SELFTEST_ENV, "").split(",") if s.strip()}
+    if blob.sha256 in skip or blob.dropped_sha256 in skip:
+        log.warning("self-test of %s skipped (%s, test hook)", blob.file, SKIP_SELFTEST_ENV)
+        return
+    shape, expected = SELF_TEST[blob.role]
+    try:
+        data = pnet_model_for(blob.data, shape) if blob.role == "pnet" else blob.data
+        runner = open_runner(data, accel, name=f"selftest-{blob.role}", sha256=blob.sha256,
+                             where=f"models.{'embedder' if blob.role == 'embedder' else 'detector'}")
+        if tuple(runner.input_details()[0]["shape"]) != shape:
+            runner.resize(shape)
+        x = np.random.default_rng(20261121).uniform(-1.0, 1.0, shape).astype(np.float32)
+        outs = runner.run(x)
+    except Exception as exc:
+        raise DropRejected(f"{blob.file}: self-test as {blob.role} failed: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    got = sorted(tuple(int(d) for d in np.shape(o)) for o in outs)
+    if got != sorted(expected):
+        raise DropRejected(f"{blob.file}: self-test as {blob.role}: output shapes {got}, "
+                           f"expected {sorted(expected)}")
+    for o in outs:
+        if not np.isfinite(np.asarray(o, dtype=np.float64)).all():
+            raise DropRejected(f"{blob.file}: self-test as {blob.role}: non-finite output "
+                               f"(NaN or inf) on the fixed input")
+
+
+# ---------------------------------------------------------------------------- persistence
+
+IN_SERVICE_DIR = "models"  # under paths.state_dir
+IN_SERVICE_MANIFEST = "in-service.json"
+
+
+def save_in_service(state_dir, models: Dict[str, ModelBlob]) -> Path:
+    """Keep the models in service across restarts and SIGHUP reloads: their bytes (as loaded)
+    under ``<state_dir>/models/`` and a manifest of them (the repository's format), each file
+    written atomically, the manifest last; files no longer named are removed."""
+    d = Path(state_dir) / IN_SERVICE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for role in ROLES:
+        b = models[role]
+        name = f"{role}-{b.sha256[:16]}.tflite"
+        if not (d / name).is_file() or modelstore.sha256_file(d / name) != b.sha256:
+            modelstore.atomic_write(d / name, b.data)
+        entries.append({"role": role, "file": name, "sha256": b.sha256, "size": len(b.data),
+                        "dropped_as": b.file})
+    doc = {"format": "edged-model-manifest", "version": 1,
+           "note": "the models edged had in service; written by the daemon (docs/ota.md)",
+           "models": entries}
+    modelstore.atomic_write(d / IN_SERVICE_MANIFEST, (json.dumps(doc, indent=2) + "\n").encode())
+    keep = {e["file"] for e in entries} | {IN_SERVICE_MANIFEST}
+    for f in os.listdir(d):
+        if f not in keep and not f.startswith("."):
+            try:
+                os.unlink(d / f)
+            except OSError:
+                pass
+    return d / IN_SERVICE_MANIFEST
+
+
+def load_in_service(state_dir) -> Optional[Dict[str, ModelBlob]]:
+    """The models kept by :func:`save_in_service`, verified by sha256; None when there are none.
+    Raises ``modelstore.ModelError`` when they are there but unusable."""
+    path = Path(state_dir) / IN_SERVICE_DIR / IN_SERVICE_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = modelstore.Manifest.load(path)
+    out = {}
+    for role in ROLES:
+        data, digest, p = modelstore.read_verified(role, path.parent, manifest)
+        out[role] = ModelBlob(role, data, digest, str(p))
+    return out
+
+
+@dataclass
+class _Held:
+    blob: ModelBlob
+    since: float = field(default_factory=time.time)
+    file: str = ""
+
+
+@dataclass
+class _Probation:
+    new: object  # ServiceSet
+    old: object
+    record: dict
+    embedder_changed: bool
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def iso(t: float) -> str:
+    from edged.publish import iso_utc
+    return iso_utc(t)
+
+
+class DropManager:
+    """Watches the drop directory and the gallery; puts good drops in service (module doc).
+
+    ``daemon`` (:class:`edged.daemon.Daemon`) provides: ``service`` (the set in service, with
+    ``models``, ``gallery``, ``versions``), ``make_set(changed, gallery_holder)``,
+    ``new_gallery_holder(embedder_sha)``, ``gallery_event_handler(holder)``,
+    ``warm_up(set, parts)``, ``swap_service(set, record)``, ``rollback(...)``, ``confirm(...)``,
+    ``cfg`` and ``report(record)``.
+    """
+
+    def __init__(self, daemon, drop_dir, gallery_path, manifest: Optional[modelstore.Manifest],
+                 settings: Optional[DropSettings] = None, debounce: float = 0.2,
+                 settle: float = 1.0):
+        self.d = daemon
+        self.settings = settings or DropSettings()
+        self.drop_dir = Path(os.path.abspath(drop_dir)) if drop_dir else None
+        self.gallery_path = Path(os.path.abspath(gallery_path))
+        self.known: Dict[str, tuple] = {}  # sha256 -> (role, derived sha256 or "")
+        if manifest is not None:
+            self.learn(manifest)
+        self.pending: Dict[Path, modelstore.Manifest] = {}  # manifests waiting for files
+        self.orphans: Dict[Path, tuple] = {}  # unknown model files waiting for a manifest
+        self.held: Optional[_Held] = None
+        self.probation: Optional[_Probation] = None
+        self._lock = threading.RLock()  # one drop at a time (several watchers)
+        self._plock = threading.Lock()  # one decision per probation (track and main threads)
+        self._stopping = threading.Event()
+        self.watchers: List[FileWatcher] = []
+        self.debounce, self.settle = debounce, settle
+
+    def learn(self, manifest: modelstore.Manifest) -> None:
+        for e in manifest.entries.values():
+            self.known[e.sha256] = (e.role, e.derived_sha256)
+            if e.derived_sha256:
+                self.known[e.derived_sha256] = (e.role, "")
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        dirs = {}
+        if self.drop_dir is not None:
+            dirs[self.drop_dir] = "drops"
+        gdir = self.gallery_path.parent
+        dirs.setdefault(gdir, "gallery")
+        for d, name in dirs.items():
+            if not d.is_dir():
+                log.warning("%s: directory does not exist: no drops are watched there", d)
+                continue
+            w = FileWatcher(d, self._on_file, match=self._match, debounce=self.debounce,
+                            settle=self.settle, name=name)
+            w.start()
+            self.watchers.append(w)
+        log.info("watching for drops in %s", ", ".join(str(w.directory) for w in self.watchers))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        p = self.probation
+        if p is not None:
+            p.done.set()
+        for w in self.watchers:
+            w.stop()
+        self.watchers = []
+
+    def _match(self, path: str) -> bool:
+        if not default_filter(path):
+            return False
+        if path == str(self.gallery_path):
+            return True
+        if self.drop_dir is None or os.path.dirname(path) != str(self.drop_dir):
+            return False
+        return path.endswith(MODEL_SUFFIXES + (MANIFEST_SUFFIX, GALLERY_SUFFIX))
+
+    # -- the watcher's thread ---------------------------------------------------------------
+
+    def _on_file(self, path: Path) -> None:
+        _lower_priority()  # the watcher's thread: frames come first
+        self.handle(path)
+
+    def handle(self, path: Path) -> None:
+        """Handle one arrived file (after any probation in progress); report its outcome."""
+        path = Path(path)
+        self.wait_probation()
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            t0 = time.monotonic()
+            try:
+                if path == self.gallery_path:
+                    self.handle_gallery(path, t0)
+                elif path.suffix == GALLERY_SUFFIX:
+                    raise DropRejected(f"{path}: a gallery is taken only at the gallery path "
+                                       f"{self.gallery_path}: drop it there under that name")
+                elif path.suffix == MANIFEST_SUFFIX:
+                    self.handle_manifest(path, t0)
+                else:
+                    self.handle_model(path, t0)
+            except DropRejected as exc:
+                self._report("rejected", self._kind_of(path), path, t0, why=exc.reason)
+            except Exception as exc:  # never let a drop take the watcher down
+                log.exception("drop %s: unexpected failure", path)
+                self._report("rejected", self._kind_of(path), path, t0,
+                             why=f"{path}: unexpected failure: {exc}")
+
+    def _kind_of(self, path: Path) -> str:
+        return "gallery" if path == self.gallery_path or path.suffix == GALLERY_SUFFIX else "models"
+
+    # -- models -----------------------------------------------------------------------------
+
+    def handle_manifest(self, path: Path, t0: float) -> None:
+        try:
+            manifest = modelstore.Manifest.load(path)
+        except modelstore.ModelError as exc:
+            raise DropRejected(str(exc)) from None
+        if not manifest.entries:
+            raise DropRejected(f"{path}: the manifest lists no model")
+        for e in manifest.entries.values():
+            if e.role not in ROLES:
+                raise DropRejected(f"{path}: role {e.role!r} is not used by the daemon "
+                                   f"(roles: {', '.join(ROLES)})")
+            if os.path.basename(e.file) != e.file:
+                raise DropRejected(f"{path}: file {e.file!r} must be a plain name next to "
+                                   f"the manifest")
+        for e in manifest.entries.values():
+            self.orphans.pop(path.parent / e.file, None)
+        self.pending[path] = manifest
+        self._try_manifest(path, t0)
+
+    def _try_manifest(self, path: Path, t0: float) -> bool:
+        manifest = self.pending[path]
+        missing = [e.file for e in manifest.entries.values() if not (path.parent / e.file).is_file()]
+        if missing:
+            self._report("waiting", "models", path, t0,
+                         why=f"waiting for {', '.join(missing)} named by the manifest")
+            return False
+        del self.pending[path]
+        blobs = {}
+        for e in manifest.entries.values():
+            f = path.parent / e.file
+            try:
+                data = f.read_bytes()
+            except OSError as exc:
+                raise DropRejected(f"{f}: cannot read: {exc.strerror or exc}") from None
+            blobs[e.role] = prepare_model(e.role, data, f, e.sha256, e.size,
+                                          e.derived_sha256 or None)
+        self._install(blobs, path, t0)
+        self.learn(manifest)
+        return True
+
+    def handle_model(self, path: Path, t0: float) -> None:
+        self.orphans.pop(path, None)
+        for mpath, manifest in list(self.pending.items()):
+            if any(mpath.parent / e.file == path for e in manifest.entries.values()):
+                self._try_manifest(mpath, t0)
+                return
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DropRejected(f"{path}: cannot read: {exc.strerror or exc}") from None
+        sha = modelstore.sha256_bytes(data)
+        known = self.known.get(sha)
+        if known is None:  # its manifest may follow: refused only if none comes in time
+            self.orphans[path] = (time.monotonic(), t0, sha, len(data))
+            log.debug("%s: unknown sha256 %s; waiting %.1f s for a manifest", path, sha,
+                      self.settings.manifest_wait_s)
+            return
+        role, derived_sha = known
+        if role not in ROLES:
+            self._report("unchanged", "models", path, t0,
+                         why=f"role {role!r} is not used by the daemon")
+            return
+        self._install({role: prepare_model(role, data, path, sha, 0, derived_sha or None)},
+                      path, t0)
+
+    def _install(self, blobs: Dict[str, ModelBlob], path: Path, t0: float) -> None:
+        svc = self.d.service
+        current = svc.models
+        changed = {r: b for r, b in blobs.items() if current[r].sha256 != b.sha256}
+        if not changed:  # (an embedder held back stays held)
+            self._report("unchanged", "models", path, t0, why="already in service")
+            return
+        for blob in changed.values():
+            self_test(blob, self._accel(blob.role))
+        new_emb = changed.pop("embedder", None)
+        gallery = svc.gallery.current
+        if new_emb is not None and gallery is not None and gallery.embedder_sha256 != new_emb.sha256:
+            prev = self.held
+            self.held = _Held(new_emb, file=str(path))
+            why = (f"embedder {short(new_emb.sha256)} differs from the gallery's "
+                   f"{short(gallery.embedder_sha256)}: held back until a gallery made by it arrives")
+            if prev is not None:
+                why += f" (replaces held-back {short(prev.blob.sha256)})"
+            self._report("held_back", "models", path, t0, why=why,
+                         new={"embedder": new_emb.sha256})
+            if not changed:
+                return
+        elif new_emb is not None:
+            changed["embedder"] = new_emb
+        if changed:
+            self._swap(changed, None, path, t0, kind="models")
+
+    def _accel(self, role: str):
+        cfg = self.d.cfg.models
+        return cfg.embedder if role == "embedder" else cfg.detector
+
+    # -- galleries --------------------------------------------------------------------------
+
+    def handle_gallery(self, path: Path, t0: float) -> None:
+        from edged.gallery import Gallery, GalleryError
+
+        svc = self.d.service
+        try:
+            with Gallery.open(path, expect_dim=None, verify=False) as g:
+                made_by = g.embedder_sha256
+        except GalleryError:
+            svc.gallery.holder.reload(path, trigger="drop")  # refused with the exact reason
+            return
+        in_service = svc.models["embedder"].sha256
+        held = self.held
+        if made_by == in_service:
+            svc.gallery.holder.reload(path, trigger="drop")
+            return
+        if held is None or made_by != held.blob.sha256:
+            svc.gallery.holder.reject(
+                path, f"made by embedder {short(made_by)}, which is neither in service "
+                      f"({short(in_service)}) nor held back "
+                      f"({short(held.blob.sha256) if held else 'none'})", trigger="drop",
+                started=t0, new_version=None)
+            return
+        # the held-back embedder and its gallery: validate the gallery, then swap both at once
+        holder = self.d.new_gallery_holder(held.blob.sha256)
+        try:
+            gal = holder.holder.prepare(path)
+        except Exception as exc:
+            holder.stop()
+            reason = getattr(exc, "reason", None) or str(exc)
+            svc.gallery.holder.reject(path, reason, trigger="drop", started=t0)
+            return
+        holder.holder.commit(gal, path, trigger="drop", started=t0)  # not in service yet
+        holder.holder.on_event = self.d.gallery_event_handler(holder)
+        self.held = None
+        try:
+            self._swap({"embedder": held.blob}, holder, path, t0, kind="models+gallery",
+                       files=[held.file, str(path)])
+        except BaseException:
+            self.held = held
+            holder.stop()
+            raise
+
+    # -- swapping and probation -------------------------------------------------------------
+
+    def _swap(self, changed: Dict[str, ModelBlob], gallery_holder, path: Path, t0: float,
+              kind: str, files=None) -> None:
+        old = self.d.service
+        try:
+            new = self.d.make_set(changed, gallery_holder)
+            self.d.warm_up(new, parts=set(changed))
+        except DropRejected:
+            raise
+        except Exception as exc:
+            raise DropRejected(f"{path}: cannot build the new interpreters: {exc}") from None
+        record = self._record("swapped", kind, path, t0, old=old.versions, new=new.versions,
+                              files=files)
+        self.probation = _Probation(new, old, record, "embedder" in changed)
+        self.d.swap_service(new, record=record)
+
+    def after_frame(self, svc) -> None:
+        """Called by the track thread after each frame: decide a probation early."""
+        p = self.probation
+        if p is None or svc is not p.new:
+            return
+        self._decide(p)
+
+    def tick(self) -> None:
+        """Called by the main loop: ends probations that saw no frame for probation_s, and
+        refuses model files that no manifest claimed in time (never waits for a drop)."""
+        p = self.probation
+        if p is not None:
+            self._decide(p)
+        if not self.orphans or not self._lock.acquire(blocking=False):
+            return
+        try:
+            now = time.monotonic()
+            for path, (seen, t0, sha, size) in list(self.orphans.items()):
+                if now - seen < self.settings.manifest_wait_s:
+                    continue
+                del self.orphans[path]
+                self._report("rejected", "models", path, t0, why=(
+                    f"{path}: sha256 {sha} ({size} bytes) is not a model of the manifest in "
+                    f"force and no drop manifest names it (half-copied or corrupt file? drop "
+                    f"it with a manifest, or with 'edged drop')"))
+        finally:
+            self._lock.release()
+
+    def _decide(self, p: _Probation) -> None:
+        s = p.new
+        if s.failures > 0:
+            verdict = "rollback"
+        elif (s.frames >= self.settings.probation_frames
+              and (not p.embedder_changed or s.embeds >= 1)) \
+                or time.monotonic() - p.started >= self.settings.probation_s:
+            verdict = "confirm"
+        else:
+            return
+        with self._plock:
+            if self.probation is not p:
+                return
+            self.probation = None
+        if verdict == "rollback":
+            why = (f"the new set failed on {s.failures} of its first {max(s.frames, s.failures)} "
+                   f"frame(s): {s.last_failure or 'exception'}; the previous set is back")
+            self.d.rollback(p.old, p.new, why, p.record)
+        else:
+            self.d.confirm(p.new, p.old)
+        p.done.set()
+
+    def wait_probation(self) -> None:
+        p = self.probation
+        while p is not None and not self._stopping.is_set():
+            if p.done.wait(0.1):
+                break
+            self.tick()
+            p = self.probation
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def _record(self, result: str, kind: str, path, t0: float, why: str = "", old=None,
+                new=None, files=None) -> dict:
+        svc = self.d.service
+        return {"kind": kind, "file": str(path), "files": files or [str(path)], "result": result,
+                "trigger": "drop",
+                "confirmed": result != "swapped",
+                "why": why, "old": dict(old if old is not None else svc.versions),
+                "new": dict(new or {}), "seconds": round(time.monotonic() - t0, 3),
+                "time": iso(time.time())}
+
+    def _report(self, result: str, kind: str, path, t0: float, why: str = "", new=None) -> None:
+        self.d.report(self._record(result, kind, path, t0, why=why, new=new))
+
+    def held_status(self) -> Optional[dict]:
+        h = self.held
+        if h is None:
+            return None
+        return {"embedder": h.blob.sha256, "file": h.file, "since": iso(h.since),
+                "waiting_for": f"a gallery made by embedder {h.blob.sha256}"}
+
+
+def _lower_priority() -> None:
+    """Run this (watcher) thread at the lowest CPU priority: frames come first."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < 19:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except (AttributeError, OSError):
+        pass

@@ -1,0 +1,456 @@
+"""Over-the-air drops (edged.ota): checks, self-test, pairing, rollback, reporting, edged status.
+
+Real models (re-encoded by changing one float weight by one ULP: new bytes and sha256, the
+same outputs; or poisoned with a NaN weight), a real gallery enrolled with ``edged gallery
+build``, the real Hamilton clip looping, a real mosquitto.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged import modelstore
+from edged.gallery import read_entries, write_gallery
+from edged.tflitefile import _root, _table_vector, _vector
+from edged_daemon_helpers import EDGED, DaemonProcess, build_gallery, write_config
+
+CLIP = "videos/facerec_short_hamilton_clip.mp4"
+MODEL_FILES = {"pnet": "mtcnn_pnet.tflite", "rnet": "mtcnn_rnet.tflite",
+               "onet": "mtcnn_onet.tflite", "embedder": "mobilefacenet_dynbatch.tflite"}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def weight_buffers(data: bytes):
+    """``[(byte position, length)]`` of the model's large constant buffers (weights)."""
+    out = []
+    for b in _table_vector(_root(data), 4):  # Model.buffers
+        start, n = _vector(b, 0)  # Buffer.data
+        if start is not None and n >= 4096:
+            out.append((start, n))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def reencode(data: bytes, k: int) -> bytes:
+    """A re-encoding: float ``k`` of the largest weight buffer moved by one ULP."""
+    buf = bytearray(data)
+    start, n = weight_buffers(data)[0]
+    pos = start + 4 * (k % (n // 4))
+    v = np.float32(struct.unpack_from("<f", buf, pos)[0])
+    struct.pack_into("<f", buf, pos, float(np.nextafter(v, np.float32(np.inf))))
+    return bytes(buf)
+
+
+def poison(data: bytes) -> bytes:
+    """The model with one weight set to NaN: every output is NaN."""
+    buf = bytearray(data)
+    start, _ = weight_buffers(data)[0]
+    struct.pack_into("<f", buf, start, float("nan"))
+    return bytes(buf)
+
+
+def manifest_for(entries) -> dict:
+    """A drop manifest: ``entries`` = [(role, file name, bytes)]."""
+    return {"format": "edged-model-manifest", "version": 1,
+            "models": [{"role": r, "file": f, "sha256": modelstore.sha256_bytes(b), "size": len(b)}
+                       for r, f, b in entries]}
+
+
+def write_drop(drop_dir: Path, entries, name: str, cli: bool = True) -> Path:
+    """Write models, then their manifest, into a staging dir; ``edged drop`` them into place
+    (``cli=False``: the same copy function, in this process)."""
+    stage = drop_dir.parent / "staging"
+    stage.mkdir(exist_ok=True)
+    paths = []
+    for _, f, b in entries:
+        (stage / f).write_bytes(b)
+        paths.append(stage / f)
+    (stage / f"{name}.json").write_text(json.dumps(manifest_for(entries)))
+    paths.append(stage / f"{name}.json")
+    if cli:
+        r = subprocess.run([EDGED, "drop", *map(str, paths), "--to", str(drop_dir)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    else:
+        from edged.commands.drop import drop_file
+        for p in paths:  # manifest last
+            drop_file(p, drop_dir)
+    return drop_dir / f"{name}.json"
+
+
+def gallery_variant(base: Path, out: Path, embedder_sha: str, seed: int) -> str:
+    """The base gallery for ``embedder_sha``, plus one random row (a new checksum); atomic."""
+    ids, rows, emb, _, dtype = read_entries(base)
+    rng = np.random.default_rng(seed)
+    extra = rng.standard_normal((1, emb.shape[1])).astype(np.float32)
+    emb = np.concatenate([emb, extra / np.linalg.norm(extra)])
+    rows = np.concatenate([rows, [len(ids) - 1]])
+    tmp = out.parent / f".{out.name}.{seed}.tmp"
+    checksum = write_gallery(tmp, ids, rows, emb, embedder_sha, dtype=dtype)
+    os.replace(tmp, out)
+    return checksum
+
+
+class StatusWatch:
+    """The retained ``<prefix>/status`` documents, as a real subscriber receives them."""
+
+    def __init__(self, port: int, prefix: str):
+        import paho.mqtt.client as mqtt
+
+        self.docs = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"ota-status-{os.getpid()}-{id(self)}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{prefix}/status", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, c, u, m):
+        try:
+            doc = json.loads(m.payload)
+        except ValueError:
+            return
+        with self.lock:
+            self.docs.append(doc)
+
+    def last(self) -> dict:
+        with self.lock:
+            return self.docs[-1] if self.docs else {}
+
+    def wait(self, pred, timeout: float, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for doc in reversed(self.docs):
+                    try:
+                        if pred(doc):
+                            return doc
+                    except (KeyError, TypeError):
+                        pass
+            time.sleep(0.05)
+        raise AssertionError(f"no status with {what} after {timeout}s; last: "
+                             f"{json.dumps(self.last(), indent=1)[:3000]}")
+
+    def handled(self, n: int, timeout: float = 30.0) -> dict:
+        return self.wait(lambda d: d["drops"]["handled"] >= n, timeout, f"drops.handled >= {n}")
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def base_gallery(shared_dir, tmp_path_factory):
+    return build_gallery(shared_dir / "videos" / "hamilton_enrol",
+                         tmp_path_factory.mktemp("otagal") / "hamilton.edgal")
+
+
+@pytest.fixture(scope="module")
+def installed(models_dir):
+    """role -> (bytes, sha256) of the models the daemon loads at start."""
+    return {r: modelstore.read_verified(r, models_dir)[:2] for r in MODEL_FILES}
+
+
+def setup_device(tmp_path: Path, models_dir: Path, shared_dir: Path, base_gallery: Path,
+                 port: int, prefix_name: str, installed, fps_limit: float = 0.0) -> tuple:
+    """A device: its own models dir (a copy), gallery dir, state dir and config."""
+    mdir = tmp_path / "models"
+    mdir.mkdir()
+    for f in sorted(os.listdir(models_dir)):
+        if f.endswith(".tflite"):
+            shutil.copyfile(models_dir / f, mdir / f)
+    gdir = tmp_path / "gallery"
+    gdir.mkdir()
+    gpath = gdir / "people.edgal"
+    gallery_variant(base_gallery, gpath, installed["embedder"][1], seed=0)
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        device={"name": prefix_name},
+        cameras=[{"name": "stage", "source": str(shared_dir / CLIP), "loop": True,
+                  "realtime": True, "fps_limit": fps_limit}],
+        paths={"models_dir": str(mdir), "gallery": str(gpath), "state_dir": str(tmp_path / "state")},
+        match={"threshold": 0.58},
+        mqtt={"host": "127.0.0.1", "port": port, "stats_interval_s": 5},
+        logging={"target": "stderr", "level": "info"},
+    )
+    return cfg, mdir, gpath
+
+
+def start_daemon(cfg: Path, tmp_path: Path, env=None) -> DaemonProcess:
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        d = DaemonProcess(cfg, tmp_path)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    d.wait_log("ready", timeout=120)
+    return d
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def test_drop_checks_and_self_test(installed, models_dir, tmp_path):
+    from edged.ota import DropRejected, prepare_model, self_test
+
+    emb, emb_sha = installed["embedder"]
+    # the original batch-2 MobileFaceNet gets its dynamic-batch copy, as at install
+    orig, orig_sha, _ = modelstore.read_verified("embedder", models_dir, original=True)
+    blob = prepare_model("embedder", orig, "mobilefacenet.tflite", orig_sha)
+    assert blob.sha256 == emb_sha and blob.dropped_sha256 == orig_sha
+    self_test(blob, {"type": "cpu", "num_threads": 1})
+    # a re-encoding passes; its sha256 is new
+    re = prepare_model("embedder", reencode(emb, 3), "e2.tflite")
+    assert re.sha256 != emb_sha
+    self_test(re, None)
+    for role in ("pnet", "rnet", "onet"):
+        self_test(prepare_model(role, reencode(installed[role][0], 1), f"{role}.tflite"), None)
+    # a NaN weight: refused by the self-test
+    with pytest.raises(DropRejected, match="non-finite output"):
+        self_test(prepare_model("embedder", poison(emb), "nan.tflite"), None)
+    # the wrong model for the role: refused by the self-test, with the shapes
+    with pytest.raises(DropRejected, match=r"self-test as embedder"):
+        self_test(prepare_model("embedder", installed["onet"][0], "onet-as-emb.tflite"), None)
+    # sha256 and size checked against the manifest; half a file; not a TFLite file
+    with pytest.raises(DropRejected, match="sha256 mismatch"):
+        prepare_model("onet", installed["onet"][0][:1000], "half.tflite", installed["onet"][1],
+                      len(installed["onet"][0]))
+    with pytest.raises(DropRejected, match="not a TFLite model"):
+        prepare_model("rnet", b"x" * 5000, "junk.tflite")
+    with pytest.raises(DropRejected, match="role 'antispoof' is not used"):
+        prepare_model("antispoof", emb, "a.tflite")
+
+
+def test_edged_status_without_a_status_file(tmp_path):
+    r = subprocess.run([EDGED, "status", "--state-dir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1
+    assert f"{tmp_path / 'status.json'}: no status file" in r.stderr
+    (tmp_path / "status.json").write_text("[1, 2")
+    r = subprocess.run([EDGED, "status", "--state-dir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and "cannot read" in r.stderr
+    bad = write_config(tmp_path / "bad.yaml", paths={"state_dir": 5})
+    r = subprocess.run([EDGED, "status", "--config", str(bad)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "paths.state_dir" in r.stderr
+
+
+# ---------------------------------------------------------------------------- in the daemon
+
+
+def test_embedder_is_held_back_until_its_gallery_arrives(shared_dir, models_dir, installed,
+                                                         base_gallery, broker, tmp_path):
+    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
+                                    "otapair", installed)
+    watch = StatusWatch(broker.port, "edged/otapair")
+    d = start_daemon(cfg, tmp_path)
+    try:
+        e0 = installed["embedder"][1]
+        st = watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
+        g0 = st["versions"]["gallery"]
+        assert st["versions"]["gallery_rows"] > 0
+
+        # 1. a new embedder (a re-encoding, with its manifest): held back, nothing changes
+        e1_bytes = reencode(installed["embedder"][0], 7)
+        e1 = modelstore.sha256_bytes(e1_bytes)
+        write_drop(mdir, [("embedder", "mfn-v2.tflite", e1_bytes)], "mfn-v2")
+        st = watch.handled(1)
+        assert st["held_back"]["embedder"] == e1, st
+        assert st["versions"]["embedder"] == e0 and st["versions"]["gallery"] == g0
+        assert st["drops"]["held_back"] == 1
+
+        # 2. a gallery made by an embedder neither in service nor held back: refused
+        gallery_variant(base_gallery, gpath, "ab" * 32, seed=1)
+        st = watch.handled(2)
+        assert "neither in service" in st["last_rejected_drop"]["why"], st
+        assert st["last_rejected_drop"]["file"] == str(gpath)
+        assert st["versions"]["gallery"] == g0 and st["held_back"]["embedder"] == e1
+
+        # 3. a manifest that arrives before its file: it waits, then the file completes it
+        r_bytes = reencode(installed["rnet"][0], 5)
+        stage = tmp_path / "stage2"
+        stage.mkdir()
+        (mdir / "rnet-v2.json").write_text(json.dumps(manifest_for([("rnet", "rnet-v2.tflite",
+                                                                      r_bytes)])))
+        watch.wait(lambda s: s["drops"]["waiting"] >= 1, 30, "a waiting manifest")
+        (stage / "rnet-v2.tflite").write_bytes(r_bytes)
+        os.replace(stage / "rnet-v2.tflite", mdir / "rnet-v2.tflite")
+        st = watch.handled(3)
+        assert st["last_swap"]["result"] == "swapped" and st["last_swap"]["kind"] == "models"
+        assert st["versions"]["detector"]["rnet"] == modelstore.sha256_bytes(r_bytes)
+        assert st["versions"]["embedder"] == e0  # the held-back embedder is still held
+        assert st["held_back"]["embedder"] == e1
+
+        # 4. the gallery made by the held-back embedder (edged drop --as the gallery's name):
+        #    both swapped at once
+        g1 = gallery_variant(base_gallery, tmp_path / "new-people.edgal", e1, seed=2)
+        r = subprocess.run([EDGED, "drop", str(tmp_path / "new-people.edgal"), "--to",
+                            str(gpath.parent), "--as", gpath.name], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        st = watch.handled(4)
+        sw = st["last_swap"]
+        assert sw["kind"] == "models+gallery" and sw["result"] == "swapped", sw
+        assert sw["old"]["embedder"] == e0 and sw["new"]["embedder"] == e1
+        assert sw["old"]["gallery"] == g0 and sw["new"]["gallery"] == g1
+        assert sw["seconds"] > 0
+        assert st["versions"]["embedder"] == e1 and st["versions"]["gallery"] == g1
+        assert not st["held_back"]
+        st = watch.wait(lambda s: s["last_swap"]["confirmed"], 30, "the swap confirmed")
+
+        # 5. the in-service embedder's file dropped without a manifest: known, unchanged
+        shutil.copyfile(models_dir / MODEL_FILES["onet"], mdir / "onet-copy.tflite")
+        st = watch.handled(5)
+        assert st["drops"]["unchanged"] == 1
+
+        # edged status prints what is in service, from status.json
+        time.sleep(0.3)
+        r = subprocess.run([EDGED, "status", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert f"embedder   {e1}" in r.stdout and f"gallery    {g1}" in r.stdout, r.stdout
+        assert "running" in r.stdout and "last refused drop" in r.stdout
+        print("\n$ edged status --config", cfg, "\n" + r.stdout)
+        doc = json.loads(subprocess.run([EDGED, "status", "--state-dir",
+                                         str(tmp_path / "state"), "--json"],
+                                        capture_output=True, text=True, timeout=30).stdout)
+        assert doc["versions"]["embedder"] == e1 and doc["drops"]["handled"] == 5
+        d.terminate()
+        d.kill()
+        log = d.log()
+        # 6. a restart keeps the set last in service (the drops), not the installed models
+        watch.docs.clear()
+        d = start_daemon(cfg, tmp_path)
+        st = watch.wait(lambda s: s["drops"]["handled"] == 0 and "versions" in s, 30,
+                        "the status after the restart")
+        assert st["versions"]["embedder"] == e1 and st["versions"]["gallery"] == g1
+        assert st["versions"]["detector"]["rnet"] == modelstore.sha256_bytes(r_bytes)
+    finally:
+        d.terminate()
+        d.kill()
+        watch.close()
+    assert "event=ota_held_back" in log and "event=ota_rejected" in log
+    assert "event=ota_swapped" in log and "event=ota_confirmed" in log
+    assert "Traceback" not in log
+
+
+def test_runtime_failure_rolls_back_to_the_previous_set(shared_dir, models_dir, installed,
+                                                         base_gallery, broker, tmp_path):
+    """A NaN embedder that passes (skips, by the test hook) the self-test goes into service
+    with its gallery; its first embeddings are not finite: the previous set comes back."""
+    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
+                                    "otaroll", installed)
+    bad = poison(reencode(installed["embedder"][0], 11))
+    bad_sha = modelstore.sha256_bytes(bad)
+    watch = StatusWatch(broker.port, "edged/otaroll")
+    d = start_daemon(cfg, tmp_path, env={"EDGED_TEST_SKIP_SELFTEST": bad_sha})
+    try:
+        e0 = installed["embedder"][1]
+        st = watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
+        g0 = st["versions"]["gallery"]
+        write_drop(mdir, [("embedder", "mfn-bad.tflite", bad)], "mfn-bad")
+        watch.wait(lambda s: s["held_back"]["embedder"] == bad_sha, 30, "held back")
+        g_bad = gallery_variant(base_gallery, gpath, bad_sha, seed=3)
+        st = watch.wait(lambda s: s["last_swap"]["result"] == "rolled_back", 40, "a rollback")
+        sw = st["last_swap"]
+        assert sw["old"]["embedder"] == bad_sha and sw["old"]["gallery"] == g_bad
+        assert sw["new"]["embedder"] == e0 and sw["new"]["gallery"] == g0
+        assert "non-finite" in sw["why"], sw
+        assert st["versions"]["embedder"] == e0 and st["versions"]["gallery"] == g0
+        assert st["drops"]["rolled_back"] == 1
+        # the daemon goes on with the previous set
+        time.sleep(1.0)
+        assert d.proc.poll() is None
+    finally:
+        d.terminate()
+        d.kill()
+        watch.close()
+    log = d.log()
+    assert "event=ota_rolled_back" in log and "non-finite embeddings" in log
+
+
+def test_edged_drop_cli(tmp_path):
+    src = tmp_path / "a.edgal"
+    src.write_bytes(b"x" * 10000)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    r = subprocess.run([EDGED, "drop", str(src), "--to", str(dest), "--as", "people.edgal"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert (dest / "people.edgal").read_bytes() == src.read_bytes()
+    assert os.listdir(dest) == ["people.edgal"]  # no temporary file left
+    r = subprocess.run([EDGED, "drop", str(src), str(src), "--to", str(dest), "--as", "x"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--as NAME takes one file" in r.stderr
+    r = subprocess.run([EDGED, "drop", str(src), "--to", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "not a directory" in r.stderr
+    r = subprocess.run([EDGED, "drop", str(tmp_path / "missing.tflite"), "--to", str(dest)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "not a file" in r.stderr
+
+
+def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path):
+    """The drop manager alone (no daemon): every malformed drop gets its reason."""
+    from types import SimpleNamespace
+
+    from edged.ota import DropManager, DropSettings
+
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    reports = []
+    svc = SimpleNamespace(versions={"embedder": installed["embedder"][1]}, models={})
+    fake = SimpleNamespace(service=svc, report=reports.append, cfg=None)
+    dm = DropManager(fake, drops, tmp_path / "g" / "people.edgal", modelstore.Manifest.load(),
+                     DropSettings(manifest_wait_s=0.0))
+
+    def drop(name, content) -> str:
+        p = drops / name
+        p.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+        n = len(reports)
+        dm.handle(p)
+        dm.tick()
+        assert len(reports) == n + 1, reports[n:]
+        r = reports[-1]
+        assert r["result"] == "rejected" and r["file"] == str(p), r
+        assert r["old"] == svc.versions and r["time"], r
+        return r["why"]
+
+    ok = manifest_for([("rnet", "r.tflite", installed["rnet"][0])])
+    assert "not an edged model manifest (format='x')" in drop("a.json", dict(ok, format="x"))
+    assert "cannot read model manifest" in drop("b.json", b"{not json")
+    bad = json.loads(json.dumps(ok))
+    del bad["models"][0]["sha256"]
+    assert "malformed model entry" in drop("c.json", bad)
+    assert "the manifest lists no model" in drop("d.json", dict(ok, models=[]))
+    role = json.loads(json.dumps(ok))
+    role["models"][0]["role"] = "antispoof"
+    assert "role 'antispoof' is not used by the daemon" in drop("e.json", role)
+    path = json.loads(json.dumps(ok))
+    path["models"][0]["file"] = "../r.tflite"
+    assert "must be a plain name next to the manifest" in drop("f.json", path)
+    # the published batch-2 MobileFaceNet with a wrong sha256 for its dynamic-batch copy
+    orig = modelstore.read_verified("embedder", models_dir, original=True)[0]
+    (drops / "m.tflite").write_bytes(orig)
+    der = manifest_for([("embedder", "m.tflite", orig)])
+    der["models"][0]["derived"] = {"file": "", "sha256": "00" * 32}
+    assert "its dynamic-batch copy has sha256" in drop("g.json", der)
+    # a gallery in the drop directory; an unknown model file (no manifest came in time)
+    assert "a gallery is taken only at the gallery path" in drop("x.edgal", b"EDGEDGAL" + b"0" * 300)
+    assert "is not a model of the manifest in force" in drop("u.tflite", b"\0" * 1000)
+    # a file named by a manifest, corrupt
+    (drops / "r.tflite").write_bytes(installed["rnet"][0][:-10] + b"0" * 10)
+    assert "sha256 mismatch" in drop("h.json", ok)

@@ -434,7 +434,7 @@ class Daemon:
         if pub is not None and getattr(pub, "enabled", False):
             try:
                 doc["spool"] = pub.spool.stats()
-                doc["mqtt"] = pub._mqtt_stats()
+                doc["mqtt"] = pub.mqtt_stats()
             except Exception:  # the publisher is stopping
                 pass
         return doc

@@ -261,7 +261,7 @@ class Publisher:
         doc = dict(stats)
         doc["time"] = iso_utc(time.time())
         doc["spool"] = self.spool.stats()
-        doc["mqtt"] = self._mqtt_stats()
+        doc["mqtt"] = self.mqtt_stats()
         cams = doc.get("cameras")
         if isinstance(cams, dict):
             with self._lock:
@@ -446,10 +446,11 @@ class Publisher:
         doc = copy.deepcopy(self._status)
         doc["time"] = iso_utc(time.time())
         doc["spool"] = self.spool.stats()
-        doc["mqtt"] = self._mqtt_stats()
+        doc["mqtt"] = self.mqtt_stats()
         return doc
 
-    def _mqtt_stats(self) -> dict:
+    def mqtt_stats(self) -> dict:
+        """The connection's counters, as in the status and stats documents."""
         c = self.client
         return {"connected": c.connected, "connects": c.connects, "sent": self.sent,
                 "acked": self.acked, "rejected": self.rejected,

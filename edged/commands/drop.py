@@ -9,10 +9,10 @@ What the daemon does with each drop is in docs/ota.md; ``edged status`` shows th
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from edged.modelstore import atomic_write
 
 
 def register(sub, common):
@@ -29,27 +29,9 @@ def register(sub, common):
 
 def drop_file(src: Path, dest_dir: Path, name: str = None) -> Path:
     """Copy ``src`` into ``dest_dir`` by temp file + fsync + rename; return the final path."""
-    name = name or src.name
-    dest = dest_dir / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=str(dest_dir))
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(str(dest_dir), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    dest = dest_dir / (name or src.name)
+    with open(src, "rb") as f:
+        atomic_write(dest, iter(lambda: f.read(1 << 20), b""))
     return dest
 
 

@@ -10,9 +10,11 @@ hands the answers to ``observe()``.
 Identity is decided by evidence, not by one frame.  Each matched embedding adds its face's
 quality score to its identity's evidence; a track is *recognized* (one ``recognized`` event
 per track) once an identity has at least ``recognize_evidence`` of it from at least
-``min_matches`` embeddings, and at least ``min_agreement`` of all the track's evidence.
-Embeddings that match nobody by a clear distance (best score below the match threshold minus
-``unknown_margin``) add to the *unknown* evidence; near misses count for nothing either way.
+``min_matches`` embeddings, and at least ``min_agreement`` of all the track's evidence (near
+misses included: a look-alike who scores just under the threshold for minutes is not named by
+the two frames that happened to pass it).  Embeddings that match nobody by a clear distance
+(best score below the match threshold minus ``unknown_margin``) add to the *unknown* evidence;
+near misses add to neither, but weigh against both decisions.
 ``unknown_evidence`` of it from at least ``min_unknown`` embeddings, and at least
 ``min_agreement`` of all the track's evidence (near misses included), confirms the track as
 ``unknown`` (once).  Faces whose quality does not pass the minimums are tracked and
@@ -24,8 +26,9 @@ Boxes are not identity:
 - a *scene cut* (a large change of the colour histogram or of the pixels between two frames)
   or a gap in the frames (a reconnected stream) ends every track: nothing is inherited;
 - a track keeps the quality-weighted mean of its embeddings; ``split_after`` embeddings in a
-  row that disagree with it (cosine below ``split_similarity``, or a confident match to
-  another identity) end the track and start a new one at the same place, with no name.
+  row that disagree with it (cosine below ``split_similarity``, a confident match to another
+  identity, or, once recognized, a clear non-match) end the track and start a new one at the
+  same place, with no name.
 
 Events: ``face_appeared`` (once a track has been seen ``min_hits`` times), ``recognized``,
 ``unknown``, ``track_ended`` (duration and best match score), all :class:`edged.types.Event`.
@@ -355,8 +358,11 @@ class Tracker:
             sim = float(np.dot(mean, e))
             if sim < s.split_similarity:
                 disagrees = True
-            if tr.state == "recognized" and m.identity is not None and m.identity != tr.identity:
-                disagrees = True
+            if tr.state == "recognized" and (
+                    (m.identity is not None and m.identity != tr.identity)
+                    or (m.identity is None and self.unknown_below is not None
+                        and m.score < self.unknown_below)):
+                disagrees = True  # someone else, or clearly nobody enrolled, in its place
         if disagrees:
             tr.disagree += 1
             if tr.disagree < s.split_after:
@@ -396,7 +402,7 @@ class Tracker:
         s = self.s
         if tr.state == "recognized":
             return []
-        total = sum(tr.evidence.values()) + tr.unknown_weight
+        total = sum(tr.evidence.values()) + tr.unknown_weight + tr.ambiguous_weight
         if tr.evidence:
             ident = max(tr.evidence, key=tr.evidence.get)
             ev = tr.evidence[ident]
@@ -410,7 +416,7 @@ class Tracker:
                                     score=round(score, 4), margin=round(margin, 4))]
         if (not tr.unknown_sent and tr.unknown_weight >= s.unknown_evidence
                 and tr.unknown_count >= s.min_unknown
-                and tr.unknown_weight >= s.min_agreement * (total + tr.ambiguous_weight)):
+                and tr.unknown_weight >= s.min_agreement * total):
             tr.state = "unknown"
             tr.unknown_sent = True
             pre = self._appear(tr, t)

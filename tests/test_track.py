@@ -261,3 +261,64 @@ def test_near_misses_are_neither_a_name_nor_unknown():
         evs += t2.observe(fr, todo, [Match(None, None, 0.30, 0.30) for _ in todo])
         events += evs
     assert [e.type for e in events] == ["face_appeared", "unknown"]
+
+
+def _drive(tracker, n, embed_and_match, start=0):
+    """Run ``n`` frames of one face in one place; ``embed_and_match(i)`` -> (embedding, Match)."""
+    events = []
+    img = np.full((90, 160, 3), 120, np.uint8)
+    for i in range(start, start + n):
+        fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30.0, image=img)
+        evs, todo = tracker.update(fr, [face([10, 10, 50, 50], quality=0.7)])
+        answers = []
+        for _, f in todo:
+            f.embedding, m = embed_and_match(i)
+            answers.append(m)
+        events += evs + tracker.observe(fr, todo, answers)
+    return events
+
+
+def _at_cosine(base, c, other):
+    """A unit vector whose cosine with ``base`` is exactly ``c`` (``other``: any direction)."""
+    r = unit(other - np.dot(other, base) * base)
+    return unit(c * base + np.sqrt(1 - c * c) * r)
+
+
+def test_a_look_alike_is_not_named_by_two_lucky_frames():
+    """Scores just under the threshold for 10 s, twice just over it: near misses weigh against
+    a name, so the two lucky frames are not enough."""
+    t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
+    other = unit(RNG.normal(size=192))
+
+    def lookalike(i):
+        c = 0.60 if i in (100, 200) else 0.50
+        e = _at_cosine(ALICE, c, other)
+        ok = c >= 0.58
+        return e, Match(name="alice" if ok else None, identity="alice" if ok else None,
+                        score=c, margin=0.2)
+
+    events = _drive(t, 300, lookalike) + t.end_all()
+    assert not [e for e in events if e.type == "recognized"], [(e.type, e.name) for e in events]
+    assert all(e.name is None for e in events)
+
+
+def test_a_clear_stranger_in_a_recognized_persons_place_is_split_off():
+    """Alice is recognized; then someone who clearly matches nobody (score 0.35, under the
+    threshold minus the unknown margin, yet 0.35 from her track's mean: no cosine split) stands
+    in the same box. Her name must not cover the stranger's 9 seconds."""
+    t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
+    other = unit(RNG.normal(size=192))
+
+    def scene(i):
+        if i < 30:
+            return near(ALICE, 0.2), Match(name="alice", identity="alice", score=0.8, margin=0.3)
+        e = _at_cosine(ALICE, 0.35, unit(other + 0.05 * RNG.normal(size=192)))
+        return e, Match(name=None, identity=None, score=0.35, margin=0.05)
+
+    events = _drive(t, 300, scene) + t.end_all()
+    assert t.splits == 1
+    ended = [e for e in events if e.type == "track_ended"]
+    assert [e.name for e in ended] == ["alice", None]
+    assert ended[0].duration < 2.0, "alice's track must end when the stranger takes her place"
+    assert [e.name for e in events if e.type == "recognized"] == ["alice"]
+    assert [e.type for e in events if e.type == "unknown"] == ["unknown"]

@@ -49,9 +49,9 @@ URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "tcp://"
 class CameraSettings:
     name: str = field(default="cam0", metadata={
         "help": "camera name, used in events, topics and logs (letters, digits, - and _)"})
-    source: str = field(default="/dev/video0", metadata={
-        "help": "/dev/videoN or an index (V4L2), a GStreamer pipeline ending in appsink, an "
-                "rtsp:// http:// tcp:// URL, or a video file"})
+    source: str = field(default="", metadata={
+        "help": "required: /dev/videoN or an index (V4L2), a GStreamer pipeline ending in "
+                "appsink, an rtsp:// http:// tcp:// URL, or a video file"})
     kind: str = field(default="auto", metadata={
         "choices": KINDS, "help": "source type; auto guesses it from source"})
     width: int = field(default=0, metadata={"min": 0, "max": 8192,
@@ -250,7 +250,9 @@ class Camera:
         self.first_frame = threading.Event()
         self.resolution = None
         self.source_fps = None
-        self._read_started: Optional[float] = None
+        # (generation, monotonic start) of the open or read in progress: check() replaces a
+        # reader stuck in one; a stale reader's late return must not clear the new one's
+        self._read_started: Optional[tuple] = None
 
     # -- life
 
@@ -278,15 +280,27 @@ class Camera:
 
     def check(self) -> None:
         """Called periodically by the daemon: replace a reader stuck in a blocking read."""
-        started = self._read_started
+        pending = self._read_started
         limit = max(2.0 * self.settings.stall_timeout, self.settings.stall_timeout + 2.0)
-        if started is not None and not self._stop.is_set() and time.monotonic() - started > limit:
-            log.error("camera %s: a read has been blocked for %.0f s; abandoning that reader "
-                      "and reopening the source", self.name, time.monotonic() - started,
+        if pending is not None and not self._stop.is_set() and time.monotonic() - pending[1] > limit:
+            log.error("camera %s: an open or read has been blocked for %.0f s; abandoning that "
+                      "reader and reopening the source", self.name, time.monotonic() - pending[1],
                       extra=fields(camera=self.name, event="stall"))
             self._read_started = None
             self.connected = False
+            self.outages += 1
+            self.reconnects += 1  # the daemon ends this camera's tracks on a reconnect
             self.start()  # a new generation; the old thread exits when its read returns
+
+    def _begin_blocking(self, gen: int) -> float:
+        t = time.monotonic()
+        self._read_started = (gen, t)
+        return t
+
+    def _end_blocking(self, gen: int) -> None:
+        pending = self._read_started
+        if pending is not None and pending[0] == gen:
+            self._read_started = None
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -359,13 +373,16 @@ class Camera:
         try:
             while not self._stop.is_set() and gen == self._generation:
                 self.open_attempts += 1
+                self._begin_blocking(gen)  # an open can hang too (GStreamer, RTSP)
                 try:
                     cap = self._open()
                 except SourceError as exc:
+                    self._end_blocking(gen)
                     self.last_error = str(exc)
                     log.error("camera %s: %s", self.name, exc, extra=fields(camera=self.name))
                     return
                 except (OSError, cv2.error) as exc:
+                    self._end_blocking(gen)
                     self.last_error = str(exc)
                     self.connected = False
                     level = logging.WARNING if not reported_down else logging.INFO
@@ -375,17 +392,21 @@ class Camera:
                     self._sleep(backoff, gen)
                     backoff = min(backoff * 2, self.settings.reconnect_max)
                     continue
+                self._end_blocking(gen)
+                opened = time.monotonic()
                 try:
                     got = self._read_loop(cap, gen)
                 finally:
-                    self._read_started = None
+                    self._end_blocking(gen)
                     try:
                         cap.release()
                     except cv2.error:
                         pass
                 if self.finished or self._stop.is_set() or gen != self._generation:
                     return
-                if got:
+                if got and time.monotonic() - opened >= self.settings.stall_timeout:
+                    # a source that stayed up; one that flaps (a frame, then down) keeps
+                    # backing off instead of reconnecting twice a second
                     backoff = self.settings.reconnect_min
                 self.connected = False
                 self.outages += 1
@@ -422,9 +443,13 @@ class Camera:
         while not self._stop.is_set() and gen == self._generation:
             if wait and not self.hub.wait_free(self.name, self._stop):
                 return got_any  # read a file only when the pipeline is ready for the frame
-            started = self._read_started = time.monotonic()
-            ok, image = cap.read()
-            self._read_started = None
+            started = self._begin_blocking(gen)
+            try:
+                ok, image = cap.read()
+            except cv2.error as exc:  # a backend error is a failed read, not a dead thread
+                self.last_error = f"read failed: {exc}"
+                ok, image = False, None
+            self._end_blocking(gen)
             now = time.monotonic()
             if now - started >= 0.9 * s.stall_timeout:
                 # the source went quiet: FFmpeg's read time-out fired (a demuxer may still

@@ -191,3 +191,59 @@ def test_preflight():
 def test_password_is_masked_in_status():
     cam = Camera(CameraSettings(name="ip", source="rtsp://admin:hunter2@10.1.2.3/live"), FrameHub())
     assert cam.status()["source"] == "rtsp://admin:***@10.1.2.3/live"
+
+
+class _HungDevice:
+    """Stands in for a device whose driver blocks in read() (no such device on this machine):
+    three frames, then a read that blocks until ``gate`` is set."""
+
+    def __init__(self, gate: threading.Event, frames: int = 3):
+        self.gate, self.frames, self.i = gate, frames, 0
+
+    def get(self, prop):
+        return 0.0
+
+    def set(self, *args):
+        return True
+
+    def read(self):
+        self.i += 1
+        if self.i > self.frames:
+            self.gate.wait()
+        time.sleep(0.01)
+        return True, np.zeros((12, 16, 3), np.uint8)
+
+    def release(self):
+        pass
+
+
+
+def test_a_reader_stuck_in_read_is_replaced_and_counted():
+    """check() abandons a reader blocked longer than the stall limit, counts the outage (the
+    daemon ends the camera's tracks on a reconnect), and the stale reader's late return does
+    not hide the new reader's own stall from the next check()."""
+    first, second = threading.Event(), threading.Event()
+    devices = iter([_HungDevice(first), _HungDevice(second)])
+    cam = Camera(CameraSettings(name="c", source="rtsp://127.0.0.1:9/x", stall_timeout=0.5),
+                 FrameHub())
+    cam._open = lambda: next(devices)
+    try:
+        cam.start()
+        deadline = time.monotonic() + 10
+        while cam.frames_read < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.7)  # the first reader is now blocked longer than max(2 x 0.5, 0.5 + 2) s
+        cam.check()
+        assert (cam.reconnects, cam.outages) == (1, 1)
+        gen = cam._generation
+        time.sleep(0.5)  # the second reader reads its frames, then blocks too
+        first.set()  # the abandoned reader's read returns late
+        time.sleep(0.3)
+        assert cam._read_started is not None and cam._read_started[0] == gen
+        time.sleep(2.6)
+        cam.check()
+        assert cam._generation == gen + 1 and cam.reconnects == 2
+    finally:
+        first.set()
+        second.set()
+        cam.stop()

@@ -67,7 +67,9 @@ def syslog_priority(levelno: int) -> int:
 
 
 class StderrFormatter(logging.Formatter):
-    """``<N>logger: message [key=value ...]``: one line, no timestamp."""
+    """``<N>logger: message [key=value ...]``, no timestamp; every further line of a
+    multi-line message or traceback gets the ``<N>`` prefix too, so journald (which takes
+    each stderr line as an entry) keeps its priority."""
 
     def format(self, record) -> str:
         msg = record.getMessage()
@@ -76,12 +78,10 @@ class StderrFormatter(logging.Formatter):
         extra = _record_fields(record)
         if extra:
             msg += " [" + " ".join(f"{k[6:].lower()}={v}" for k, v in extra.items()) + "]"
-        text = f"<{syslog_priority(record.levelno)}>{record.name}: {msg}"
-        if record.exc_text:
-            # one prefixed line per traceback line, so journald keeps the priority
-            pri = syslog_priority(record.levelno)
-            text += "".join(f"\n<{pri}>  {line}" for line in record.exc_text.splitlines())
-        return text
+        pri = syslog_priority(record.levelno)
+        first, *rest = msg.split("\n")
+        rest += (record.exc_text or "").splitlines()
+        return f"<{pri}>{record.name}: {first}" + "".join(f"\n<{pri}>  {line}" for line in rest)
 
 
 def _encode_native(fields_: dict) -> bytes:
@@ -145,8 +145,23 @@ class JournalHandler(logging.Handler):
             else:
                 payload = _encode_native({"MESSAGE": msg, **f})
                 self._sock.sendto(payload, self.socket_path)
+        except OSError as exc:
+            # journald is not listening (its socket file left behind, or it stopped): from now
+            # on log to stderr, which systemd also collects, rather than lose every line
+            self._fall_back(record, exc)
         except Exception:
             self.handleError(record)
+
+    def _fall_back(self, record, exc) -> None:
+        fallback = self.__dict__.get("_fallback")
+        if fallback is None:
+            fallback = self._fallback = logging.StreamHandler(sys.stderr)
+            fallback.setFormatter(StderrFormatter())
+            fallback.handle(logging.makeLogRecord({
+                "name": "edged.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "cannot send to journald (%s): %s; logging to stderr instead",
+                "args": (self.socket_path, exc)}))
+        fallback.handle(record)
 
     def close(self) -> None:
         if self._sock is not None:

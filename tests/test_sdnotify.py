@@ -122,6 +122,35 @@ def test_stderr_traceback_lines_keep_the_priority(restore_logging, tmp_path):
     assert "ValueError: boom" in lines[-1]
 
 
+def test_stderr_multi_line_messages_keep_the_priority(restore_logging):
+    buf = io.StringIO()
+    logs.setup(logs.LoggingSettings(target="stderr"), stream=buf)
+    logging.getLogger("edged.daemon").error("reload failed:\nconfig.yaml:3: x: bad\nconfig.yaml: 1 error")
+    assert buf.getvalue().splitlines() == [
+        "<3>edged.daemon: reload failed:",
+        "<3>  config.yaml:3: x: bad",
+        "<3>  config.yaml: 1 error",
+    ]
+
+
+def test_journal_socket_without_a_listener_falls_back_to_stderr(restore_logging, tmp_path,
+                                                                  capsys):
+    """A journald socket file left behind with nobody listening: nothing is lost, the lines go
+    to stderr (which systemd collects too), with one warning saying why."""
+    sock_path = str(tmp_path / "journal.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(sock_path)
+    rx.close()  # the file stays, nobody listens
+    assert logs.setup(logs.LoggingSettings(target="auto"), journal_socket=sock_path) == "journal"
+    log = logging.getLogger("edged.track")
+    log.warning("first")
+    log.warning("second", extra=logs.fields(camera="cam0"))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("<4>edged.logs: cannot send to journald") and sock_path in err[0]
+    assert err[1:] == ["<4>edged.track: first", "<4>edged.track: second [camera=cam0]"]
+    assert "Logging error" not in "\n".join(err)
+
+
 def parse_native(data: bytes) -> dict:
     """Decode the journal's native datagram format."""
     out = {}

@@ -27,6 +27,7 @@ stalled camera or a stuck pipeline stops the pings and systemd restarts the serv
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -491,12 +492,14 @@ class Daemon:
 
     def confirm(self, new: ServiceSet, old: ServiceSet) -> None:
         """The new set did well on its first frames: let the previous one go."""
-        if self.service is new:
-            self.models_holder.release_previous()
-            threading.Thread(target=self._keep_models, args=(new,), name="keep-models",
-                             daemon=True).start()  # never on the frame path (fsync)
-            self.update_status(last_swap={"confirmed": True,
-                                          "confirmed_after_frames": new.frames})
+        if self.service is not new:  # replaced meanwhile (a SIGHUP reload): nothing to confirm
+            log.info("swap not confirmed: the set is no longer in service (%d frame(s))",
+                     new.frames)
+            return
+        self.models_holder.release_previous()
+        threading.Thread(target=self._keep_models, args=(new,), name="keep-models",
+                         daemon=True).start()  # never on the frame path (fsync)
+        self.update_status(last_swap={"confirmed": True, "confirmed_after_frames": new.frames})
         log.info("swap confirmed: %d good frame(s), %d embedding call(s)", new.frames,
                  new.embeds, extra=fields(event="ota_confirmed"))
 
@@ -529,8 +532,19 @@ class Daemon:
 
     # ------------------------------------------------------------------ start
 
+    def check_paths(self, cfg) -> None:
+        """Refuse a ``<state_dir>/models`` that is the models or the drop directory: the daemon
+        keeps the models in service there and removes the ones it wrote before (edged.ota)."""
+        from edged.ota import check_paths
+
+        md = modelstore.resolve_models_dir(self.models_arg or cfg.paths.models_dir or None)
+        why = check_paths(cfg.paths.state_dir, md, cfg.paths.drop_dir or md)
+        if why:
+            raise StartupError(why)
+
     def start(self, camera_wait: float = 20.0) -> None:
         cfg = self.cfg
+        self.check_paths(cfg)
         quiet_opencv()
         for cam in cfg.cameras:
             why = preflight(cam)
@@ -542,6 +556,7 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"paths.state_dir: cannot create {state}: {exc}") from exc
         t0 = time.monotonic()
+        self._loaded_since = time.time()  # drops that arrive from now on are taken (edged.ota)
         self.service = self.build_service(cfg)
         self._status_doc = {}
         log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people)",
@@ -599,7 +614,7 @@ class Daemon:
                 self.ota.learn(modelstore.Manifest.load(kept))
             except modelstore.ModelError:
                 pass
-        self.ota.start()
+        self.ota.start(since=getattr(self, "_loaded_since", None))
         self.update_status(drop_dir=drop_dir, held_back={})
 
     def warm_up(self, svc: ServiceSet, parts=None) -> None:
@@ -643,7 +658,10 @@ class Daemon:
             with self._order:
                 seq = self._next_seq.get(frame.camera, 0)
                 self._next_seq[frame.camera] = seq + 1
-                svc = self.service  # read once: the whole frame goes through one set
+                # read once: the whole frame goes through one set, leased until it is tracked
+                # (a set replaced meanwhile is closed only when its last frame is done)
+                lease = self._lease_service()
+                svc = lease.obj if lease is not None else None
                 self._in_flight += 1
             faces, dt = None, 0.0
             if seq % self.cfg.tracking.detect_every == 0:
@@ -661,8 +679,22 @@ class Daemon:
                 dt = time.perf_counter() - t0
                 self.stage["detect"].add(dt)
             with self._order:
-                self._detected[(frame.camera, seq)] = (frame, faces, svc)
+                self._detected[(frame.camera, seq)] = (frame, faces, svc, lease)
                 self._order.notify_all()
+
+    def _lease_service(self):
+        """A lease on the set in service, taken by a detection worker and ended by the track
+        thread (:meth:`_end_lease`) once the frame is processed; None when there is none."""
+        h = self.models_holder
+        with h._lock:
+            slot = h._slot
+            if slot is not None:
+                slot.refs += 1
+        return slot
+
+    def _end_lease(self, lease) -> None:
+        if lease is not None:
+            self.models_holder._release(lease)
 
     def _track_loop(self) -> None:
         """Frames in capture order per camera: track, embed, match, make events."""
@@ -683,7 +715,7 @@ class Daemon:
                         if self._stop.is_set() and not self._in_flight:
                             return
                         self._order.wait(0.2)
-            frame, faces, svc = item
+            frame, faces, svc, lease = item
             try:
                 with self._track_lock:
                     self.process(frame, faces, svc)
@@ -695,6 +727,7 @@ class Daemon:
                 log.exception("track: frame %d of camera %s failed", frame.index, frame.camera,
                               extra=fields(camera=frame.camera))
             finally:
+                self._end_lease(lease)
                 with self._order:
                     self._in_flight -= 1
             if self._frame_log is not None:
@@ -846,6 +879,20 @@ class Daemon:
         last_status = 0.0
         last_stats = time.monotonic()
         stats_every = float(getattr(self.cfg.mqtt, "stats_interval_s", 30.0))
+        try:
+            self._main_loop(ping_every, last_ping, last_progress, last_status, last_stats,
+                            stats_every)
+        except Exception:  # always end in stop(): the spool flushed, STOPPING sent
+            log.exception("main loop failed; stopping")
+            self.stop()
+            return 1
+        except BaseException:
+            self.stop()
+            raise
+        return self.stop()
+
+    def _main_loop(self, ping_every, last_ping, last_progress, last_status, last_stats,
+                   stats_every) -> None:
         while not self._stop.wait(0.1):
             now = time.monotonic()
             if self._reload.is_set():
@@ -864,7 +911,10 @@ class Daemon:
                 self.notifier.status(self.status_text)
                 self.update_status(cameras=self.camera_status())
             if self.ota is not None:
-                self.ota.tick()
+                try:
+                    self.ota.tick()
+                except Exception:  # a drop problem never stops the daemon
+                    log.exception("drops: periodic check failed")
             if self._status_dirty:
                 self.write_status_file()
             if now - last_stats >= stats_every:
@@ -874,7 +924,6 @@ class Daemon:
             if self.exit_when_done and self._all_done():
                 log.info("every source has ended; stopping")
                 break
-        return self.stop()
 
     def _all_done(self) -> bool:
         if not all(c.finished for c in self.cameras.values()):
@@ -932,20 +981,33 @@ class Daemon:
         self.notifier.reloading("reloading configuration, gallery and models")
         log.info("reloading (SIGHUP)")
         cfg = self.cfg
+        new = None
         try:
             if self.config_path is not None:
                 cfg = configmod.load(self.config_path)
                 configmod.resolve_paths(cfg)
+            self.check_paths(cfg)
             new = self.build_service(cfg)
             self.warm_up(new)
-        except (configmod.ConfigError, StartupError) as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            self.notifier.ready(f"reload failed: {str(exc).splitlines()[0]}")
+            # one swap at a time: a drop (or its probation) in progress finishes first, and no
+            # drop starts until this set is in service and the previous one released
+            with (self.ota._lock if self.ota is not None else contextlib.nullcontext()):
+                if self.ota is not None:
+                    self.ota.wait_probation()
+                self.swap_service(new)
+                self.models_holder.release_previous()  # closes the old set's gallery
+        except Exception as exc:
+            if isinstance(exc, (configmod.ConfigError, StartupError)):
+                log.error("reload failed, keeping the running configuration: %s", exc)
+            else:
+                log.exception("reload failed, keeping the running configuration: %s", exc)
+            if new is not None and self.service is not new:
+                try:
+                    new.gallery.stop()  # the set that was not put in service
+                except Exception:
+                    log.exception("reload: closing the unused gallery failed")
+            self.notifier.ready(f"reload failed: {(str(exc) or type(exc).__name__).splitlines()[0]}")
             return False
-        if self.ota is not None:
-            self.ota.wait_probation()
-        self.swap_service(new)
-        self.models_holder.release_previous()  # closes the old set's gallery
         if cfg.tracking != self.cfg.tracking or cfg.match.threshold != self.cfg.match.threshold:
             with self._track_lock:
                 for name in list(self.trackers):

@@ -10,8 +10,9 @@ CPU priority), never on the frame path:
     a *drop manifest*, the same format as the repository's ``models/manifest.json``: for each
     model its ``role`` (pnet, rnet, onet, embedder), ``file`` (next to the manifest), ``sha256``
     and ``size`` (and optionally ``derived``: the dynamic-batch copy of an embedder and its
-    sha256).  Files it names that are not there yet are waited for; a file whose sha256 or
-    size differs is refused.
+    sha256).  Files it names that are not there yet, or not whole yet (their size differs
+    from the manifest's: a copy in progress), are waited for; a whole file whose sha256
+    differs is refused.
 ``*.tflite``
     a model.  Named by a manifest that is waiting: handled with it.  Otherwise its sha256 must
     be that of a model known to the manifest in force (the installed manifest plus the drop
@@ -39,6 +40,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -186,6 +189,26 @@ def self_test(blob: ModelBlob, accel) -> None:
 
 IN_SERVICE_DIR = "models"  # under paths.state_dir
 IN_SERVICE_MANIFEST = "in-service.json"
+#: the names :func:`save_in_service` gives the models it keeps; nothing else there is removed
+OWN_FILE = re.compile(r"(?:%s)-[0-9a-f]{16}\.tflite" % "|".join(ROLES))
+
+
+def in_service_dir(state_dir) -> Path:
+    return Path(state_dir) / IN_SERVICE_DIR
+
+
+def check_paths(state_dir, models_dir, drop_dir) -> Optional[str]:
+    """Why ``<state_dir>/models`` (where the models in service are kept, and old ones removed)
+    cannot be used with these directories; None when it can."""
+    kept = os.path.realpath(in_service_dir(state_dir))
+    for key, d in (("paths.models_dir", models_dir), ("paths.drop_dir", drop_dir)):
+        if d and os.path.realpath(d) == kept:
+            return (f"paths.state_dir ({state_dir}) and {key} ({d}): {kept} would be both the "
+                    f"{'models' if key == 'paths.models_dir' else 'drop'} directory and where "
+                    f"the daemon keeps the models in service (<state_dir>/{IN_SERVICE_DIR}, "
+                    f"whose old files it removes); use another paths.state_dir "
+                    f"(default /var/lib/edged/state)")
+    return None
 
 
 def save_in_service(state_dir, models: Dict[str, ModelBlob]) -> Path:
@@ -207,8 +230,8 @@ def save_in_service(state_dir, models: Dict[str, ModelBlob]) -> Path:
            "models": entries}
     modelstore.atomic_write(d / IN_SERVICE_MANIFEST, (json.dumps(doc, indent=2) + "\n").encode())
     keep = {e["file"] for e in entries} | {IN_SERVICE_MANIFEST}
-    for f in os.listdir(d):
-        if f not in keep and not f.startswith("."):
+    for f in os.listdir(d):  # only files this function wrote (ROLE-<16 hex>.tflite)
+        if f not in keep and OWN_FILE.fullmatch(f):
             try:
                 os.unlink(d / f)
             except OSError:
@@ -290,7 +313,11 @@ class DropManager:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, since: Optional[float] = None) -> None:
+        """Watch the drop directory and the gallery's; then, with ``since`` (epoch seconds, when
+        the daemon began loading what it runs), handle the files that arrived since then but
+        before the watchers started (they would not be reported)."""
+        watch_from = time.time()  # a file changed from now on is reported by the watchers
         dirs = {}
         if self.drop_dir is not None:
             dirs[self.drop_dir] = "drops"
@@ -305,6 +332,34 @@ class DropManager:
             w.start()
             self.watchers.append(w)
         log.info("watching for drops in %s", ", ".join(str(w.directory) for w in self.watchers))
+        if since is not None:
+            found = self.arrived_since(since, watch_from)
+            if found:
+                threading.Thread(target=lambda: [self._on_file(p) for p in found],
+                                 name="drops-scan", daemon=True).start()
+
+    def arrived_since(self, since: float, until: Optional[float] = None) -> List[Path]:
+        """The watched files last modified from ``since`` to ``until``: models, then manifests,
+        then the gallery (the order in which they are meant to arrive)."""
+        found = []
+        for w in self.watchers:
+            try:
+                names = os.listdir(w.directory)
+            except OSError:
+                continue
+            for n in names:
+                p = str(w.directory / n)
+                if not self._match(p):
+                    continue
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and since <= st.st_mtime \
+                        and (until is None or st.st_mtime < until):
+                    found.append(Path(p))
+        return sorted(found, key=lambda p: (p == self.gallery_path,
+                                            p.suffix == MANIFEST_SUFFIX, p.name))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -333,10 +388,10 @@ class DropManager:
     def handle(self, path: Path) -> None:
         """Handle one arrived file (after any probation in progress); report its outcome."""
         path = Path(path)
-        self.wait_probation()
-        if self._stopping.is_set():
-            return
-        with self._lock:
+        with self._lock:  # (re-entrant) one drop at a time, and never during a probation
+            self.wait_probation()
+            if self._stopping.is_set():
+                return
             t0 = time.monotonic()
             try:
                 if path == self.gallery_path:
@@ -381,7 +436,15 @@ class DropManager:
 
     def _try_manifest(self, path: Path, t0: float) -> bool:
         manifest = self.pending[path]
-        missing = [e.file for e in manifest.entries.values() if not (path.parent / e.file).is_file()]
+        missing = []  # not there yet, or not all there (a copy in progress: its size differs)
+        for e in manifest.entries.values():
+            try:
+                size = os.stat(path.parent / e.file).st_size
+            except OSError:
+                size = None
+            if size != e.size:
+                missing.append(e.file if size is None else
+                               f"{e.file} ({size} of {e.size} bytes)")
         if missing:
             self._report("waiting", "models", path, t0,
                          why=f"waiting for {', '.join(missing)} named by the manifest")
@@ -449,8 +512,18 @@ class DropManager:
                 return
         elif new_emb is not None:
             changed["embedder"] = new_emb
-        if changed:
-            self._swap(changed, None, path, t0, kind="models")
+        if not changed:
+            return
+        holder = None
+        if "embedder" in changed:  # (no gallery in service) a holder for the new embedder's
+            holder = self.d.new_gallery_holder(changed["embedder"].sha256)  # galleries
+            holder.holder.on_event = self.d.gallery_event_handler(holder)
+        try:
+            self._swap(changed, holder, path, t0, kind="models")
+        except BaseException:
+            if holder is not None:
+                holder.stop()
+            raise
 
     def _accel(self, role: str):
         cfg = self.d.cfg.models

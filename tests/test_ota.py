@@ -454,3 +454,327 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     # a file named by a manifest, corrupt
     (drops / "r.tflite").write_bytes(installed["rnet"][0][:-10] + b"0" * 10)
     assert "sha256 mismatch" in drop("h.json", ok)
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+class _FakeSet:
+    """What the drop manager reads of a ServiceSet."""
+
+    def __init__(self, models, gallery, n):
+        self.models, self.gallery = models, gallery
+        self.frames = self.failures = self.embeds = 0
+        self.last_failure = ""
+        self.versions = {"embedder": models["embedder"].sha256, "set": n}
+
+
+class _FakeHolder:
+    def __init__(self, expect):
+        from types import SimpleNamespace
+
+        self.expect, self.stopped, self.current = expect, False, None
+        self.holder = SimpleNamespace(on_event=None)
+
+    def stop(self):
+        self.stopped = True
+
+
+class _FakeDaemon:
+    """The daemon's side of the drop manager, recording swaps (real models, self-tested)."""
+
+    def __init__(self, installed, gallery_current=None):
+        from types import SimpleNamespace
+
+        from edged.ota import ModelBlob
+
+        models = {r: ModelBlob(r, b, sha, r) for r, (b, sha) in installed.items()}
+        gallery = _FakeHolder(installed["embedder"][1])
+        gallery.current = gallery_current
+        self.service = _FakeSet(models, gallery, 0)
+        self.cfg = SimpleNamespace(models=SimpleNamespace(embedder=None, detector=None))
+        self.reports, self.swaps, self.confirmed = [], [], []
+        self.block = None  # a threading.Event make_set waits for
+
+    def report(self, record):
+        self.reports.append(record)
+
+    def new_gallery_holder(self, sha):
+        return _FakeHolder(sha)
+
+    def gallery_event_handler(self, holder):
+        return lambda ev: None
+
+    def make_set(self, changed, gallery_holder=None):
+        if self.block is not None:
+            assert self.block.wait(30)
+        return _FakeSet(dict(self.service.models, **changed),
+                        gallery_holder or self.service.gallery, len(self.swaps) + 1)
+
+    def warm_up(self, svc, parts=None):
+        pass
+
+    def swap_service(self, new, record=None):
+        self.swaps.append((new, len(self.confirmed)))
+        self.service = new
+        self.report(record)
+
+    def confirm(self, new, old):
+        self.confirmed.append(new)
+
+    def rollback(self, good, failed, why, record):
+        self.service = good
+
+
+def _drop_manager(fake, tmp_path, **settings):
+    from edged.ota import DropManager, DropSettings
+
+    drops = tmp_path / "drops"
+    drops.mkdir(exist_ok=True)
+    return DropManager(fake, drops, tmp_path / "g" / "people.edgal", modelstore.Manifest.load(),
+                       DropSettings(**settings)), drops
+
+
+def test_kept_models_never_remove_files_edged_did_not_write(installed, models_dir, tmp_path):
+    """Finding 9b: <state_dir>/models may hold other files (with state_dir: /var/lib/edged it
+    *is* the models directory): only the daemon's own ROLE-<16 hex>.tflite files go."""
+    from edged.config import load
+    from edged.daemon import Daemon, StartupError
+    from edged.ota import ModelBlob, load_in_service, save_in_service
+
+    kept = tmp_path / "state" / "models"
+    kept.mkdir(parents=True)
+    foreign = ["mtcnn_pnet.tflite", "manifest.json", "mobilefacenet.tflite", "README"]
+    for f in foreign:
+        (kept / f).write_bytes(b"not edged's")
+    (kept / "pnet-0123456789abcdef.tflite").write_bytes(b"an old kept model")
+    blobs = {r: ModelBlob(r, b, sha, r) for r, (b, sha) in installed.items()}
+    save_in_service(tmp_path / "state", blobs)
+    names = set(os.listdir(kept))
+    assert set(foreign) <= names, names
+    assert "pnet-0123456789abcdef.tflite" not in names
+    assert {r: b.sha256 for r, b in load_in_service(tmp_path / "state").items()} == \
+        {r: sha for r, (_, sha) in installed.items()}
+
+    # and the daemon refuses to start with <state_dir>/models = the models or drop directory
+    for paths, key in (({"state_dir": str(models_dir.parent), "models_dir": str(models_dir)},
+                        "paths.models_dir"),
+                       ({"state_dir": str(tmp_path / "s2"), "models_dir": str(models_dir),
+                         "drop_dir": str(tmp_path / "s2" / "models")}, "paths.drop_dir")):
+        if models_dir.name != "models" and key == "paths.models_dir":
+            continue
+        cfg = load(write_config(tmp_path / "c.yaml", device={"name": "paths"},
+                                paths=dict(paths, gallery=str(tmp_path / "g.edgal"))))
+        with pytest.raises(StartupError) as exc:
+            Daemon(cfg).start(camera_wait=0)
+        assert "paths.state_dir" in str(exc.value) and key in str(exc.value), exc.value
+
+
+def _rnet_drop(drops, installed, name, k):
+    data = reencode(installed["rnet"][0], k)
+    (drops / f"{name}.tflite").write_bytes(data)
+    (drops / f"{name}.json").write_text(json.dumps(manifest_for([("rnet", f"{name}.tflite",
+                                                                  data)])))
+    return drops / f"{name}.json", data
+
+
+def test_a_second_drop_waits_for_the_first_ones_probation(installed, tmp_path):
+    """Finding 1: a drop that reached the lock while another was being swapped must not swap
+    while that one is on probation."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path, probation_frames=10000, probation_s=3600)
+    a, _ = _rnet_drop(drops, installed, "a", 1)
+    b, _ = _rnet_drop(drops, installed, "b", 2)
+    fake.block = threading.Event()
+    ta = threading.Thread(target=dm.handle, args=(a,), daemon=True)
+    tb = threading.Thread(target=dm.handle, args=(b,), daemon=True)
+    try:
+        ta.start()
+        time.sleep(0.3)  # a is building its set (holding the drop lock)
+        tb.start()
+        time.sleep(0.3)  # b waits for the lock
+        fake.block.set()
+        time.sleep(1.0)
+        assert len(fake.swaps) == 1 and dm.probation is not None, fake.swaps
+        dm.probation.new.frames = 10000  # a's probation ends well: then b goes
+        tb.join(20)
+        assert not tb.is_alive()
+        assert len(fake.swaps) == 2 and fake.swaps[1][1] == 1, fake.swaps
+    finally:
+        dm.stop()
+        fake.block.set()
+
+
+def test_a_new_embedder_without_gallery_gets_a_holder_for_its_galleries(installed, tmp_path):
+    """Finding 3: no gallery in service, a new embedder: the new set's gallery holder expects
+    the new embedder (a gallery made by it is then taken), not the old one."""
+    fake = _FakeDaemon(installed, gallery_current=None)
+    dm, drops = _drop_manager(fake, tmp_path)
+    e1 = reencode(installed["embedder"][0], 5)
+    (drops / "e1.tflite").write_bytes(e1)
+    (drops / "e1.json").write_text(json.dumps(manifest_for([("embedder", "e1.tflite", e1)])))
+    dm.handle(drops / "e1.json")
+    assert [r["result"] for r in fake.reports] == ["swapped"], fake.reports
+    new = fake.swaps[0][0]
+    assert new.models["embedder"].sha256 == modelstore.sha256_bytes(e1)
+    assert isinstance(new.gallery, _FakeHolder) and new.gallery.expect == new.models["embedder"].sha256
+    assert new.gallery.holder.on_event is not None
+    # a detector drop keeps the set's gallery holder
+    dm.probation = None
+    r, _ = _rnet_drop(drops, installed, "r", 3)
+    dm.handle(r)
+    assert fake.swaps[1][0].gallery is new.gallery
+    dm.stop()
+
+
+def test_a_manifest_waits_for_its_files_to_be_whole(installed, tmp_path):
+    """Finding 2: a manifest that arrives while its model is still being copied waits (its
+    size is not the manifest's yet) instead of refusing the drop."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    data = reencode(installed["rnet"][0], 4)
+    (drops / "r.tflite").write_bytes(data[: len(data) // 2])  # the copy is half done
+    (drops / "r.json").write_text(json.dumps(manifest_for([("rnet", "r.tflite", data)])))
+    dm.handle(drops / "r.json")
+    assert fake.reports[-1]["result"] == "waiting", fake.reports
+    assert f"r.tflite ({len(data) // 2} of {len(data)} bytes)" in fake.reports[-1]["why"]
+    assert not fake.swaps and drops / "r.json" in dm.pending
+    (drops / "r.tflite").write_bytes(data)  # the copy completes: the watcher reports it
+    dm.handle(drops / "r.tflite")
+    assert fake.reports[-1]["result"] == "swapped", fake.reports
+    assert fake.swaps[0][0].models["rnet"].sha256 == modelstore.sha256_bytes(data)
+    dm.stop()
+
+
+def test_reload_is_serialised_with_drops_and_never_raises(shared_dir, installed, base_gallery,
+                                                          tmp_path, caplog):
+    """Findings 4 and 8: a SIGHUP reload swaps only when no drop holds the drop lock; a
+    failing reload keeps the old set and closes the new set's gallery; a failing drop check
+    in the main loop is logged, and run() still ends in stop()."""
+    import logging
+    from types import SimpleNamespace
+
+    from edged.config import load
+    from edged.daemon import Daemon
+    from edged.ota import DropManager
+
+    gpath = tmp_path / "people.edgal"
+    gallery_variant(base_gallery, gpath, installed["embedder"][1], seed=0)
+    cfg = load(write_config(tmp_path / "c.yaml", device={"name": "reload"},
+                            paths={"gallery": str(gpath), "state_dir": str(tmp_path / "state")},
+                            logging={"target": "stderr", "level": "info"}))
+    d = Daemon(cfg)
+    d.service = d.build_service(cfg)
+    d.ota = DropManager(d, None, gpath, None)
+    try:
+        # a drop holds the lock (being swapped) when the reload is ready to swap
+        held, release_at = threading.Event(), []
+        warm_up = d.warm_up
+
+        def drop_in_progress():
+            with d.ota._lock:
+                held.set()
+                time.sleep(0.8)
+                release_at.append(time.monotonic())
+
+        def warm_up_then_a_drop(svc, parts=None):
+            warm_up(svc, parts)
+            threading.Thread(target=drop_in_progress, daemon=True).start()
+            assert held.wait(10)
+
+        swapped_at = []
+        swap = d.swap_service
+        d.warm_up = warm_up_then_a_drop
+        d.swap_service = lambda new, record=None: (swapped_at.append(time.monotonic()),
+                                                   swap(new, record))[1]
+        old = d.service
+        assert d.reload() is True
+        assert d.service is not old and swapped_at[0] >= release_at[0], (swapped_at, release_at)
+        d.warm_up, d.swap_service = warm_up, swap
+
+        # confirm() of a set no longer in service: not reported as confirmed
+        with caplog.at_level(logging.INFO, logger="edged.daemon"):
+            d.confirm(old, d.service)
+        assert "swap confirmed" not in caplog.text
+
+        # any failure while reloading keeps the set in service; the unused gallery is closed
+        built = []
+        build = d.build_service
+        d.build_service = lambda c: built.append(build(c)) or built[-1]
+        d.warm_up = lambda svc, parts=None: (_ for _ in ()).throw(RuntimeError("warm-up broke"))
+        before = d.service
+        with caplog.at_level(logging.ERROR, logger="edged.daemon"):
+            assert d.reload() is False
+        assert d.service is before and before.gallery.current is not None
+        assert built and built[0].gallery.current is None  # stopped
+        assert "warm-up broke" in caplog.text
+        d.warm_up, d.build_service = warm_up, build
+
+        # the main loop: a drop check that raises is logged; run() ends in stop()
+        def broken_tick():
+            raise RuntimeError("tick broke")
+
+        d.ota = SimpleNamespace(tick=broken_tick, stop=lambda: None)
+        threading.Timer(1.0, d.request_stop).start()
+        with caplog.at_level(logging.ERROR, logger="edged.daemon"):
+            assert d.run() == 0
+        assert "drops: periodic check failed" in caplog.text and "tick broke" in caplog.text
+        assert d.service is None  # stop() ran
+    finally:
+        if d.service is not None:
+            d.models_holder.stop(close=True)
+
+
+def test_a_frame_in_flight_keeps_its_set_until_it_is_tracked(installed, base_gallery, tmp_path):
+    """Finding 5: a detection worker leases the set for its frame; a swap and the release of
+    the previous set (a reload, a confirmed drop) close it only when that frame is done."""
+    from edged.config import load
+    from edged.daemon import Daemon
+
+    gpath = tmp_path / "people.edgal"
+    gallery_variant(base_gallery, gpath, installed["embedder"][1], seed=0)
+    cfg = load(write_config(tmp_path / "c.yaml", device={"name": "lease"},
+                            paths={"gallery": str(gpath), "state_dir": str(tmp_path / "state")}))
+    d = Daemon(cfg)
+    d.service = d.build_service(cfg)
+    try:
+        old = d.service
+        lease = d._lease_service()  # what a detection worker takes with its frame
+        assert lease.obj is old
+        assert d.reload() is True  # swap and release_previous
+        assert d.service is not old
+        time.sleep(0.3)
+        assert old.gallery.current is not None  # the frame in flight can still match
+        d._end_lease(lease)  # the track thread is done with the frame
+        deadline = time.monotonic() + 5
+        while old.gallery.current is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert old.gallery.current is None  # closed once its last frame was done
+        assert d.service.gallery.current is not None
+    finally:
+        d.models_holder.stop(close=True)
+
+
+def test_files_that_arrive_while_the_daemon_starts_are_taken(installed, tmp_path):
+    """Finding 6: a drop that arrived after the daemon began loading but before the watchers
+    started is handled once they are running (older files are left alone)."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    (tmp_path / "g").mkdir()
+    old, _ = _rnet_drop(drops, installed, "old", 8)
+    for f in ("old.json", "old.tflite"):
+        os.utime(drops / f, (time.time() - 60, time.time() - 60))
+    since = time.time() - 1.0
+    m, data = _rnet_drop(drops, installed, "new", 9)
+    assert dm.arrived_since(since) == []  # (not watched yet)
+    dm.start(since=since)
+    try:
+        deadline = time.monotonic() + 20
+        while not fake.swaps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert [(r["result"], Path(r["file"]).name) for r in fake.reports] == \
+            [("swapped", "new.json")], fake.reports
+        assert fake.swaps[0][0].models["rnet"].sha256 == modelstore.sha256_bytes(data)
+    finally:
+        dm.stop()

@@ -660,7 +660,7 @@ class Daemon:
                 self._next_seq[frame.camera] = seq + 1
                 # read once: the whole frame goes through one set, leased until it is tracked
                 # (a set replaced meanwhile is closed only when its last frame is done)
-                lease = self._lease_service()
+                lease = self.models_holder.acquire()  # ended by the track thread
                 svc = lease.obj if lease is not None else None
                 self._in_flight += 1
             faces, dt = None, 0.0
@@ -681,20 +681,6 @@ class Daemon:
             with self._order:
                 self._detected[(frame.camera, seq)] = (frame, faces, svc, lease)
                 self._order.notify_all()
-
-    def _lease_service(self):
-        """A lease on the set in service, taken by a detection worker and ended by the track
-        thread (:meth:`_end_lease`) once the frame is processed; None when there is none."""
-        h = self.models_holder
-        with h._lock:
-            slot = h._slot
-            if slot is not None:
-                slot.refs += 1
-        return slot
-
-    def _end_lease(self, lease) -> None:
-        if lease is not None:
-            self.models_holder._release(lease)
 
     def _track_loop(self) -> None:
         """Frames in capture order per camera: track, embed, match, make events."""
@@ -727,7 +713,7 @@ class Daemon:
                 log.exception("track: frame %d of camera %s failed", frame.index, frame.camera,
                               extra=fields(camera=frame.camera))
             finally:
-                self._end_lease(lease)
+                self.models_holder.release(lease)
                 with self._order:
                     self._in_flight -= 1
             if self._frame_log is not None:

@@ -264,15 +264,24 @@ class SwapHolder(Generic[T]):
     @contextmanager
     def lease(self):
         """``with holder.lease() as obj:`` obj (or None) stays open until the block ends."""
+        slot = self.acquire()
+        try:
+            yield slot.obj if slot is not None else None
+        finally:
+            self.release(slot)
+
+    def acquire(self):
+        """A lease that may end in another thread: a token whose ``.obj`` is the object in
+        service (None when there is none); hand it to :meth:`release` exactly once."""
         with self._lock:
             slot = self._slot
             if slot is not None:
                 slot.refs += 1
-        try:
-            yield slot.obj if slot is not None else None
-        finally:
-            if slot is not None:
-                self._release(slot)
+        return slot
+
+    def release(self, token) -> None:
+        if token is not None:
+            self._release(token)
 
     @staticmethod
     def _retire(slots) -> list:

@@ -739,13 +739,13 @@ def test_a_frame_in_flight_keeps_its_set_until_it_is_tracked(installed, base_gal
     d.service = d.build_service(cfg)
     try:
         old = d.service
-        lease = d._lease_service()  # what a detection worker takes with its frame
+        lease = d.models_holder.acquire()  # what a detection worker takes with its frame
         assert lease.obj is old
         assert d.reload() is True  # swap and release_previous
         assert d.service is not old
         time.sleep(0.3)
         assert old.gallery.current is not None  # the frame in flight can still match
-        d._end_lease(lease)  # the track thread is done with the frame
+        d.models_holder.release(lease)  # the track thread is done with the frame
         deadline = time.monotonic() + 5
         while old.gallery.current is not None and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -322,6 +322,18 @@ def pnet_model_for(model: bytes, shape) -> bytes:
     return bytes(buf)
 
 
+class NonFiniteOutput(RuntimeError):
+    """A network gave NaN or infinite outputs: the model is broken (a bad drop, say).  Raised
+    rather than read as "no face", so that the daemon counts the frame as a failure of the
+    set in service (and rolls a new set back)."""
+
+
+def _finite(name: str, *outputs) -> None:
+    for out in outputs:
+        if not np.isfinite(out).all():
+            raise NonFiniteOutput(f"{name} gave non-finite outputs (a broken model?)")
+
+
 # ---------------------------------------------------------------------------- detector
 
 
@@ -490,6 +502,7 @@ class MtcnnDetector:
             prev = level
             x = _normalise(cv2.transpose(level))[None]  # [1, W, H, 3]: width and height swapped
             prob, reg = self._pnet_for(x.shape).run(x)[:2]
+            _finite("pnet", prob, reg)
             prob = prob[0, :, :, 1]  # W' x H' (swapped): index 0 runs along x
             xi, yi = np.nonzero(prob >= t_p)
             if xi.size == 0:
@@ -521,6 +534,7 @@ class MtcnnDetector:
         if len(cand) == 0:
             return cand
         prob, reg = self.rnet.run(_normalise(crops))[:2]
+        _finite("rnet", prob, reg)
         score = prob[:, 1]
         ok = score > s.thresholds[1]
         if not ok.any():
@@ -538,6 +552,7 @@ class MtcnnDetector:
         if len(cand) == 0:
             return []
         prob, reg, pts = self.onet.run(_normalise(crops))[:3]
+        _finite("onet", prob, reg, pts)
         score = prob[:, 1]
         ok = score > s.thresholds[2]
         if not ok.any():

@@ -382,6 +382,33 @@ def test_runtime_failure_rolls_back_to_the_previous_set(shared_dir, models_dir, 
     assert "event=ota_rolled_back" in log and "non-finite embeddings" in log
 
 
+def test_a_detector_with_non_finite_outputs_never_reaches_service(
+        shared_dir, models_dir, installed, base_gallery, broker, tmp_path):
+    """A NaN P-Net (a detector-only drop) that skips the self-test: its warm-up on a frame now
+    raises (non-finite outputs are an error, not "no face"), so the drop is refused and the
+    running detector stays; before, it went into service finding no faces and was confirmed."""
+    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
+                                    "otadet", installed)
+    bad = poison(reencode(installed["pnet"][0], 13))
+    bad_sha = modelstore.sha256_bytes(bad)
+    watch = StatusWatch(broker.port, "edged/otadet")
+    d = start_daemon(cfg, tmp_path, env={"EDGED_TEST_SKIP_SELFTEST": bad_sha})
+    try:
+        p0 = installed["pnet"][1]
+        watch.wait(lambda s: s["versions"]["detector"]["pnet"] == p0, 30, "the detector")
+        write_drop(mdir, [("pnet", "pnet-bad.tflite", bad)], "pnet-bad")
+        st = watch.wait(lambda s: s.get("last_rejected_drop") is not None, 40, "a refusal")
+        assert "pnet gave non-finite outputs" in st["last_rejected_drop"]["why"], st
+        time.sleep(1.0)
+        st = watch.wait(lambda s: True, 5, "a status")
+        assert st["versions"]["detector"]["pnet"] == p0
+        assert d.proc.poll() is None
+    finally:
+        d.terminate()
+        d.kill()
+        watch.close()
+
+
 def test_edged_drop_cli(tmp_path):
     src = tmp_path / "a.edgal"
     src.write_bytes(b"x" * 10000)

@@ -501,7 +501,7 @@ class Camera:
                 continue
             last_accepted = now
             frame = Frame(camera=self.name, index=self.frames_read - 1, timestamp=time.time(),
-                          image=image, monotonic=now)
+                          image=image, monotonic=now, connection=self.reconnects)
             if self.hub.put(frame, wait=wait, stop=self._stop):
                 self.frames_delivered += 1
                 self.first_frame.set()

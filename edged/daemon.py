@@ -176,6 +176,7 @@ class Daemon:
         self.ready = False
         self.status_text = "starting"
         self._reconnects_seen: Dict[str, int] = {}
+        self._versions_seen: Dict[str, dict] = {}  # per camera, the set its last frame went through
         self._last_swap: Optional[dict] = None
         # stats
         self._read_marks: Dict[str, tuple] = {}
@@ -682,9 +683,41 @@ class Daemon:
                 self._detected[(frame.camera, seq)] = (frame, faces, svc, lease)
                 self._order.notify_all()
 
+    def _expire_tracks(self) -> None:
+        """End the tracks of cameras that have sent no frame for ``tracking.max_gap`` seconds.
+
+        Called by the track thread about once a second.  A camera whose source still delivers
+        (its frames only wait for detection) is left alone.
+        """
+        gap = self.cfg.tracking.max_gap
+        if not gap:
+            return
+        now = time.monotonic()
+        with self._track_lock:
+            for name, tracker in list(self.trackers.items()):
+                cam = self.cameras.get(name)
+                if cam is not None and cam.last_frame_monotonic is not None \
+                        and now - cam.last_frame_monotonic <= gap:
+                    continue
+                events = tracker.expire(now)
+                if events:
+                    log.info("camera %s: no frames for %.1f s; %d track(s) ended", name,
+                             gap, len(events), extra=fields(camera=name))
+                versions = self._versions_seen.get(name, {})
+                for ev in events:
+                    ev.versions = dict(versions)
+                    self._events.put((ev, now, None))
+
     def _track_loop(self) -> None:
         """Frames in capture order per camera: track, embed, match, make events."""
+        next_expiry = time.monotonic() + 1.0
         while True:
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + 1.0
+                try:
+                    self._expire_tracks()
+                except Exception:
+                    log.exception("track: ending the tracks of silent cameras failed")
             with self._order:
                 item = None
                 while item is None:
@@ -700,7 +733,11 @@ class Daemon:
                             continue
                         if self._stop.is_set() and not self._in_flight:
                             return
+                        if time.monotonic() >= next_expiry:
+                            break
                         self._order.wait(0.2)
+            if item is None:
+                continue
             frame, faces, svc, lease = item
             try:
                 with self._track_lock:
@@ -736,10 +773,12 @@ class Daemon:
         if self.first_frame_monotonic is None:
             self.first_frame_monotonic = frame.monotonic
         events: List[Event] = []
-        cam = self.cameras.get(frame.camera)
-        if cam is not None and cam.reconnects != self._reconnects_seen.get(frame.camera, 0):
-            self._reconnects_seen[frame.camera] = cam.reconnects
+        # the first frame of a new connection ends the tracks of the old one (the frame says
+        # which connection it came from: frames of the old one still in flight keep them)
+        if frame.connection != self._reconnects_seen.get(frame.camera, 0):
+            self._reconnects_seen[frame.camera] = frame.connection
             events += tracker.reset("source reconnected")
+        self._versions_seen[frame.camera] = svc.versions
         t1 = time.perf_counter()
         evs, todo = tracker.update(frame, faces)
         events += evs

@@ -98,7 +98,8 @@ class TrackingSettings:
                                           "scene cut; 0 = off"})
     max_gap: float = field(default=10.0, metadata={
         "min": 0.0, "max": 3600.0, "help": "seconds between two processed frames of a camera "
-                                           "above which all its tracks end; 0 = off (a "
+                                           "(monotonic clock) above which all its tracks end, "
+                                           "also while the camera sends nothing; 0 = off (a "
                                            "reconnected source always ends them)"})
     max_tracks: int = field(default=32, metadata={
         "min": 1, "max": 1000, "help": "most tracks per camera (the smallest faces are ignored "
@@ -153,7 +154,7 @@ class SceneCutDetector:
 class Track:
     id: int
     box: np.ndarray
-    first_time: float
+    first_time: float  # wall-clock time of the first and last sighting (event times)
     last_time: float
     face: Optional[Face] = None  # latest detection
     hits: int = 1
@@ -177,6 +178,9 @@ class Track:
     disagree: int = 0
     best_score: Optional[float] = None
     best_quality: float = 0.0
+    # monotonic clock of the first and last sighting: durations and gaps, immune to clock steps
+    first_mono: float = 0.0
+    last_mono: float = 0.0
 
     @property
     def decided(self) -> bool:
@@ -199,7 +203,8 @@ class Tracker:
         self.tracks: List[Track] = []
         self.cuts = SceneCutDetector(self.s.scene_cut_correlation, self.s.scene_cut_difference)
         self._frames = 0
-        self._last_time: Optional[float] = None
+        self._last_mono: Optional[float] = None  # monotonic time of the last frame
+        self._mono = 0.0  # monotonic time of the frame being handled
         self.scene_cuts = 0
         self.splits = 0
 
@@ -216,7 +221,7 @@ class Tracker:
 
     def _new_track(self, face: Face, t: float) -> Track:
         tr = Track(id=next(self._ids), box=np.asarray(face.box, np.float32).copy(), first_time=t,
-                   last_time=t, face=face)
+                   last_time=t, face=face, first_mono=self._mono, last_mono=self._mono)
         if face.quality is not None:
             tr.best_quality = float(face.quality.score)
         return tr
@@ -227,7 +232,7 @@ class Tracker:
         log.debug("camera %s: track %d ends (%s)", self.camera, track.id, why)
         return [self._event("track_ended", track, track.last_time,
                             name=track.name, identity=track.identity,
-                            duration=round(track.last_time - track.first_time, 3),
+                            duration=round(max(0.0, track.last_mono - track.first_mono), 3),
                             best_score=None if track.best_score is None else round(track.best_score, 4),
                             quality=round(track.best_quality, 4))]
 
@@ -254,8 +259,30 @@ class Tracker:
         """End every track and forget the previous frame (a reconnected or replaced source)."""
         events = self.end_all(why=why)
         self.cuts.reset()
-        self._last_time = None
+        self._last_mono = None
         return events
+
+    @property
+    def last_frame_monotonic(self) -> Optional[float]:
+        """The monotonic capture time of the last frame given to :meth:`update` (None before
+        the first, and after a reset)."""
+        return self._last_mono
+
+    def expire(self, now: float) -> List[Event]:
+        """End every track when no frame has come for ``max_gap`` seconds by ``now`` (monotonic).
+
+        A frame gap is otherwise noticed only when the next frame arrives; the daemon calls
+        this while a camera sends nothing, so that its tracks end on time.
+        """
+        last = self._last_mono
+        if not self.tracks or last is None or not self.s.max_gap or now - last <= self.s.max_gap:
+            return []
+        return self.reset("no frames for %.1f s" % (now - last))
+
+    @staticmethod
+    def _monotonic(frame: Frame) -> float:
+        # frames from edged's capture carry time.monotonic(); frames made elsewhere may not
+        return frame.monotonic if frame.monotonic else frame.timestamp
 
     def update(self, frame: Frame, faces: Optional[List[Face]]) -> Tuple[List[Event], List[Tuple[Track, Face]]]:
         """Take one frame's detections (``None`` when detection did not run on it).
@@ -264,11 +291,12 @@ class Tracker:
         """
         s = self.s
         t = frame.timestamp
+        mono = self._mono = self._monotonic(frame)
         self._frames += 1
         events: List[Event] = []
-        if self._last_time is not None and s.max_gap and t - self._last_time > s.max_gap:
-            events += self.reset("gap of %.1f s between frames" % (t - self._last_time))
-        self._last_time = t
+        if self._last_mono is not None and s.max_gap and mono - self._last_mono > s.max_gap:
+            events += self.reset("gap of %.1f s between frames" % (mono - self._last_mono))
+        self._last_mono = mono
         if self.cuts.is_cut(frame.image):
             self.scene_cuts += 1
             if self.tracks:
@@ -318,6 +346,7 @@ class Tracker:
                 tr.face = f
                 tr.box = np.asarray(f.box, np.float32).copy()
                 tr.last_time = t
+                tr.last_mono = mono
             q = f.quality
             if q is not None:
                 tr.best_quality = max(tr.best_quality, float(q.score))
@@ -338,6 +367,7 @@ class Tracker:
         """Take the gallery's answers for the faces :meth:`update` asked to embed."""
         events = []
         t = frame.timestamp
+        self._mono = self._monotonic(frame)
         for (tr, face), m in zip(pairs, matches):
             if tr not in self.tracks or face.embedding is None:
                 continue

@@ -21,7 +21,8 @@ class Frame:
     index: int
     timestamp: float  # wall-clock time of capture, seconds since the epoch
     image: np.ndarray
-    monotonic: float = 0.0  # time.monotonic() at capture, for latency figures
+    monotonic: float = 0.0  # time.monotonic() at capture: latency, track gaps and durations
+    connection: int = 0  # the source's reconnect count when read: a new value is a new connection
 
 
 @dataclass

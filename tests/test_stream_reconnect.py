@@ -67,16 +67,22 @@ def stream(shared_dir, tmp_path):
         s.kill()
 
 
-def config(tmp_path, port, stall_timeout):
+def config(tmp_path, port, stall_timeout, max_gap=10.0):
     return write_config(
         tmp_path / "config.yaml",
         device={"name": "live"},
         cameras=[{"name": "net", "source": f"tcp://127.0.0.1:{port}",
                   "stall_timeout": stall_timeout, "reconnect_min": 0.2, "reconnect_max": 1.0}],
         paths={"gallery": str(tmp_path / "no-gallery-yet.edgal"), "state_dir": str(tmp_path / "state")},
+        tracking={"max_gap": max_gap},
         mqtt={"enabled": False},
         logging={"target": "stderr"},
     )
+
+
+def open_tracks(events):
+    ended = {e["track_id"] for e in events if e["type"] == "track_ended"}
+    return {e["track_id"] for e in events if e["type"] == "face_appeared"} - ended
 
 
 def pings_between(notify, t0, t1):
@@ -87,18 +93,27 @@ def test_server_killed_and_restarted(stream, tmp_path):
     port = free_port()
     server = stream(port)
     notify = NotifyListener(tmp_path / "notify.sock")
-    d = DaemonProcess(config(tmp_path, port, stall_timeout=3), tmp_path, notify=notify.path,
-                      watchdog_usec=1_000_000)
+    d = DaemonProcess(config(tmp_path, port, stall_timeout=3, max_gap=3.0), tmp_path,
+                      notify=notify.path, watchdog_usec=1_000_000)
     try:
         notify.wait_for("READY=1", timeout=120)
         d.wait_log("camera net: url connected, 640x360", timeout=30)
         time.sleep(2)
+        deadline = time.monotonic() + 20
+        while not open_tracks(d.events()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # kill the stream while someone is being tracked
         t_kill = time.monotonic()
         server.kill()  # the stream goes away
         mark = len(d.log())
+        time.sleep(0.5)
+        tracked = open_tracks(d.events())
+        assert tracked, "no track was open when the stream went away"
         d.wait_log("camera net: source lost", timeout=15, after=mark)
         d.wait_log("camera net: cannot open url", timeout=15, after=mark)  # retrying, backoff
-        time.sleep(2)
+        # while the camera sends nothing, its tracks end after tracking.max_gap (3 s)
+        d.wait_log("camera net: no frames for", timeout=15, after=mark)
+        time.sleep(0.5)
+        assert not tracked & open_tracks(d.events()), "tracks must end while no frame comes"
         assert d.proc.poll() is None, "edged died with its camera"
         assert not pings_between(notify, t_kill + 1.5, time.monotonic())  # nothing flows
         mark = len(d.log())

@@ -322,3 +322,38 @@ def test_a_clear_stranger_in_a_recognized_persons_place_is_split_off():
     assert ended[0].duration < 2.0, "alice's track must end when the stranger takes her place"
     assert [e.name for e in events if e.type == "recognized"] == ["alice"]
     assert [e.type for e in events if e.type == "unknown"] == ["unknown"]
+
+
+def test_tracks_end_while_the_camera_sends_nothing():
+    s = Scene(TrackingSettings(max_gap=5.0))
+    for _ in range(10):
+        s.step([(face([50, 20, 90, 60]), lambda: near(ALICE))])
+    last = s.t.last_frame_monotonic
+    assert last == pytest.approx(1000.0 + 9 / 30.0)
+    assert s.t.expire(last + 4.9) == []  # not yet: within max_gap
+    assert s.t.tracks
+    ended = s.t.expire(last + 5.1)
+    assert [e.type for e in ended] == ["track_ended"] and not s.t.tracks
+    assert s.t.expire(last + 60) == []  # nothing left to end
+    assert Tracker("cam", TrackingSettings(max_gap=0)).expire(1e9) == []  # 0 = off
+
+
+def test_wall_clock_steps_neither_end_tracks_nor_give_negative_durations():
+    # A Pi without a real-time clock: NTP sets the clock back an hour, then forward a day,
+    # while the monotonic clock runs on at 30 fps.
+    t = Tracker("cam", TrackingSettings(max_gap=2.0))
+    events = []
+    wall = [1000.0 + i / 30 for i in range(30)] + [-2600.0 + i / 30 for i in range(30)] \
+        + [90000.0 + i / 30 for i in range(30)]
+    for i, w in enumerate(wall):
+        fr = Frame(camera="cam", index=i, timestamp=w, image=np.full((90, 160, 3), 120, np.uint8),
+                   monotonic=50.0 + i / 30)
+        evs, todo = t.update(fr, [face([50, 20, 90, 60])])
+        for _, f in todo:
+            f.embedding = near(ALICE)
+        events += evs + t.observe(fr, todo, [match(f.embedding) for _, f in todo])
+    events += t.end_all()
+    assert [e.type for e in events].count("track_ended") == 1  # one track throughout
+    end = events[-1]
+    assert end.duration == pytest.approx(89 / 30, abs=1e-3)
+    assert end.frame_time == wall[-1]  # event times stay wall-clock

@@ -59,11 +59,18 @@ _CRC = struct.Struct("<I")
 _CRC_AT = HEADER_SIZE - _CRC.size
 assert _HEAD.size <= _CRC_AT
 
-#: rows per block of a float16 scan (each block is widened to float32, 3 MiB, then multiplied)
-BLOCK_ROWS = 4096
+#: the gallery in service, kept in the snapshot directory for the next start
+LAST_GOOD = "last-good.edgal"
+SNAPSHOT_PREFIX = "edged-gallery-"
+#: rows per block of a float16 scan (each block is widened to float32, 768 KiB, in the
+#: cache, then multiplied; 1024 to 2048 measured best, docs/benchmarks.md)
+BLOCK_ROWS = 1024
 #: rows per block of a float32 scan with several queries: small blocks (384 KiB) make the
 #: skinny matrix products much faster than one big one (measured: docs/benchmarks.md)
 F32_BLOCK_ROWS = 512
+#: a search works through the gallery in chunks of about this many rows (whole identities),
+#: each reduced to its identities' best rows and its own top k while its scores are cached
+CHUNK_ROWS = 65536
 
 
 class GalleryError(ValueError):
@@ -111,13 +118,40 @@ def _check_sha(value: str, what: str) -> bytes:
 # ---------------------------------------------------------------------------- fp16 widening
 
 
+_CV_WIDEN: Optional[bool] = None
+
+
+def _cv_widen_ok() -> bool:
+    """Whether OpenCV converts float16 arrays to float32 here, exactly (checked once on zeros
+    of both signs, subnormals and the extremes).  OpenCV's conversion is about 4 times faster
+    than numpy's ``astype`` and 1.5 times faster than :func:`_widen_f16`'s bit operations."""
+    global _CV_WIDEN
+    if _CV_WIDEN is None:
+        try:
+            import cv2
+            v = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, -65504.0, 6e-8, -6e-8, 1e-5, 1 / 3],
+                         np.float16)
+            src = np.tile(v, (8, 1))
+            out = np.empty(src.shape, np.float32)
+            cv2.subtract(src, 0.0, dst=out, dtype=cv2.CV_32F)
+            _CV_WIDEN = bool(np.array_equal(out.view(np.uint32),
+                                            src.astype(np.float32).view(np.uint32)))
+        except Exception:  # an OpenCV without float16 arrays: the numpy bit operations
+            _CV_WIDEN = False
+    return _CV_WIDEN
+
+
 def _widen_f16(block: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """float16 rows -> float32 into ``out`` by bit operations (3x faster than ``astype``).
+    """float16 rows -> float32 into ``out``: by OpenCV when it can, else by bit operations.
 
     Exact for zeros, subnormals and normal numbers; the file has no inf/NaN (checked on open).
     """
+    k = block.shape[0]
+    if _cv_widen_ok():
+        import cv2
+        cv2.subtract(block, 0.0, dst=out[:k], dtype=cv2.CV_32F)
+        return out[:k]
     u = block.view(np.uint16)
-    k = u.shape[0]
     t, s = out[:k].view(np.uint32), tmp[:k]
     np.copyto(t, u)                      # uint16 -> uint32
     np.bitwise_and(t, 0x8000, out=s)
@@ -389,40 +423,46 @@ class Gallery:
         """``(rows, n_queries)``: rows-major so that blocks and reduceat stay contiguous."""
         if self._mm is None:
             raise GalleryError(self.path, "gallery is closed")
-        out = np.empty((self.rows, q.shape[0]), np.float32)
-        if self.rows == 0:
+        chunks = [(int(self._row_starts[a]), int(self._row_starts[b])) for a, b in self._chunks()]
+        if self._pool is None or len(chunks) == 1:
+            parts = [self._scan(q, r0, r1) for r0, r1 in chunks]
+        else:
+            parts = list(self._pool.map(lambda c: self._scan(q, *c), chunks))
+        if not parts:
+            return np.empty((self.rows, q.shape[0]), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _scan(self, q: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Cosine scores of rows ``lo:hi`` with the (unit) queries: ``(hi - lo, n_queries)``.
+
+        float32 and one query: one matrix-vector product streams the rows.  Several queries,
+        or float16: block by block (each float16 block widened to float32), cache-sized.
+        """
+        if self._mm is None:
+            raise GalleryError(self.path, "gallery is closed")
+        out = np.empty((hi - lo, q.shape[0]), np.float32)
+        if hi <= lo:
             return out
         qt = np.ascontiguousarray(q.T)
-        # float32, one query: one matrix-vector product (gemv) per chunk streams the matrix;
-        # several queries, or float16: block by block (widened per block), cache-sized
-        block_rows = BLOCK_ROWS if self.dtype.itemsize == 2 else F32_BLOCK_ROWS
+        f16 = self.dtype.itemsize == 2
         one = q.shape[0] == 1
-
-        def scan(lo: int, hi: int) -> None:
-            if self.dtype.itemsize == 4 and one:
-                np.matmul(self.matrix[lo:hi], qt[:, 0], out=out[lo:hi, 0])
-                return
-            buf = tmp = None
-            for s in range(lo, hi, block_rows):
-                e = min(hi, s + block_rows)
-                block = self.matrix[s:e]
-                if self.dtype.itemsize == 2:
-                    if buf is None:
-                        buf = np.empty((block_rows, self.dim), np.float32)
-                        tmp = np.empty((block_rows, self.dim), np.uint32)
-                    block = _widen_f16(block, buf, tmp)
-                if one:
-                    np.matmul(block, qt[:, 0], out=out[s:e, 0])
-                else:
-                    np.matmul(block, qt, out=out[s:e])
-
-        if self._pool is None:
-            scan(0, self.rows)
-        else:  # a few chunks per thread, each a whole number of blocks
-            n_chunks = self.threads * 2
-            chunk = max(block_rows, -(-self.rows // n_chunks // block_rows) * block_rows)
-            list(self._pool.map(lambda lo: scan(lo, min(self.rows, lo + chunk)),
-                                range(0, self.rows, chunk)))
+        if not f16 and one:
+            np.matmul(self.matrix[lo:hi], qt[:, 0], out=out[:, 0])
+            return out
+        block_rows = BLOCK_ROWS if f16 else F32_BLOCK_ROWS
+        buf = tmp = None
+        for s in range(lo, hi, block_rows):
+            e = min(hi, s + block_rows)
+            block = self.matrix[s:e]
+            if f16:
+                if buf is None:
+                    buf = np.empty((block_rows, self.dim), np.float32)
+                    tmp = np.empty((block_rows, self.dim), np.uint32)
+                block = _widen_f16(block, buf, tmp)
+            if one:
+                np.matmul(block, qt[:, 0], out=out[s - lo:e - lo, 0])
+            else:
+                np.matmul(block, qt, out=out[s - lo:e - lo])
         return out
 
     def _identity_scores_t(self, q: np.ndarray) -> np.ndarray:
@@ -438,22 +478,73 @@ class Gallery:
     def search(self, queries: np.ndarray, k: int = 5) -> list:
         """Per query, the top ``k`` identities ``[(identity_id, name, score)]``, best first."""
         q = _as_queries(queries, self.dim)
-        ids = self._identity_scores_t(q)
-        n = ids.shape[0]
+        n = self.n_identities
         k = max(1, min(int(k), n)) if n else 0
-        results = []
-        for i in range(q.shape[0]):
-            if k == 0:
-                results.append([])
-                continue
-            row = ids[:, i] if q.shape[0] > 1 else ids.reshape(-1)
-            if k < n:
-                top = np.argpartition(row, n - k)[n - k:]
-            else:
-                top = np.arange(n)
-            top = top[np.argsort(-row[top], kind="stable")]
-            results.append([(*self._decode(int(j)), float(row[j])) for j in top])
-        return results
+        if k == 0:
+            return [[] for _ in range(q.shape[0])]
+        idx, val = self._top_identities(q, k)
+        return [[(*self._decode(j), s) for j, s in zip(idx[i].tolist(), val[i].tolist())]
+                for i in range(q.shape[0])]
+
+    def _top_identities(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(indices, scores)``, each ``(n_queries, k)``, best first.
+
+        The identities are cut into chunks of about equal rows at identity boundaries; each
+        chunk is scanned, reduced to its identities' best rows and to its own top ``k`` while
+        its scores are still in the cache, in the thread pool when there is one; then the
+        chunks' candidates are merged.
+        """
+        if self._mm is None:
+            raise GalleryError(self.path, "gallery is closed")
+        chunks = self._chunks()
+        if self._pool is None or len(chunks) == 1:
+            parts = [self._chunk_top(q, k, c) for c in chunks]
+        else:
+            parts = list(self._pool.map(lambda c: self._chunk_top(q, k, c), chunks))
+        cols = np.arange(q.shape[0])
+        if len(parts) == 1:
+            idx, val = parts[0]                                # (candidates, nq)
+        else:
+            idx = np.concatenate([p[0] for p in parts], axis=0)
+            val = np.concatenate([p[1] for p in parts], axis=0)
+            if k < idx.shape[0]:
+                sel = np.argpartition(-val, k - 1, axis=0)[:k]
+                idx, val = idx[sel, cols], val[sel, cols]
+        # best first; ties keep file order (the lower identity index first)
+        order = np.lexsort((idx, -val), axis=0)
+        return idx[order, cols].T, val[order, cols].T
+
+    def _chunks(self) -> List[Tuple[int, int]]:
+        """Identity ranges ``(j0, j1)`` of about equal rows: one per thread, or one per
+        :data:`CHUNK_ROWS` rows when that gives more (scores stay in the cache)."""
+        got = self.__dict__.get("_chunk_list")
+        if got is not None:
+            return got
+        n_id, rows = self.n_identities, self.rows
+        n = max(self.threads, -(-rows // CHUNK_ROWS), 1)
+        n = min(n, max(n_id, 1))
+        if n <= 1:
+            got = [(0, n_id)]
+        else:
+            targets = np.arange(1, n, dtype=np.int64) * rows // n
+            cuts = np.searchsorted(self._row_starts.astype(np.int64), targets, side="left")
+            cuts = np.unique(np.clip(cuts, 1, n_id - 1))
+            bounds = [0, *[int(c) for c in cuts], n_id]
+            got = list(zip(bounds[:-1], bounds[1:]))
+        self._chunk_list = got
+        return got
+
+    def _chunk_top(self, q: np.ndarray, k: int, chunk: Tuple[int, int]):
+        j0, j1 = chunk
+        r0, r1 = int(self._row_starts[j0]), int(self._row_starts[j1])
+        s = self._scan(q, r0, r1)                          # (r1 - r0, nq)
+        if r1 - r0 != j1 - j0:
+            s = np.maximum.reduceat(s, self._starts[j0:j1] - r0, axis=0)
+        m = j1 - j0
+        if k < m:
+            sel = np.argpartition(-s, k - 1, axis=0)[:k]   # (k, nq)
+            return sel + j0, s[sel, np.arange(s.shape[1])]
+        return np.repeat(np.arange(j0, j1)[:, None], s.shape[1], axis=1), s
 
     def match(self, queries: np.ndarray, settings: Optional[MatchSettings] = None) -> List[Match]:
         """One :class:`Match` per query under ``settings`` (threshold, margin, top k)."""
@@ -467,6 +558,7 @@ class Gallery:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self.__dict__.pop("_chunk_list", None)
         for name in ("_str_off", "_row_starts", "row_identity", "_strings", "matrix", "_starts"):
             v = self.__dict__.pop(name, None)
             if isinstance(v, memoryview):
@@ -502,8 +594,8 @@ def _as_queries(queries, dim: int) -> np.ndarray:
         q = q[None, :]
     if q.ndim != 2 or q.shape[1] != dim:
         raise ValueError(f"query embeddings must be (n, {dim}), got shape {np.shape(queries)}")
-    norms = np.linalg.norm(q, axis=1)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+    norms = np.sqrt(np.einsum("ij,ij->i", q, q))
+    if not (np.isfinite(norms).all() and norms.all()):
         raise ValueError("query embeddings must be finite and non-zero")
     return q / norms[:, None]
 
@@ -630,6 +722,10 @@ class GalleryHolder:
     Every candidate file is first copied to a private snapshot (so an in-place copy over the
     watched file can never change the pages of the gallery in service), then opened with full
     validation off the hot path, then swapped in.  See :mod:`edged.hotswap`.
+
+    With a ``snapshot_dir``, the gallery in service is also kept there as
+    ``last-good.edgal`` (a hard link to its snapshot): when the file at ``path`` is refused at
+    start (a bad drop that stayed on disk, then a reboot), that one is served instead.
     """
 
     def __init__(self, path, expect_embedder: Optional[str], settings: Optional[MatchSettings] = None,
@@ -645,6 +741,7 @@ class GalleryHolder:
         self.settings = settings or MatchSettings()
         self.threads = threads if threads is not None else self.settings.threads
         self._snapshot_root = snapshot_dir
+        self.last_good = Path(snapshot_dir) / LAST_GOOD if snapshot_dir else None
         self._snapdir = None
         self._snap_lock = threading.Lock()
         self._snap_n = 0
@@ -652,6 +749,8 @@ class GalleryHolder:
                                  version=lambda g: g.checksum, closer=self._close,
                                  on_event=on_event, debounce=debounce, settle=settle, watch=watch,
                                  keep_previous=keep_previous, lock=lock)
+        if self.last_good is not None:
+            self.holder.on_service = self._keep_last_good
 
     # -- loading ------------------------------------------------------------------------
 
@@ -661,7 +760,9 @@ class GalleryHolder:
             if self._snapdir is None:
                 root = self._snapshot_root or tempfile.gettempdir()
                 os.makedirs(root, exist_ok=True)
-                self._snapdir = Path(tempfile.mkdtemp(prefix="edged-gallery-", dir=str(root)))
+                _remove_stale_snapshots(Path(root))
+                self._snapdir = Path(tempfile.mkdtemp(prefix=f"{SNAPSHOT_PREFIX}{os.getpid()}-",
+                                                      dir=str(root)))
             self._snap_n += 1
             dest = self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
         try:
@@ -691,6 +792,39 @@ class GalleryHolder:
         g.source = Path(path)
         return g
 
+    def _keep_last_good(self, g: Gallery) -> None:
+        """Hard-link the snapshot of the gallery now in service to ``last-good.edgal``."""
+        dest = self.last_good
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        _unlink(tmp)
+        try:
+            try:
+                os.link(g.path, tmp)
+            except OSError:  # no hard links here: a copy, written safely
+                from edged.modelstore import atomic_write
+                with open(g.path, "rb") as f:
+                    atomic_write(tmp, iter(lambda: f.read(1 << 20), b""))
+            os.replace(tmp, dest)
+        except OSError as exc:
+            _unlink(tmp)
+            log.warning("gallery: cannot keep the gallery in service as %s: %s", dest,
+                        exc.strerror or exc)
+
+    def _start_last_good(self, refused) -> Optional[object]:
+        """At start, the file at the gallery path was refused: serve the last good gallery."""
+        lg = self.last_good
+        if lg is None or not lg.is_file():
+            log.error("gallery %s refused at start (%s) and no last good gallery is kept: "
+                      "every face is unknown until a good gallery arrives", self.path,
+                      refused.reason)
+            return refused
+        ev = self.holder.reload(lg, trigger="start: last good")
+        if ev.accepted:
+            log.error("gallery %s refused at start (%s); serving the last good gallery "
+                      "(checksum %s) from %s until a good file arrives there", self.path,
+                      refused.reason, str(ev.new_version)[:16], lg)
+        return ev
+
     @staticmethod
     def _close(g: Gallery) -> None:
         snap = g.path
@@ -717,8 +851,15 @@ class GalleryHolder:
         return self.holder.reload(trigger=trigger)
 
     def start(self):
-        """Load the file if it is there, then watch it.  Returns the first SwapEvent or None."""
-        return self.holder.start()
+        """Load the file if it is there, then watch it.  Returns the first SwapEvent or None.
+
+        A file that is there but refused is replaced, in memory, by the last good gallery
+        (see the class documentation); the file on disk is left as it is.
+        """
+        ev = self.holder.start()
+        if ev is not None and not ev.accepted and self.holder.current is None:
+            ev = self._start_last_good(ev)
+        return ev
 
     def stop(self) -> None:
         self.holder.stop()
@@ -730,6 +871,30 @@ class GalleryHolder:
     def version(self) -> Optional[str]:
         g = self.current
         return g.checksum if g is not None else None
+
+
+def _remove_stale_snapshots(root: Path) -> None:
+    """Remove the snapshot directories of edged processes that are gone (a SIGKILL, a crash)."""
+    import shutil
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        if not d.name.startswith(SNAPSHOT_PREFIX) or not d.is_dir():
+            continue
+        pid = d.name[len(SNAPSHOT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or someone else's: left alone)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        log.info("gallery: removing %s, left by process %s which is gone", d, pid)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _unlink(p) -> None:

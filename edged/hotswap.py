@@ -234,6 +234,8 @@ class SwapHolder(Generic[T]):
         self.version_of = version
         self.closer = closer
         self.on_event = on_event
+        # called with each object put in service (a swap or a rollback), before its event
+        self.on_service: Optional[Callable[[T], None]] = None
         self.watch = watch and self.path is not None
         # guards the slot and the lease counts (held for microseconds); a SwapGroup shares one
         # lock between its members so that leases and swaps of several holders are atomic
@@ -353,6 +355,11 @@ class SwapHolder(Generic[T]):
 
     def _accepted(self, new: _Slot, old: Optional[_Slot], trigger: str, t0: float,
                   reason: str = "") -> SwapEvent:
+        if self.on_service is not None:
+            try:
+                self.on_service(new.obj)
+            except Exception:
+                log.exception("%s: in-service callback failed", self.name)
         ev = SwapEvent(self.name, True, new.path, reason, old.version if old else None,
                        new.version, time.monotonic() - t0, trigger, time.time())
         self._emit(ev)

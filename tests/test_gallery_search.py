@@ -20,7 +20,7 @@ def brute(emb, ri, n_id, q):
     return out
 
 
-@pytest.fixture(params=["float32", "float16"])
+@pytest.fixture(params=["float32", "float16", "float16-numpy"])
 def gal(tmp_path, request, monkeypatch):
     # small blocks so that several blocks and a partial last block are exercised
     monkeypatch.setattr(G, "BLOCK_ROWS", 64)
@@ -30,13 +30,19 @@ def gal(tmp_path, request, monkeypatch):
     ri = np.concatenate([np.arange(n_id), rng.integers(0, n_id, 300)])
     emb = rng.standard_normal((len(ri), 192)).astype(np.float32)
     p = tmp_path / "g.edgal"
-    write_gallery(p, [(f"id{j}", f"name{j}") for j in range(n_id)], ri, emb, SHA,
-                  dtype=request.param)
-    return p, ri, emb, n_id, request.param
+    dtype = request.param.split("-")[0]
+    if request.param.endswith("-numpy"):  # float16 widened by numpy, not OpenCV
+        monkeypatch.setattr(G, "_CV_WIDEN", False)
+    write_gallery(p, [(f"id{j}", f"name{j}") for j in range(n_id)], ri, emb, SHA, dtype=dtype)
+    return p, ri, emb, n_id, dtype
 
 
+@pytest.mark.parametrize("chunk_rows", [65536, 100, 7])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_search_matches_brute_force(gal, threads):
+def test_search_matches_brute_force(gal, threads, chunk_rows, monkeypatch):
+    # chunk_rows 100 cuts the 420 rows into 5 chunks, 7 into one identity per chunk or so:
+    # each chunk's own top k is merged into the right overall top k
+    monkeypatch.setattr(G, "CHUNK_ROWS", chunk_rows)
     p, ri, emb, n_id, dtype = gal
     rng = np.random.default_rng(4)
     q = np.concatenate([emb[[0, 5, 200]], rng.standard_normal((5, 192)).astype(np.float32)])
@@ -54,6 +60,7 @@ def test_search_matches_brute_force(gal, threads):
             assert r[0][0] == f"id{int(np.argmax(want[i]))}" or \
                 abs(r[0][2] - want[i].max()) < tol
             assert abs(r[0][2] - want[i].max()) < tol
+            assert np.allclose([s for _, _, s in r], np.sort(want[i])[::-1][:5], atol=tol)
             assert all(ident == f"id{int(ident[2:])}" and name == f"name{ident[2:]}"
                        for ident, name, _ in r)
         # queries that are enrolled rows find their identity with score ~1
@@ -113,7 +120,11 @@ def test_match_settings_metadata():
     assert -1 <= s.threshold <= 1 and s.min_margin == 0.0 and s.top_k == 5
 
 
-def test_f16_widening_is_exact():
+@pytest.mark.parametrize("opencv", [True, False])
+def test_f16_widening_is_exact(opencv, monkeypatch):
+    if opencv:
+        assert G._cv_widen_ok(), "OpenCV here converts float16 arrays (the fast path)"
+    monkeypatch.setattr(G, "_CV_WIDEN", opencv)  # False: the numpy bit operations
     vals = np.array([0.0, -0.0, 1.0, -1.0, 6.0e-8, -6.1e-5, 3.0e-5, 0.5, 65504.0, -2.0 ** -14],
                     dtype=np.float16)
     block = np.tile(vals, (3, 1))

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edged.gallery import GalleryHolder, MatchSettings, write_gallery
+from edged.gallery import Gallery, GalleryHolder, MatchSettings, write_gallery
 from edged.hotswap import FileWatcher, SwapHolder
 
 SHA = "ab" * 32
@@ -205,10 +205,66 @@ def test_gallery_holder_swaps_and_rejects(tmp_path):
         # SIGHUP-style reload of the same file
         ev = h.reload()
         assert ev.accepted and ev.trigger == "reload" and ev.old_version == c2
-        assert len(list((tmp_path / "snap").rglob("*.edgal"))) == 1  # old snapshots removed
+        snaps = list((tmp_path / "snap").glob("edged-gallery-*/*.edgal"))
+        assert len(snaps) == 1  # old snapshots removed
+        # the one in service is kept (linked) for the next start
+        assert os.path.samefile(snaps[0], tmp_path / "snap" / "last-good.edgal")
     finally:
         h.stop()
-    assert not list((tmp_path / "snap").rglob("*.edgal"))
+    assert not list((tmp_path / "snap").glob("edged-gallery-*/*.edgal"))
+    assert Gallery.open(tmp_path / "snap" / "last-good.edgal").checksum == c2
+
+
+def test_a_gallery_refused_at_start_gives_way_to_the_last_good_one(tmp_path, caplog):
+    # A bad drop stayed on disk at the gallery path, then the board rebooted.
+    p = tmp_path / "gallery.edgal"
+    c1, emb1 = gallery_file(p, "v1")
+    h = GalleryHolder(p, SHA, watch=False, snapshot_dir=tmp_path / "snap")
+    assert h.start().accepted
+    h.stop()
+    p.write_bytes(p.read_bytes()[:-100])  # truncated
+    h = GalleryHolder(p, SHA, watch=False, snapshot_dir=tmp_path / "snap")
+    try:
+        with caplog.at_level("ERROR", logger="edged.gallery"):
+            ev = h.start()
+        assert ev.accepted and ev.new_version == c1 and ev.trigger == "start: last good"
+        assert h.match(emb1[:1])[0].identity == "v1-0"
+        msg = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any(str(p) in m and "truncated" in m and "last good" in m for m in msg), msg
+        assert p.stat().st_size > 0  # the refused file is left for inspection
+    finally:
+        h.stop()
+    # a last good gallery of another embedder is refused too: no gallery, said so
+    h = GalleryHolder(p, OTHER, watch=False, snapshot_dir=tmp_path / "snap")
+    try:
+        with caplog.at_level("ERROR", logger="edged.gallery"):
+            ev = h.start()
+        assert not ev.accepted and h.current is None
+        assert h.match(emb1[:1])[0].identity is None
+    finally:
+        h.stop()
+
+
+def test_snapshots_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    root = tmp_path / "snap"
+    stale = root / f"edged-gallery-{dead}-abc"
+    alive = root / f"edged-gallery-{os.getppid()}-def"
+    other = root / "something-else"
+    for d in (stale, alive, other):
+        d.mkdir(parents=True)
+        (d / "gallery-1.edgal").write_bytes(b"x")
+    p = tmp_path / "gallery.edgal"
+    gallery_file(p, "v1")
+    h = GalleryHolder(p, SHA, watch=False, snapshot_dir=root)
+    try:
+        assert h.start().accepted
+        assert not stale.exists() and alive.exists() and other.exists()
+    finally:
+        h.stop()
 
 
 def test_gallery_holder_without_gallery_says_unknown(tmp_path):
@@ -355,7 +411,7 @@ def test_stress_hot_swap_under_search(tmp_path):
     assert kinds == set(CORRUPTIONS) and {m for *_, m in expected} == {"rename", "inplace"}
     assert searches[0] > 250
     assert elapsed < 50, f"stress test took {elapsed:.1f} s"
-    assert not list((tmp_path / "snap").rglob("*.edgal"))
+    assert not list((tmp_path / "snap").glob("edged-gallery-*/*.edgal"))
 
 
 # --------------------------------------------------------------------------- for model drops

@@ -405,21 +405,26 @@ class Daemon:
             parts["versions"] = svc.versions
             parts["accelerators"] = svc.accelerators
         parts["held_back"] = (self.ota.held_status() if self.ota is not None else None) or {}
-        # a swap record replaces the previous one whole (update_status merges mappings)
-        self.update_status(**{k: None for k in ("last_swap", "last_rejected_drop", "held_back",
-                                                 "versions")
-                              if k in parts})
-        self.update_status(**parts)
+        # a swap record replaces the previous one whole (update_status merges mappings), in
+        # the same step: a status published in between never lacks them
+        self.update_status(_replace=("last_swap", "last_rejected_drop", "held_back", "versions"),
+                           **parts)
 
-    def update_status(self, **parts) -> None:
-        """Merge ``parts`` into the status (None deletes a key): MQTT retained and status.json."""
+    def update_status(self, *, _replace=(), **parts) -> None:
+        """Merge ``parts`` into the status (None deletes a key): MQTT retained and status.json.
+
+        The keys of ``parts`` named in ``_replace`` replace the old values whole, in one step.
+        """
         from edged.publish import _merge
 
         with self._status_lock:
+            for k in _replace:
+                if k in parts:
+                    self._status_doc.pop(k, None)
             _merge(self._status_doc, parts)
             self._status_dirty = True
         if self.publisher is not None:
-            self.publisher.update_status(**parts)
+            self.publisher.update_status(_replace=_replace, **parts)
 
     def status_document(self) -> dict:
         """The status document as published (device, times, spool and mqtt included)."""
@@ -468,8 +473,8 @@ class Daemon:
         if record is not None:
             self.report(record)
         else:
-            self.update_status(versions=None)
-            self.update_status(versions=new.versions, accelerators=new.accelerators)
+            self.update_status(_replace=("versions",), versions=new.versions,
+                               accelerators=new.accelerators)
         return old
 
     def rollback(self, good: ServiceSet, failed: ServiceSet, why: str, record: dict) -> None:
@@ -483,6 +488,8 @@ class Daemon:
         if ev is None:  # nothing kept (cannot happen after swap_service)
             log.error("rollback impossible: no previous set kept; %s", why)
             return
+        if good.gallery is not failed.gallery:  # the next start falls back to this gallery
+            good.gallery.keep_last_good()
         if self.publisher is not None:
             self.publisher.set_people(self.people(good))
         self.report({"kind": record.get("kind", "models"), "file": record.get("file"),

@@ -810,6 +810,13 @@ class GalleryHolder:
             log.warning("gallery: cannot keep the gallery in service as %s: %s", dest,
                         exc.strerror or exc)
 
+    def keep_last_good(self) -> None:
+        """Keep the gallery in service as the last good one again (after a rollback of a set
+        that had brought another gallery)."""
+        with self.holder.lease() as g:
+            if g is not None and self.last_good is not None:
+                self._keep_last_good(g)
+
     def _start_last_good(self, refused) -> Optional[object]:
         """At start, the file at the gallery path was refused: serve the last good gallery."""
         lg = self.last_good

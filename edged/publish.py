@@ -244,9 +244,15 @@ class Publisher:
             self._publish_snapshot(event, now)
         self._wake.set()
 
-    def update_status(self, **parts) -> None:
-        """Merge ``parts`` into the retained status document (None deletes a key), republish."""
+    def update_status(self, *, _replace=(), **parts) -> None:
+        """Merge ``parts`` into the retained status document (None deletes a key), republish.
+
+        The keys of ``parts`` named in ``_replace`` replace the old values whole, in one step.
+        """
         with self._lock:
+            for k in _replace:
+                if k in parts:
+                    self._status.pop(k, None)
             _merge(self._status, parts)
             cams = parts.get("cameras")
             if isinstance(cams, dict):

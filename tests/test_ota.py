@@ -374,11 +374,23 @@ def test_runtime_failure_rolls_back_to_the_previous_set(shared_dir, models_dir, 
         # the daemon goes on with the previous set
         time.sleep(1.0)
         assert d.proc.poll() is None
+        d.terminate()
+        d.kill()
+        log = d.log()
+        # a restart: the file at the gallery path is still the failed embedder's; it is
+        # refused, and the gallery that was put back is served from the last good one
+        watch.docs.clear()
+        d = start_daemon(cfg, tmp_path)
+        st = watch.wait(lambda s: "versions" in s and s["versions"].get("gallery"), 30,
+                        "the status after the restart")
+        assert st["versions"]["embedder"] == e0 and st["versions"]["gallery"] == g0
+        restart_log = d.log()
+        assert f"gallery {gpath} refused at start" in restart_log
+        assert "serving the last good gallery" in restart_log
     finally:
         d.terminate()
         d.kill()
         watch.close()
-    log = d.log()
     assert "event=ota_rolled_back" in log and "non-finite embeddings" in log
 
 

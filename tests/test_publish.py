@@ -285,6 +285,35 @@ def test_status_is_retained_and_merged(broker, pub_factory):
         sub.close()
 
 
+def test_a_replaced_status_part_is_never_published_missing(broker, pub_factory):
+    """A swap replaces ``versions`` whole; every status seen on the wire still has them (two
+    calls, a delete then a set, let the publisher send a status without versions between)."""
+    p = pub_factory(broker.port)
+    topic = f"{PREFIX}/status"
+    assert wait_until(lambda: p.connected)
+    sub = Subscriber(broker.port, topic)
+    try:
+        for i in range(300):
+            p.update_status(_replace=("versions",),
+                            versions={"gallery": f"{i:064x}", "detector": {"pnet": "ab"}}
+                            if i % 2 else {"gallery": f"{i:064x}"})
+            if i % 50 == 0:
+                time.sleep(0.05)
+        last = f"{299:064x}"
+        assert sub.wait_for(lambda s: s.json(topic) and
+                            s.json(topic)[-1].get("versions", {}).get("gallery") == last, 10)
+        docs = sub.json(topic)
+        first = next(i for i, d in enumerate(docs) if "versions" in d)
+        docs = docs[first:]  # from the first update on (before it: the status at connect)
+        assert len(docs) >= 2
+        assert all("versions" in d and "gallery" in d["versions"] for d in docs)
+        # whole replacement: the detector part of an odd update does not survive an even one
+        assert all(("detector" in d["versions"]) == (int(d["versions"]["gallery"], 16) % 2 == 1)
+                   for d in docs)
+    finally:
+        sub.close()
+
+
 def test_stats_carry_spool_and_mqtt_parts(broker, pub_factory):
     sub = Subscriber(broker.port, f"{PREFIX}/stats")
     p = pub_factory(broker.port)

@@ -597,15 +597,16 @@ class Daemon:
         self._spawn("track", self._track_loop)
         for i in range(len(self.service.pipelines)):
             self._spawn(f"detect-{i}", lambda i=i: self._detect_loop(i))
-        self._start_drops()
+        self._start_drops(since=getattr(self, "_loaded_since", None))
         self.ready = True
         self.status_text = self._status_line()
         self.notifier.ready(self.status_text)
         log.info("edged %s ready: device %s, %d camera(s)", __version__, self.device,
                  len(self.cameras))
 
-    def _start_drops(self) -> None:
-        """Watch the drop directory and the gallery path (edged.ota)."""
+    def _start_drops(self, since: Optional[float] = None) -> None:
+        """Watch the drop directory and the gallery path (edged.ota); ``since``: take the
+        files that arrived from then on, before the watchers started."""
         from edged.ota import DropManager
 
         try:
@@ -622,8 +623,21 @@ class Daemon:
                 self.ota.learn(modelstore.Manifest.load(kept))
             except modelstore.ModelError:
                 pass
-        self.ota.start(since=getattr(self, "_loaded_since", None))
+        self.ota.start(since=since)
         self.update_status(drop_dir=drop_dir, held_back={})
+
+    def _restart_drops(self) -> None:
+        """A reload moved the gallery path or the drop directory: watch the new ones.  What the
+        old drop manager learnt (the models it accepted, an embedder held back) carries over."""
+        old = self.ota
+        with old._lock:  # a drop being handled finishes first
+            old.stop()
+            self._start_drops()
+            self.ota.known.update(old.known)
+            self.ota.held = old.held
+        self.update_status(_replace=("held_back",), held_back=self.ota.held_status() or {})
+        log.info("reload: drops now watched at %s (gallery %s)",
+                 self.ota.drop_dir or "(model drops off)", self.ota.gallery_path)
 
     def warm_up(self, svc: ServiceSet, parts=None) -> None:
         """Run every interpreter once at the cameras' frame sizes (before READY / a swap), so
@@ -1053,7 +1067,12 @@ class Daemon:
         new_cams = {c.name: c for c in cfg.cameras}
         if cfg.mqtt != self.cfg.mqtt:
             log.warning("reload: MQTT settings changed; they take effect at the next restart")
+        old_cfg = self.cfg
         self.cfg = dataclasses.replace(cfg, mqtt=self.cfg.mqtt)
+        if self.ota is not None and (cfg.paths.gallery != old_cfg.paths.gallery
+                                     or cfg.paths.drop_dir != old_cfg.paths.drop_dir
+                                     or cfg.drops != old_cfg.drops):
+            self._restart_drops()
         for name, cs in old_cams.items():
             if new_cams.get(name) != cs:
                 cam = self.cameras.pop(name)

@@ -817,3 +817,44 @@ def test_files_that_arrive_while_the_daemon_starts_are_taken(installed, tmp_path
         assert fake.swaps[0][0].models["rnet"].sha256 == modelstore.sha256_bytes(data)
     finally:
         dm.stop()
+
+
+def test_sighup_moving_the_gallery_moves_the_watch(shared_dir, models_dir, installed,
+                                                   base_gallery, broker, tmp_path):
+    """A SIGHUP with a new ``paths.gallery``: the gallery there goes into service, later drops
+    at the new path are taken, and files written at the old path are no longer watched."""
+    import signal
+
+    import yaml
+
+    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
+                                    "otamove", installed, fps_limit=5)
+    e0 = installed["embedder"][1]
+    watch = StatusWatch(broker.port, "edged/otamove")
+    d = start_daemon(cfg, tmp_path)
+    try:
+        st = watch.wait(lambda s: s["versions"]["gallery"], 30, "a gallery")
+        g0 = st["versions"]["gallery"]
+        new_dir = tmp_path / "gallery2"
+        new_dir.mkdir()
+        new_path = new_dir / "people.edgal"
+        g5 = gallery_variant(base_gallery, new_path, e0, seed=5)
+        doc = yaml.safe_load(cfg.read_text())
+        doc["paths"]["gallery"] = str(new_path)
+        cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        d.proc.send_signal(signal.SIGHUP)
+        watch.wait(lambda s: s["versions"]["gallery"] == g5, 60, "the moved gallery")
+        d.wait_log(f"drops now watched at", timeout=10)
+        # a drop at the new path is taken
+        g6 = gallery_variant(base_gallery, new_path, e0, seed=6)
+        watch.wait(lambda s: s["versions"]["gallery"] == g6, 30, "a drop at the new path")
+        # the old path is not watched any more
+        gallery_variant(base_gallery, gpath, e0, seed=7)
+        time.sleep(3)
+        assert watch.last()["versions"]["gallery"] == g6
+        assert g0 not in (g5, g6)
+    finally:
+        d.terminate()
+        d.kill()
+        watch.close()
+    assert "Traceback" not in d.log()

@@ -17,6 +17,8 @@ import pytest
 from edged_daemon_helpers import DaemonProcess, NotifyListener, write_config
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"
+# one talking head throughout (no cuts): someone is always being tracked
+HEAD = "videos/sadtalker_WDA_AlexandriaOcasioCortez_000.mp4"
 
 
 def free_port() -> int:
@@ -57,8 +59,8 @@ class StreamServer:
 def stream(shared_dir, tmp_path):
     servers = []
 
-    def make(port):
-        s = StreamServer(shared_dir / CLIP, port, tmp_path / "ffmpeg.log").start()
+    def make(port, clip=CLIP):
+        s = StreamServer(shared_dir / clip, port, tmp_path / "ffmpeg.log").start()
         servers.append(s)
         return s
 
@@ -91,13 +93,13 @@ def pings_between(notify, t0, t1):
 
 def test_server_killed_and_restarted(stream, tmp_path):
     port = free_port()
-    server = stream(port)
+    server = stream(port, HEAD)
     notify = NotifyListener(tmp_path / "notify.sock")
     d = DaemonProcess(config(tmp_path, port, stall_timeout=3, max_gap=3.0), tmp_path,
                       notify=notify.path, watchdog_usec=1_000_000)
     try:
         notify.wait_for("READY=1", timeout=120)
-        d.wait_log("camera net: url connected, 640x360", timeout=30)
+        d.wait_log("camera net: url connected, 512x512", timeout=30)
         time.sleep(2)
         deadline = time.monotonic() + 20
         while not open_tracks(d.events()) and time.monotonic() < deadline:
@@ -118,8 +120,8 @@ def test_server_killed_and_restarted(stream, tmp_path):
         assert not pings_between(notify, t_kill + 1.5, time.monotonic())  # nothing flows
         mark = len(d.log())
         t_back = time.monotonic()
-        stream(port)  # the stream is back on the same address
-        d.wait_log("camera net: url connected, 640x360", timeout=30, after=mark)
+        stream(port, HEAD)  # the stream is back on the same address
+        d.wait_log("camera net: url connected, 512x512", timeout=30, after=mark)
         time.sleep(3)
         assert len(pings_between(notify, t_back, time.monotonic())) >= 2, "frames flow again"
         events_before_stop = d.events()

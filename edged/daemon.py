@@ -597,16 +597,17 @@ class Daemon:
         self._spawn("track", self._track_loop)
         for i in range(len(self.service.pipelines)):
             self._spawn(f"detect-{i}", lambda i=i: self._detect_loop(i))
-        self._start_drops(since=getattr(self, "_loaded_since", None))
+        self._start_drops(since=getattr(self, "_loaded_since", None), restore=True)
         self.ready = True
         self.status_text = self._status_line()
         self.notifier.ready(self.status_text)
         log.info("edged %s ready: device %s, %d camera(s)", __version__, self.device,
                  len(self.cameras))
 
-    def _start_drops(self, since: Optional[float] = None) -> None:
+    def _start_drops(self, since: Optional[float] = None, restore: bool = False) -> None:
         """Watch the drop directory and the gallery path (edged.ota); ``since``: take the
-        files that arrived from then on, before the watchers started."""
+        files that arrived from then on, before the watchers started; ``restore``: hold back
+        again the embedder held back before the restart."""
         from edged.ota import DropManager
 
         try:
@@ -623,8 +624,14 @@ class Daemon:
                 self.ota.learn(modelstore.Manifest.load(kept))
             except modelstore.ModelError:
                 pass
+        if restore and drops.enabled:
+            try:
+                self.ota.restore_held()
+            except Exception:
+                log.exception("drops: restoring the held-back embedder failed")
         self.ota.start(since=since)
-        self.update_status(drop_dir=drop_dir, held_back={})
+        self.update_status(_replace=("held_back",), drop_dir=drop_dir,
+                           held_back=self.ota.held_status() or {})
 
     def _restart_drops(self) -> None:
         """A reload moved the gallery path or the drop directory: watch the new ones.  What the

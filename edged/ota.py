@@ -37,6 +37,7 @@ released.  Every outcome is reported through ``report(record)`` (journal and MQT
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -260,6 +261,59 @@ class _Held:
     file: str = ""
 
 
+HELD_DIR = "held"  # under paths.state_dir: an embedder held back, kept across restarts
+HELD_DOC = "held.json"
+
+
+def save_held(state_dir, held: Optional[_Held]) -> None:
+    """Keep the embedder held back (or, with None, forget it) across restarts:
+    ``<state_dir>/held/embedder-<16 hex>.tflite`` and ``held.json``, written atomically."""
+    d = Path(state_dir) / HELD_DIR
+    keep = set()
+    if held is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        b = held.blob
+        name = f"embedder-{b.sha256[:16]}.tflite"
+        if not (d / name).is_file() or modelstore.sha256_file(d / name) != b.sha256:
+            modelstore.atomic_write(d / name, b.data)
+        doc = {"role": "embedder", "file": name, "sha256": b.sha256, "size": len(b.data),
+               "dropped_as": held.file, "dropped_sha256": b.dropped_sha256, "since": held.since}
+        modelstore.atomic_write(d / HELD_DOC, (json.dumps(doc, indent=2) + "\n").encode())
+        keep = {name, HELD_DOC}
+    if not d.is_dir():
+        return
+    for f in os.listdir(d):  # only what this function writes
+        if f not in keep and (f == HELD_DOC or OWN_FILE.fullmatch(f)):
+            try:
+                os.unlink(d / f)
+            except OSError:
+                pass
+
+
+def load_held(state_dir) -> Optional[_Held]:
+    """The embedder kept by :func:`save_held`, verified by sha256; None when there is none.
+    Raises DropRejected when it is there but unusable."""
+    d = Path(state_dir) / HELD_DIR
+    doc_path = d / HELD_DOC
+    if not doc_path.is_file():
+        return None
+    try:
+        doc = json.loads(doc_path.read_text())
+        name, sha = doc["file"], doc["sha256"]
+        if not OWN_FILE.fullmatch(name) or not name.startswith("embedder-"):
+            raise ValueError(f"unexpected file name {name!r}")
+        data = (d / name).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DropRejected(f"{doc_path}: unusable: {exc}") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise DropRejected(f"{d / name}: sha256 {got} is not the {sha} recorded in {doc_path}")
+    blob = ModelBlob("embedder", data, sha, str(doc.get("dropped_as") or d / name),
+                     str(doc.get("dropped_sha256") or ""))
+    return _Held(blob, since=float(doc.get("since") or time.time()),
+                 file=str(doc.get("dropped_as") or ""))
+
+
 @dataclass
 class _Probation:
     new: object  # ServiceSet
@@ -380,6 +434,49 @@ class DropManager:
         return path.endswith(MODEL_SUFFIXES + (MANIFEST_SUFFIX, GALLERY_SUFFIX))
 
     # -- the watcher's thread ---------------------------------------------------------------
+
+    def _keep_held(self) -> None:
+        state = getattr(getattr(getattr(self.d, "cfg", None), "paths", None), "state_dir", None)
+        if not state:
+            return
+        try:
+            save_held(state, self.held)
+        except OSError as exc:
+            log.warning("drops: cannot keep the held-back embedder for the next start: %s", exc)
+
+    def restore_held(self) -> None:
+        """At start: the embedder held back before the restart is held back again (and, if
+        the gallery at the gallery path was made by it meanwhile, both go into service)."""
+        state = self.d.cfg.paths.state_dir
+        try:
+            held = load_held(state)
+        except DropRejected as exc:
+            log.warning("drops: the embedder held back before the restart is lost: %s", exc)
+            return
+        if held is None:
+            return
+        in_service = self.d.service.models["embedder"].sha256
+        if held.blob.sha256 == in_service:
+            save_held(state, None)
+            return
+        try:
+            self_test(held.blob, self._accel("embedder"))
+        except DropRejected as exc:
+            log.warning("drops: the embedder held back before the restart fails now: %s", exc)
+            return
+        self.held = held
+        log.info("drops: embedder %s (%s) is held back again, waiting for a gallery made by it",
+                 short(held.blob.sha256), held.file or held.blob.file)
+        made_by = None
+        try:
+            from edged.gallery import Gallery
+            with Gallery.open(self.gallery_path, expect_dim=None, verify=False) as g:
+                made_by = g.embedder_sha256
+        except Exception:
+            pass
+        if made_by == held.blob.sha256:  # its gallery arrived while edged was down
+            threading.Thread(target=self._on_file, args=(self.gallery_path,),
+                             name="drops-held", daemon=True).start()
 
     def _on_file(self, path: Path) -> None:
         _lower_priority()  # the watcher's thread: frames come first
@@ -502,6 +599,7 @@ class DropManager:
         if new_emb is not None and gallery is not None and gallery.embedder_sha256 != new_emb.sha256:
             prev = self.held
             self.held = _Held(new_emb, file=str(path))
+            self._keep_held()
             why = (f"embedder {short(new_emb.sha256)} differs from the gallery's "
                    f"{short(gallery.embedder_sha256)}: held back until a gallery made by it arrives")
             if prev is not None:
@@ -572,6 +670,7 @@ class DropManager:
             self.held = held
             holder.stop()
             raise
+        self._keep_held()
 
     # -- swapping and probation -------------------------------------------------------------
 

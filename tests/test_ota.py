@@ -858,3 +858,46 @@ def test_sighup_moving_the_gallery_moves_the_watch(shared_dir, models_dir, insta
         d.kill()
         watch.close()
     assert "Traceback" not in d.log()
+
+
+def test_a_held_back_embedder_survives_a_restart(shared_dir, models_dir, installed,
+                                                 base_gallery, broker, tmp_path):
+    """Held back, then the board restarts: held back again (status and journal); then its
+    gallery arrives while edged is down: at the next start both go into service."""
+    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
+                                    "otaheld", installed, fps_limit=5)
+    e0 = installed["embedder"][1]
+    watch = StatusWatch(broker.port, "edged/otaheld")
+    d = start_daemon(cfg, tmp_path)
+    try:
+        watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
+        e1_bytes = reencode(installed["embedder"][0], 9)
+        e1 = modelstore.sha256_bytes(e1_bytes)
+        write_drop(mdir, [("embedder", "mfn-v3.tflite", e1_bytes)], "mfn-v3")
+        watch.wait(lambda s: s["held_back"]["embedder"] == e1, 30, "held back")
+        held_dir = tmp_path / "state" / "held"
+        assert (held_dir / "held.json").is_file()
+        d.terminate()
+        d.kill()
+
+        watch.docs.clear()
+        d = start_daemon(cfg, tmp_path)
+        st = watch.wait(lambda s: s.get("held_back", {}).get("embedder") == e1, 30,
+                        "held back again after the restart")
+        assert st["versions"]["embedder"] == e0
+        assert "is held back again" in d.log()
+        d.terminate()
+        d.kill()
+
+        g1 = gallery_variant(base_gallery, gpath, e1, seed=8)  # while edged is down
+        watch.docs.clear()
+        d = start_daemon(cfg, tmp_path)
+        st = watch.wait(lambda s: s["versions"]["embedder"] == e1
+                        and s["versions"]["gallery"] == g1, 60, "both in service")
+        watch.wait(lambda s: not s.get("held_back"), 30, "nothing held back")
+        assert not (held_dir / "held.json").exists()
+    finally:
+        d.terminate()
+        d.kill()
+        watch.close()
+    assert "Traceback" not in d.log()

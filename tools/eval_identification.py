@@ -2,7 +2,8 @@
 """Open-set identification accuracy of edged on a folder of people (default: the dev set).
 
 Protocol (issue 4): every person folder with at least 3 photos is *enrolled* with 2 photos
-(the first two, in file-name order, that give a face) and *probed* with the rest; the
+(the first two, in file-name order, that give a face; with ``--enrol quality`` the two with
+the best face quality score) and *probed* with the rest; the
 *strangers* are every photo in ``unknown/`` plus every photo of people with fewer than 3.
 Each image goes through the pipeline with its default settings; the face nearest the image
 centre is embedded (quality minimums are not applied: the gallery is what is measured here;
@@ -24,7 +25,8 @@ embedder's sha256 and the pipeline settings), so a second run takes seconds; use
 ``--no-cache`` after changing pipeline code.
 
     .venv/bin/python tools/eval_identification.py [--dev ../shared/faces/dev] [--models DIR]
-        [--threads N] [--flip] [--cache FILE | --no-cache] [--default T] [--json FILE]
+        [--threads N] [--flip] [--enrol first|quality] [--cache FILE | --no-cache]
+        [--default T] [--json FILE]
 """
 from __future__ import annotations
 
@@ -76,15 +78,16 @@ def embed_all(paths, models_dir, threads: int, cache: Path = None, flip: bool = 
 
     sha[0] = pipe().embedder_sha256
     # the cache is valid for this embedder and these pipeline settings only
-    key = sha[0] + " " + repr(pipe().settings)
+    key = "v2 " + sha[0] + " " + repr(pipe().settings)
     cached = {}
     if cache is not None and cache.is_file():
         try:
             data = np.load(cache, allow_pickle=False)
             if str(data["embedder"]) == key:
-                for p, e, n, q in zip(data["paths"], data["emb"], data["faces"], data["passed"]):
+                for p, e, n, q, qs in zip(data["paths"], data["emb"], data["faces"],
+                                          data["passed"], data["quality"]):
                     cached[str(p)] = {"emb": None if n == 0 else e.astype(np.float32),
-                                      "faces": int(n), "passed": bool(q)}
+                                      "faces": int(n), "passed": bool(q), "quality": float(qs)}
         except Exception as exc:  # a stale or foreign cache: recompute
             print(f"ignoring cache {cache}: {exc}", file=sys.stderr)
     todo = [p for p in paths if str(p) not in cached]
@@ -101,11 +104,12 @@ def embed_all(paths, models_dir, threads: int, cache: Path = None, flip: bool = 
         p = pipe()
         faces = p.detect(img)
         face = central_face(faces, img.shape)
-        r = {"emb": None, "faces": len(faces), "passed": False}
+        r = {"emb": None, "faces": len(faces), "passed": False, "quality": 0.0}
         if face is not None:
             p.embed_faces([face], only_passing=False)
             r["emb"] = face.embedding
             r["passed"] = bool(face.quality is None or face.quality.passed)
+            r["quality"] = float(face.quality.score) if face.quality is not None else 0.0
         with lock:
             done[0] += 1
             if done[0] % 50 == 0 or done[0] == len(todo):
@@ -134,7 +138,9 @@ def save_cache(cache: Path, cached: dict, sha: str) -> None:
     np.savez(tmp, paths=np.array(keys), emb=emb,
              faces=np.array([cached[k]["faces"] if cached[k]["emb"] is not None else 0
                              for k in keys]),
-             passed=np.array([cached[k]["passed"] for k in keys]), embedder=np.array(sha))
+             passed=np.array([cached[k]["passed"] for k in keys]),
+             quality=np.array([cached[k].get("quality", 0.0) for k in keys]),
+             embedder=np.array(sha))
     os.replace(tmp, cache)
 
 
@@ -158,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--flip", action="store_true",
                     help="embed each face averaged with its mirror image (pipeline option flip)")
+    ap.add_argument("--enrol", choices=("first", "quality"), default="first",
+                    help="which 2 photos of a person to enrol: the first two by file name, or "
+                         "the two with the best face quality score (the rest are probes)")
     ap.add_argument("--default", type=float, default=MatchSettings().threshold,
                     help="the threshold to report as the default (MatchSettings.threshold)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
@@ -183,6 +192,8 @@ def main(argv=None) -> int:
             strangers += [(person, p) for p in imgs]
             continue
         got = [p for p in imgs if res[str(p)]["emb"] is not None]
+        if args.enrol == "quality":  # stable: ties keep file-name order
+            got = sorted(got, key=lambda p: -res[str(p)]["quality"])
         enrol = got[:2]
         if len(enrol) < 2:
             no_face["enrol"] += 2 - len(enrol)

@@ -505,6 +505,7 @@ class Daemon:
                      new.frames)
             return
         self.models_holder.release_previous()
+        new.gallery.keep_last_good()  # only now: a set on probation may still be rolled back
         threading.Thread(target=self._keep_models, args=(new,), name="keep-models",
                          daemon=True).start()  # never on the frame path (fsync)
         self.update_status(last_swap={"confirmed": True, "confirmed_after_frames": new.frames})
@@ -593,6 +594,7 @@ class Daemon:
                             "reconnecting (%s)", cam.name, camera_wait, cam.last_error,
                             extra=fields(camera=cam.name))
         self.warm_up(self.service)
+        self.service.gallery.keep_last_good()  # the gallery the next start falls back to
         self._spawn("events", self._events_loop)
         self._spawn("track", self._track_loop)
         for i in range(len(self.service.pipelines)):
@@ -617,34 +619,69 @@ class Daemon:
             manifest = None
         kept = Path(self.cfg.paths.state_dir) / "models" / "in-service.json"
         drops = self.cfg.drops
-        drop_dir = (self.cfg.paths.drop_dir or str(self.models_dir())) if drops.enabled else None
+        drop_dir = self._drop_dir(self.cfg)
         self.ota = DropManager(self, drop_dir, self.cfg.paths.gallery, manifest, drops)
         if kept.is_file():
             try:
                 self.ota.learn(modelstore.Manifest.load(kept))
             except modelstore.ModelError:
                 pass
+        gallery_waits = False
         if restore and drops.enabled:
             try:
-                self.ota.restore_held()
+                gallery_waits = self.ota.restore_held()
             except Exception:
                 log.exception("drops: restoring the held-back embedder failed")
         self.ota.start(since=since)
         self.update_status(_replace=("held_back",), drop_dir=drop_dir,
                            held_back=self.ota.held_status() or {})
+        if gallery_waits:  # after the status: the swap's own report comes last
+            threading.Thread(target=self.ota._on_file, args=(self.ota.gallery_path,),
+                             name="drops-held", daemon=True).start()
+
+    def _drop_dir(self, cfg) -> Optional[str]:
+        """The directory watched for model drops under ``cfg`` (None: model drops off)."""
+        if not cfg.drops.enabled:
+            return None
+        if cfg.paths.drop_dir:
+            return cfg.paths.drop_dir
+        return str(modelstore.resolve_models_dir(self.models_arg or cfg.paths.models_dir or None))
 
     def _restart_drops(self) -> None:
         """A reload moved the gallery path or the drop directory: watch the new ones.  What the
-        old drop manager learnt (the models it accepted, an embedder held back) carries over."""
+        old drop manager learnt (the models it accepted, an embedder held back) carries over.
+
+        The new manager shares the old one's lock, so the two never handle drops at once; the
+        old one stops only once the new one watches (if the new places cannot be watched, the
+        old ones stay watched, and the journal says so)."""
+        from edged.ota import DropManager
+
         old = self.ota
-        with old._lock:  # a drop being handled finishes first
-            old.stop()
-            self._start_drops()
-            self.ota.known.update(old.known)
-            self.ota.held = old.held
-        self.update_status(_replace=("held_back",), held_back=self.ota.held_status() or {})
+        cfg = self.cfg
+        try:
+            manifest = modelstore.Manifest.load()
+        except modelstore.ModelError:
+            manifest = None
+        new = DropManager(self, self._drop_dir(cfg), cfg.paths.gallery, manifest, cfg.drops)
+        new._lock = old._lock
+        new.known.update(old.known)
+        try:
+            new.start()
+        except Exception as exc:
+            new.stop()
+            log.error("reload: cannot watch the new drop places (%s); still watching %s", exc,
+                      ", ".join(str(w.directory) for w in old.watchers) or "nothing")
+            return
+        with old._lock:  # no drop in progress, and none on probation
+            old.wait_probation()
+            new.held = old.held
+            old._stopping.set()
+            self.ota = new
+        old.stop()  # outside the lock: its watcher threads waiting for it see _stopping
+        self.update_status(_replace=("held_back",), drop_dir=new.drop_dir and str(new.drop_dir),
+                           held_back=new.held_status() or {})
         log.info("reload: drops now watched at %s (gallery %s)",
-                 self.ota.drop_dir or "(model drops off)", self.ota.gallery_path)
+                 new.drop_dir or "(model drops off)", new.gallery_path)
 
     def warm_up(self, svc: ServiceSet, parts=None) -> None:
         """Run every interpreter once at the cameras' frame sizes (before READY / a swap), so
@@ -1049,6 +1086,7 @@ class Daemon:
                     self.ota.wait_probation()
                 self.swap_service(new)
                 self.models_holder.release_previous()  # closes the old set's gallery
+                new.gallery.keep_last_good()
         except Exception as exc:
             if isinstance(exc, (configmod.ConfigError, StartupError)):
                 log.error("reload failed, keeping the running configuration: %s", exc)
@@ -1077,9 +1115,12 @@ class Daemon:
         old_cfg = self.cfg
         self.cfg = dataclasses.replace(cfg, mqtt=self.cfg.mqtt)
         if self.ota is not None and (cfg.paths.gallery != old_cfg.paths.gallery
-                                     or cfg.paths.drop_dir != old_cfg.paths.drop_dir
+                                     or self._drop_dir(cfg) != self._drop_dir(old_cfg)
                                      or cfg.drops != old_cfg.drops):
-            self._restart_drops()
+            try:
+                self._restart_drops()
+            except Exception:
+                log.exception("reload: moving the drop watches failed; the old ones stay")
         for name, cs in old_cams.items():
             if new_cams.get(name) != cs:
                 cam = self.cameras.pop(name)

@@ -725,7 +725,10 @@ class GalleryHolder:
 
     With a ``snapshot_dir``, the gallery in service is also kept there as
     ``last-good.edgal`` (a hard link to its snapshot): when the file at ``path`` is refused at
-    start (a bad drop that stayed on disk, then a reboot), that one is served instead.
+    start (a bad drop that stayed on disk, then a reboot), that one is served instead.  Only a
+    holder that serves the daemon does this: the daemon calls :meth:`keep_last_good` when the
+    holder's set is (confirmed) in service, and from then on every gallery it swaps in is kept.
+    A holder built for a candidate set (a drop on probation, a reload) keeps nothing until then.
     """
 
     def __init__(self, path, expect_embedder: Optional[str], settings: Optional[MatchSettings] = None,
@@ -743,6 +746,9 @@ class GalleryHolder:
         self._snapshot_root = snapshot_dir
         self.last_good = Path(snapshot_dir) / LAST_GOOD if snapshot_dir else None
         self._snapdir = None
+        self._snap_lockfile = None  # held (flock) while the snapshot directory is in use
+        self.serving = False  # set by keep_last_good(): this holder serves the daemon
+        self._lg_lock = threading.Lock()
         self._snap_lock = threading.Lock()
         self._snap_n = 0
         self.holder = SwapHolder("gallery", self.path, loader=self._load,
@@ -761,8 +767,9 @@ class GalleryHolder:
                 root = self._snapshot_root or tempfile.gettempdir()
                 os.makedirs(root, exist_ok=True)
                 _remove_stale_snapshots(Path(root))
-                self._snapdir = Path(tempfile.mkdtemp(prefix=f"{SNAPSHOT_PREFIX}{os.getpid()}-",
-                                                      dir=str(root)))
+                snapdir = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=str(root)))
+                self._snap_lockfile = _lock_snapshot_dir(snapdir)
+                self._snapdir = snapdir
             self._snap_n += 1
             dest = self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
         try:
@@ -793,28 +800,52 @@ class GalleryHolder:
         return g
 
     def _keep_last_good(self, g: Gallery) -> None:
-        """Hard-link the snapshot of the gallery now in service to ``last-good.edgal``."""
+        """Hard-link the snapshot of ``g`` (now in service) to ``last-good.edgal``; where the
+        filesystem has no hard links, copy it in a background thread (never on the frame
+        path: a rollback runs on the track thread)."""
+        if not self.serving or self.last_good is None:
+            return
         dest = self.last_good
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        _unlink(tmp)
-        try:
+        with self._lg_lock:
+            self._lg_seq = getattr(self, "_lg_seq", 0) + 1
+            seq = self._lg_seq
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{seq}.tmp")
+            _unlink(tmp)
             try:
                 os.link(g.path, tmp)
-            except OSError:  # no hard links here: a copy, written safely
-                from edged.modelstore import atomic_write
-                with open(g.path, "rb") as f:
-                    atomic_write(tmp, iter(lambda: f.read(1 << 20), b""))
-            os.replace(tmp, dest)
+                os.replace(tmp, dest)
+                return
+            except OSError as exc:
+                _unlink(tmp)
+                try:
+                    src = open(g.path, "rb")  # readable even once the snapshot is unlinked
+                except OSError:
+                    log.warning("gallery: cannot keep the gallery in service as %s: %s", dest,
+                                exc.strerror or exc)
+                    return
+        threading.Thread(target=self._copy_last_good, args=(src, tmp, dest, seq),
+                         name="gallery-last-good", daemon=True).start()
+
+    def _copy_last_good(self, src, tmp: Path, dest: Path, seq: int) -> None:
+        from edged.modelstore import atomic_write
+        try:
+            with src:
+                atomic_write(tmp, iter(lambda: src.read(1 << 20), b""))
+            with self._lg_lock:
+                if seq == self._lg_seq:  # a newer gallery's copy wins
+                    os.replace(tmp, dest)
         except OSError as exc:
-            _unlink(tmp)
             log.warning("gallery: cannot keep the gallery in service as %s: %s", dest,
                         exc.strerror or exc)
+        finally:
+            _unlink(tmp)
 
     def keep_last_good(self) -> None:
-        """Keep the gallery in service as the last good one again (after a rollback of a set
-        that had brought another gallery)."""
+        """This holder serves the daemon now (its set is in service, or confirmed after a
+        drop): keep its gallery as the last good one, and every gallery it swaps in later."""
+        self.serving = True
         with self.holder.lease() as g:
-            if g is not None and self.last_good is not None:
+            if g is not None:
                 self._keep_last_good(g)
 
     def _start_last_good(self, refused) -> Optional[object]:
@@ -869,19 +900,44 @@ class GalleryHolder:
         return ev
 
     def stop(self) -> None:
+        self.serving = False
         self.holder.stop()
         d, self._snapdir = self._snapdir, None
         if d is not None:
             import shutil
             shutil.rmtree(d, ignore_errors=True)
+        f, self._snap_lockfile = self._snap_lockfile, None
+        if f is not None:
+            f.close()
 
     def version(self) -> Optional[str]:
         g = self.current
         return g.checksum if g is not None else None
 
 
-def _remove_stale_snapshots(root: Path) -> None:
-    """Remove the snapshot directories of edged processes that are gone (a SIGKILL, a crash)."""
+_SNAP_LOCK = ".lock"
+
+
+def _lock_snapshot_dir(d: Path):
+    """Hold an exclusive flock on ``d/.lock`` for as long as the returned file stays open
+    (the kernel drops it when the process dies, whatever its PID or PID namespace)."""
+    import fcntl
+    f = open(d / _SNAP_LOCK, "a+b")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise
+    return f
+
+
+def _remove_stale_snapshots(root: Path, min_age: float = 60.0) -> None:
+    """Remove the snapshot directories nobody holds any more (left by a SIGKILL, a crash).
+
+    A directory is in use while its ``.lock`` is flocked by a live holder.  Directories younger
+    than ``min_age`` seconds are left alone (one being created has no lock yet), as are those
+    whose lock is held; one with no lock file (made by an older edged) is removed."""
+    import fcntl
     import shutil
     try:
         entries = list(root.iterdir())
@@ -890,18 +946,28 @@ def _remove_stale_snapshots(root: Path) -> None:
     for d in entries:
         if not d.name.startswith(SNAPSHOT_PREFIX) or not d.is_dir():
             continue
-        pid = d.name[len(SNAPSHOT_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
         try:
-            os.kill(int(pid), 0)
-            continue  # alive (or someone else's: left alone)
-        except ProcessLookupError:
-            pass
+            if time.time() - d.stat().st_mtime < min_age:
+                continue
         except OSError:
             continue
-        log.info("gallery: removing %s, left by process %s which is gone", d, pid)
-        shutil.rmtree(d, ignore_errors=True)
+        try:
+            f = open(d / _SNAP_LOCK, "rb")
+        except FileNotFoundError:
+            f = None
+        except OSError:
+            continue
+        if f is not None:
+            with f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # held: in use
+                log.info("gallery: removing %s, left by a process that is gone", d)
+                shutil.rmtree(d, ignore_errors=True)
+        else:
+            log.info("gallery: removing %s, left by a process that is gone", d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _unlink(p) -> None:

@@ -444,26 +444,31 @@ class DropManager:
         except OSError as exc:
             log.warning("drops: cannot keep the held-back embedder for the next start: %s", exc)
 
-    def restore_held(self) -> None:
-        """At start: the embedder held back before the restart is held back again (and, if
-        the gallery at the gallery path was made by it meanwhile, both go into service)."""
+    def restore_held(self) -> bool:
+        """At start: the embedder held back before the restart is held back again.  Returns
+        True when the gallery at the gallery path was made by it meanwhile (then the caller
+        hands that file to :meth:`handle`, once the status says what is held)."""
         state = self.d.cfg.paths.state_dir
         try:
             held = load_held(state)
         except DropRejected as exc:
-            log.warning("drops: the embedder held back before the restart is lost: %s", exc)
-            return
+            log.warning("drops: the embedder held back before the restart is lost: %s "
+                        "(drop it again)", exc)
+            save_held(state, None)
+            return False
         if held is None:
-            return
+            return False
         in_service = self.d.service.models["embedder"].sha256
         if held.blob.sha256 == in_service:
             save_held(state, None)
-            return
+            return False
         try:
             self_test(held.blob, self._accel("embedder"))
         except DropRejected as exc:
-            log.warning("drops: the embedder held back before the restart fails now: %s", exc)
-            return
+            log.warning("drops: the embedder held back before the restart fails now, forgotten: "
+                        "%s", exc)
+            save_held(state, None)
+            return False
         self.held = held
         log.info("drops: embedder %s (%s) is held back again, waiting for a gallery made by it",
                  short(held.blob.sha256), held.file or held.blob.file)
@@ -474,9 +479,7 @@ class DropManager:
                 made_by = g.embedder_sha256
         except Exception:
             pass
-        if made_by == held.blob.sha256:  # its gallery arrived while edged was down
-            threading.Thread(target=self._on_file, args=(self.gallery_path,),
-                             name="drops-held", daemon=True).start()
+        return made_by == held.blob.sha256  # its gallery arrived while edged was down
 
     def _on_file(self, path: Path) -> None:
         _lower_priority()  # the watcher's thread: frames come first
@@ -662,15 +665,18 @@ class DropManager:
             return
         holder.holder.commit(gal, path, trigger="drop", started=t0)  # not in service yet
         holder.holder.on_event = self.d.gallery_event_handler(holder)
+        # forgotten on disk before the attempt: an embedder that crashes the process when it
+        # is built must not be tried again at every start
         self.held = None
+        self._keep_held()
         try:
             self._swap({"embedder": held.blob}, holder, path, t0, kind="models+gallery",
                        files=[held.file, str(path)])
         except BaseException:
             self.held = held
+            self._keep_held()
             holder.stop()
             raise
-        self._keep_held()
 
     # -- swapping and probation -------------------------------------------------------------
 

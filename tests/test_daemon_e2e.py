@@ -255,6 +255,9 @@ def test_detection_workers_keep_capture_order(shared_dir, tmp_path):
         def version(self):
             return None
 
+        def keep_last_good(self):
+            pass
+
         def stop(self):
             pass
 

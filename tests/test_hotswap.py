@@ -181,6 +181,8 @@ def test_gallery_holder_swaps_and_rejects(tmp_path):
     try:
         ev = h.start()
         assert ev.accepted and ev.new_version == c1 and h.version() == c1
+        assert not (tmp_path / "snap" / "last-good.edgal").exists()  # not serving yet
+        h.keep_last_good()  # the daemon: this holder's set is in service
         assert h.current.threads == 2
         m = h.match(emb1[:1])[0]
         assert m.identity == "v1-0" and m.score > 0.99
@@ -221,6 +223,7 @@ def test_a_gallery_refused_at_start_gives_way_to_the_last_good_one(tmp_path, cap
     c1, emb1 = gallery_file(p, "v1")
     h = GalleryHolder(p, SHA, watch=False, snapshot_dir=tmp_path / "snap")
     assert h.start().accepted
+    h.keep_last_good()
     h.stop()
     p.write_bytes(p.read_bytes()[:-100])  # truncated
     h = GalleryHolder(p, SHA, watch=False, snapshot_dir=tmp_path / "snap")
@@ -246,25 +249,54 @@ def test_a_gallery_refused_at_start_gives_way_to_the_last_good_one(tmp_path, cap
 
 
 def test_snapshots_of_dead_processes_are_removed(tmp_path):
+    """A snapshot directory is in use while its lock is held (by any process, whatever its
+    PID); one whose holder died (SIGKILL) is removed at the next start."""
     import subprocess
     import sys
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    import time as _time
+
+    from edged import gallery as G
     root = tmp_path / "snap"
-    stale = root / f"edged-gallery-{dead}-abc"
-    alive = root / f"edged-gallery-{os.getppid()}-def"
+    root.mkdir()
+    old = _time.time() - 3600
+    # a holder in another process that is killed: its lock goes with it
+    dead = root / "edged-gallery-dead"
+    dead.mkdir()
+    (dead / "gallery-1.edgal").write_bytes(b"x")
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time; sys.path.insert(0, %r)\n"
+                             "from edged.gallery import _lock_snapshot_dir\n"
+                             "from pathlib import Path\n"
+                             "f = _lock_snapshot_dir(Path(%r)); print('locked', flush=True)\n"
+                             "time.sleep(60)" % (str(Path(G.__file__).parents[1]), str(dead))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    alive = root / "edged-gallery-alive"
+    alive.mkdir()
+    f_alive = G._lock_snapshot_dir(alive)  # held by this (live) process
+    legacy = root / "edged-gallery-1234-abc"  # an older edged's, no lock file
+    legacy.mkdir()
+    young = root / "edged-gallery-young"  # just made by someone, not locked yet
+    young.mkdir()
     other = root / "something-else"
-    for d in (stale, alive, other):
-        d.mkdir(parents=True)
-        (d / "gallery-1.edgal").write_bytes(b"x")
+    other.mkdir()
+    for d in (dead, alive, legacy, other):
+        os.utime(d, (old, old))
+    G._remove_stale_snapshots(root)
+    assert dead.exists(), "locked by a live process: kept"
+    proc.kill()
+    proc.wait()
+    os.utime(dead, (old, old))
     p = tmp_path / "gallery.edgal"
     gallery_file(p, "v1")
     h = GalleryHolder(p, SHA, watch=False, snapshot_dir=root)
     try:
         assert h.start().accepted
-        assert not stale.exists() and alive.exists() and other.exists()
+        assert not dead.exists() and not legacy.exists()
+        assert alive.exists() and young.exists() and other.exists()
     finally:
         h.stop()
+        f_alive.close()
 
 
 def test_gallery_holder_without_gallery_says_unknown(tmp_path):

@@ -901,3 +901,33 @@ def test_a_held_back_embedder_survives_a_restart(shared_dir, models_dir, install
         d.kill()
         watch.close()
     assert "Traceback" not in d.log()
+
+
+def test_held_back_state_on_disk(installed, tmp_path):
+    """save_held/load_held round trip; a damaged or failing held embedder is forgotten at
+    start (with a warning), not retried at every start."""
+    from types import SimpleNamespace
+
+    from edged.ota import DropManager, DropRejected, ModelBlob, _Held, load_held, save_held
+
+    data, sha = installed["embedder"]
+    save_held(tmp_path, _Held(ModelBlob("embedder", data, sha, "/drops/mfn.tflite"),
+                              file="/drops/mfn.tflite"))
+    got = load_held(tmp_path)
+    assert got.blob.sha256 == sha and got.blob.data == data and got.file == "/drops/mfn.tflite"
+    held = tmp_path / "held"
+    (model,) = held.glob("embedder-*.tflite")
+    model.write_bytes(data[:-10])  # damaged on disk
+    with pytest.raises(DropRejected, match="sha256"):
+        load_held(tmp_path)
+    d = SimpleNamespace(cfg=SimpleNamespace(paths=SimpleNamespace(state_dir=str(tmp_path)),
+                                            models=SimpleNamespace(embedder=None)),
+                        service=SimpleNamespace(models={"embedder": SimpleNamespace(
+                            sha256="00" * 32)}))
+    m = DropManager(d, None, tmp_path / "people.edgal", None)
+    assert m.restore_held() is False and m.held is None
+    assert not list(held.iterdir())  # forgotten: not tried again at the next start
+    # one that no longer passes its self-test is forgotten too
+    junk = b"not a model" * 100
+    save_held(tmp_path, _Held(ModelBlob("embedder", junk, modelstore.sha256_bytes(junk), "x")))
+    assert m.restore_held() is False and not list(held.iterdir())

@@ -651,9 +651,11 @@ class Daemon:
         """A reload moved the gallery path or the drop directory: watch the new ones.  What the
         old drop manager learnt (the models it accepted, an embedder held back) carries over.
 
-        The new manager shares the old one's lock, so the two never handle drops at once; the
-        old one stops only once the new one watches (if the new places cannot be watched, the
-        old ones stay watched, and the journal says so)."""
+        All under the old manager's lock (which the new one shares): no drop is being handled
+        and none is on probation while the new one takes over, so each file is handled by
+        exactly one of them.  If the new places cannot be watched, the old ones stay watched,
+        and the journal says so.  The old watchers are stopped in the background (their
+        threads may wait for the lock a while)."""
         from edged.ota import DropManager
 
         old = self.ota
@@ -665,23 +667,27 @@ class Daemon:
         new = DropManager(self, self._drop_dir(cfg), cfg.paths.gallery, manifest, cfg.drops)
         new._lock = old._lock
         new.known.update(old.known)
-        try:
-            new.start()
-        except Exception as exc:
-            new.stop()
-            log.error("reload: cannot watch the new drop places (%s); still watching %s", exc,
-                      ", ".join(str(w.directory) for w in old.watchers) or "nothing")
-            return
         with old._lock:  # no drop in progress, and none on probation
             old.wait_probation()
             new.held = old.held
+            try:
+                new.start()  # its watchers wait for this lock before handling anything
+            except Exception as exc:
+                new._stopping.set()
+                threading.Thread(target=new.stop, name="drops-stop", daemon=True).start()
+                log.error("reload: cannot watch the new drop places (%s); still watching %s",
+                          exc, ", ".join(str(w.directory) for w in old.watchers) or "nothing")
+                return
             old._stopping.set()
             self.ota = new
-        old.stop()  # outside the lock: its watcher threads waiting for it see _stopping
+        threading.Thread(target=old.stop, name="drops-stop", daemon=True).start()
         self.update_status(_replace=("held_back",), drop_dir=new.drop_dir and str(new.drop_dir),
                            held_back=new.held_status() or {})
         log.info("reload: drops now watched at %s (gallery %s)",
                  new.drop_dir or "(model drops off)", new.gallery_path)
+        if new.held_gallery_waiting():  # the moved path already holds the held one's gallery
+            threading.Thread(target=new._on_file, args=(new.gallery_path,),
+                             name="drops-held", daemon=True).start()
 
     def warm_up(self, svc: ServiceSet, parts=None) -> None:
         """Run every interpreter once at the cameras' frame sizes (before READY / a swap), so

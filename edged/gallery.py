@@ -748,7 +748,6 @@ class GalleryHolder:
         self._snapdir = None
         self._snap_lockfile = None  # held (flock) while the snapshot directory is in use
         self.serving = False  # set by keep_last_good(): this holder serves the daemon
-        self._lg_lock = threading.Lock()
         self._snap_lock = threading.Lock()
         self._snap_n = 0
         self.holder = SwapHolder("gallery", self.path, loader=self._load,
@@ -768,7 +767,11 @@ class GalleryHolder:
                 os.makedirs(root, exist_ok=True)
                 _remove_stale_snapshots(Path(root))
                 snapdir = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=str(root)))
-                self._snap_lockfile = _lock_snapshot_dir(snapdir)
+                try:
+                    self._snap_lockfile = _lock_snapshot_dir(snapdir)
+                except OSError as exc:  # a filesystem without flock: unlocked, said once
+                    log.warning("gallery: cannot lock %s (%s); if this process is killed, "
+                                "remove it by hand", snapdir, exc.strerror or exc)
                 self._snapdir = snapdir
             self._snap_n += 1
             dest = self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
@@ -806,9 +809,8 @@ class GalleryHolder:
         if not self.serving or self.last_good is None:
             return
         dest = self.last_good
-        with self._lg_lock:
-            self._lg_seq = getattr(self, "_lg_seq", 0) + 1
-            seq = self._lg_seq
+        with _LG_LOCK:  # one sequence per destination: a newer gallery's copy always wins
+            seq = _LG_SEQ[str(dest)] = _LG_SEQ.get(str(dest), 0) + 1
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{seq}.tmp")
             _unlink(tmp)
             try:
@@ -831,8 +833,8 @@ class GalleryHolder:
         try:
             with src:
                 atomic_write(tmp, iter(lambda: src.read(1 << 20), b""))
-            with self._lg_lock:
-                if seq == self._lg_seq:  # a newer gallery's copy wins
+            with _LG_LOCK:
+                if seq == _LG_SEQ.get(str(dest)) and self.serving:  # else a newer one wins
                     os.replace(tmp, dest)
         except OSError as exc:
             log.warning("gallery: cannot keep the gallery in service as %s: %s", dest,
@@ -916,6 +918,9 @@ class GalleryHolder:
 
 
 _SNAP_LOCK = ".lock"
+# last-good.edgal is shared by every holder of a snapshot root: one sequence per destination
+_LG_LOCK = threading.Lock()
+_LG_SEQ: dict = {}
 
 
 def _lock_snapshot_dir(d: Path):
@@ -962,7 +967,7 @@ def _remove_stale_snapshots(root: Path, min_age: float = 60.0) -> None:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
-                    continue  # held: in use
+                    continue  # held (in use), or locks unsupported here: left alone
                 log.info("gallery: removing %s, left by a process that is gone", d)
                 shutil.rmtree(d, ignore_errors=True)
         else:

@@ -462,24 +462,31 @@ class DropManager:
         if held.blob.sha256 == in_service:
             save_held(state, None)
             return False
+        save_held(state, None)  # forgotten while it is built: a crash is not retried at start
         try:
             self_test(held.blob, self._accel("embedder"))
         except DropRejected as exc:
             log.warning("drops: the embedder held back before the restart fails now, forgotten: "
                         "%s", exc)
-            save_held(state, None)
             return False
         self.held = held
+        self._keep_held()
         log.info("drops: embedder %s (%s) is held back again, waiting for a gallery made by it",
                  short(held.blob.sha256), held.file or held.blob.file)
-        made_by = None
+        return self.held_gallery_waiting()
+
+    def held_gallery_waiting(self) -> bool:
+        """Whether the file at the gallery path was made by the embedder held back (it came
+        while the watch was not on it: edged was down, or the path just moved)."""
+        held = self.held
+        if held is None:
+            return False
         try:
             from edged.gallery import Gallery
             with Gallery.open(self.gallery_path, expect_dim=None, verify=False) as g:
-                made_by = g.embedder_sha256
+                return g.embedder_sha256 == held.blob.sha256
         except Exception:
-            pass
-        return made_by == held.blob.sha256  # its gallery arrived while edged was down
+            return False
 
     def _on_file(self, path: Path) -> None:
         _lower_priority()  # the watcher's thread: frames come first

@@ -506,3 +506,44 @@ def test_group_swaps_together(tmp_path):
     stop.set()
     t.join()
     assert not bad
+
+
+def test_without_flock_or_hard_links_the_gallery_is_still_served_and_kept(tmp_path, monkeypatch,
+                                                                        caplog):
+    """A state_dir on a filesystem without flock or hard links (vfat): galleries are served,
+    and the last good one is copied in the background, the newest winning."""
+    import errno
+
+    from edged import gallery as G
+
+    def no_flock(d):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    def no_link(a, b):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(G, "_lock_snapshot_dir", no_flock)
+    monkeypatch.setattr(G.os, "link", no_link)
+    p = tmp_path / "gallery.edgal"
+    c1, _ = gallery_file(p, "v1")
+    events = []
+    h = GalleryHolder(p, SHA, on_event=events.append, snapshot_dir=tmp_path / "snap",
+                      debounce=0.02)
+    lg = tmp_path / "snap" / "last-good.edgal"
+    try:
+        with caplog.at_level("WARNING", logger="edged.gallery"):
+            assert h.start().accepted
+        assert "cannot lock" in caplog.text
+        h.keep_last_good()
+        assert wait_for(lambda: lg.exists() and Gallery.open(lg).checksum == c1)
+        checksums = [c1]
+        for i in range(2, 6):  # quick successive swaps: the last one is what stays
+            tmp = tmp_path / f".v{i}.tmp"
+            checksums.append(gallery_file(tmp, f"v{i}")[0])
+            os.replace(tmp, p)
+            assert wait_for(lambda: h.version() == checksums[-1])
+        assert wait_for(lambda: Gallery.open(lg).checksum == checksums[-1])
+        time.sleep(0.3)
+        assert Gallery.open(lg).checksum == checksums[-1]
+    finally:
+        h.stop()

@@ -187,6 +187,20 @@ def setup_device(tmp_path: Path, models_dir: Path, shared_dir: Path, base_galler
     return cfg, mdir, gpath
 
 
+def start_device(tmp_path: Path, models_dir: Path, shared_dir: Path, base_gallery: Path, broker,
+                 installed, name: str) -> tuple:
+    """A device (camera at 5 fps) with edged running on it, and its status watched:
+    ``(cfg, models dir, gallery path, StatusWatch, DaemonProcess)``."""
+    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
+                                    name, installed, fps_limit=5)
+    watch = StatusWatch(broker.port, f"edged/{name}")
+    try:
+        return cfg, mdir, gpath, watch, start_daemon(cfg, tmp_path)
+    except BaseException:
+        watch.close()
+        raise
+
+
 def start_daemon(cfg: Path, tmp_path: Path, env=None) -> DaemonProcess:
     old = dict(os.environ)
     os.environ.update(env or {})
@@ -827,11 +841,9 @@ def test_sighup_moving_the_gallery_moves_the_watch(shared_dir, models_dir, insta
 
     import yaml
 
-    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
-                                    "otamove", installed, fps_limit=5)
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otamove")
     e0 = installed["embedder"][1]
-    watch = StatusWatch(broker.port, "edged/otamove")
-    d = start_daemon(cfg, tmp_path)
     try:
         st = watch.wait(lambda s: s["versions"]["gallery"], 30, "a gallery")
         g0 = st["versions"]["gallery"]
@@ -864,11 +876,9 @@ def test_a_held_back_embedder_survives_a_restart(shared_dir, models_dir, install
                                                  base_gallery, broker, tmp_path):
     """Held back, then the board restarts: held back again (status and journal); then its
     gallery arrives while edged is down: at the next start both go into service."""
-    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
-                                    "otaheld", installed, fps_limit=5)
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otaheld")
     e0 = installed["embedder"][1]
-    watch = StatusWatch(broker.port, "edged/otaheld")
-    d = start_daemon(cfg, tmp_path)
     try:
         watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
         e1_bytes = reencode(installed["embedder"][0], 9)

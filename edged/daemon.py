@@ -626,18 +626,21 @@ class Daemon:
                 self.ota.learn(modelstore.Manifest.load(kept))
             except modelstore.ModelError:
                 pass
-        gallery_waits = False
+        gallery_waits, waiting = False, []
         if restore and drops.enabled:
             try:
                 gallery_waits = self.ota.restore_held()
+                waiting = self.ota.restore_pending()
             except Exception:
-                log.exception("drops: restoring the held-back embedder failed")
+                log.exception("drops: restoring the drops in progress failed")
         self.ota.start(since=since)
         self.update_status(_replace=("held_back",), drop_dir=drop_dir,
                            held_back=self.ota.held_status() or {})
-        if gallery_waits:  # after the status: the swap's own report comes last
-            threading.Thread(target=self.ota._on_file, args=(self.ota.gallery_path,),
-                             name="drops-held", daemon=True).start()
+        todo = waiting + ([self.ota.gallery_path] if gallery_waits else [])
+        if todo:  # after the status: the drops' own reports come last
+            ota = self.ota
+            threading.Thread(target=lambda: [ota._on_file(p) for p in todo],
+                             name="drops-restored", daemon=True).start()
 
     def _drop_dir(self, cfg) -> Optional[str]:
         """The directory watched for model drops under ``cfg`` (None: model drops off)."""

@@ -263,6 +263,7 @@ class _Held:
 
 HELD_DIR = "held"  # under paths.state_dir: an embedder held back, kept across restarts
 HELD_DOC = "held.json"
+PENDING_DOC = "waiting-manifests.json"  # also there: manifests waiting for their files
 
 
 def save_held(state_dir, held: Optional[_Held]) -> None:
@@ -516,6 +517,65 @@ class DropManager:
                 log.exception("drop %s: unexpected failure", path)
                 self._report("rejected", self._kind_of(path), path, t0,
                              why=f"{path}: unexpected failure: {exc}")
+            finally:
+                self._keep_pending()
+
+    def _pending_doc(self) -> Optional[Path]:
+        state = getattr(getattr(getattr(self.d, "cfg", None), "paths", None), "state_dir", None)
+        return Path(state) / HELD_DIR / PENDING_DOC if state else None
+
+    def _keep_pending(self) -> None:
+        """Keep the list of manifests waiting for their files across restarts (written only
+        when it changed)."""
+        doc_path = self._pending_doc()
+        want = sorted(str(p) for p in self.pending)
+        if doc_path is None or want == getattr(self, "_pending_kept", None):
+            return
+        try:
+            if want:
+                doc_path.parent.mkdir(parents=True, exist_ok=True)
+                entries = []
+                for p in want:
+                    try:
+                        entries.append({"manifest": p,
+                                        "sha256": modelstore.sha256_file(Path(p))})
+                    except OSError:
+                        pass
+                modelstore.atomic_write(doc_path, (json.dumps({"waiting": entries}, indent=2)
+                                                   + "\n").encode())
+            else:
+                try:
+                    os.unlink(doc_path)
+                except FileNotFoundError:
+                    pass
+            self._pending_kept = want
+        except OSError as exc:
+            log.warning("drops: cannot keep the waiting manifests for the next start: %s", exc)
+
+    def restore_pending(self) -> List[Path]:
+        """At start: the manifests that were waiting for their files before the restart and
+        are still there, unchanged (the caller hands them to :meth:`handle` again)."""
+        doc_path = self._pending_doc()
+        if doc_path is None or not doc_path.is_file():
+            return []
+        try:
+            entries = json.loads(doc_path.read_text())["waiting"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("drops: %s is unusable (%s); waiting manifests are forgotten",
+                        doc_path, exc)
+            return []
+        out = []
+        for e in entries:
+            try:
+                p = Path(e["manifest"])
+                if modelstore.sha256_file(p) == e["sha256"] and self._match(str(p)):
+                    out.append(p)
+            except (OSError, KeyError, TypeError):
+                continue
+        if out:
+            log.info("drops: %d manifest(s) were waiting for their files before the restart: "
+                     "%s", len(out), ", ".join(str(p) for p in out))
+        return out
 
     def _kind_of(self, path: Path) -> str:
         return "gallery" if path == self.gallery_path or path.suffix == GALLERY_SUFFIX else "models"

@@ -941,3 +941,41 @@ def test_held_back_state_on_disk(installed, tmp_path):
     junk = b"not a model" * 100
     save_held(tmp_path, _Held(ModelBlob("embedder", junk, modelstore.sha256_bytes(junk), "x")))
     assert m.restore_held() is False and not list(held.iterdir())
+
+
+def test_a_manifest_waiting_for_its_file_survives_a_restart(shared_dir, models_dir, installed,
+                                                            base_gallery, broker, tmp_path):
+    """A manifest arrives, its model file does not (yet); edged restarts; the file arrives:
+    the drop completes. Once done, the next restart does not take that manifest again."""
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otawait")
+    try:
+        watch.wait(lambda s: s["versions"]["detector"], 30, "the models")
+        r_bytes = reencode(installed["rnet"][0], 13)
+        r_sha = modelstore.sha256_bytes(r_bytes)
+        (mdir / "rnet-v9.json").write_text(json.dumps(manifest_for([("rnet", "rnet-v9.tflite",
+                                                                      r_bytes)])))
+        watch.wait(lambda s: s["drops"]["waiting"] >= 1, 30, "a waiting manifest")
+        waiting_doc = tmp_path / "state" / "held" / "waiting-manifests.json"
+        assert str(mdir / "rnet-v9.json") in waiting_doc.read_text()
+        d.terminate()
+        d.kill()
+
+        watch.docs.clear()
+        d = start_daemon(cfg, tmp_path)
+        assert "were waiting for their files before the restart" in d.log()
+        stage = tmp_path / "stage9"
+        stage.mkdir()
+        (stage / "rnet-v9.tflite").write_bytes(r_bytes)
+        os.replace(stage / "rnet-v9.tflite", mdir / "rnet-v9.tflite")
+        watch.wait(lambda s: s["versions"]["detector"]["rnet"] == r_sha, 60, "the new R-Net")
+        assert not waiting_doc.exists()
+        d.terminate()
+        d.kill()
+        d = start_daemon(cfg, tmp_path)  # nothing is waiting any more: nothing taken again
+        assert "were waiting for their files" not in d.log()
+    finally:
+        d.terminate()
+        d.kill()
+        watch.close()
+    assert "Traceback" not in d.log()

@@ -208,9 +208,7 @@ class Daemon:
 
     def build_service(self, cfg) -> ServiceSet:
         """Load models and the gallery off the hot path; raise StartupError when impossible."""
-        from edged.detect import MtcnnDetector
         from edged.embed import Embedder
-        from edged.gallery import GalleryHolder
         from edged.pipeline import FacePipeline, PipelineSettings
 
         from edged.ota import ModelBlob
@@ -418,10 +416,7 @@ class Daemon:
         from edged.publish import _merge
 
         with self._status_lock:
-            for k in _replace:
-                if k in parts:
-                    self._status_doc.pop(k, None)
-            _merge(self._status_doc, parts)
+            _merge(self._status_doc, parts, _replace)
             self._status_dirty = True
         if self.publisher is not None:
             self.publisher.update_status(_replace=_replace, **parts)
@@ -610,17 +605,10 @@ class Daemon:
         """Watch the drop directory and the gallery path (edged.ota); ``since``: take the
         files that arrived from then on, before the watchers started; ``restore``: hold back
         again the embedder held back before the restart."""
-        from edged.ota import DropManager
-
-        try:
-            manifest = modelstore.Manifest.load()
-        except modelstore.ModelError as exc:
-            log.warning("drops: %s; only drops with their own manifest are taken", exc)
-            manifest = None
         kept = Path(self.cfg.paths.state_dir) / "models" / "in-service.json"
         drops = self.cfg.drops
         drop_dir = self._drop_dir(self.cfg)
-        self.ota = DropManager(self, drop_dir, self.cfg.paths.gallery, manifest, drops)
+        self.ota = self._new_drop_manager()
         if kept.is_file():
             try:
                 self.ota.learn(modelstore.Manifest.load(kept))
@@ -642,6 +630,18 @@ class Daemon:
             threading.Thread(target=lambda: [ota._on_file(p) for p in todo],
                              name="drops-restored", daemon=True).start()
 
+    def _new_drop_manager(self):
+        """A drop manager for the configuration in force, knowing the repository's manifest."""
+        from edged.ota import DropManager
+
+        try:
+            manifest = modelstore.Manifest.load()
+        except modelstore.ModelError as exc:
+            log.warning("drops: %s; only drops with their own manifest are taken", exc)
+            manifest = None
+        cfg = self.cfg
+        return DropManager(self, self._drop_dir(cfg), cfg.paths.gallery, manifest, cfg.drops)
+
     def _drop_dir(self, cfg) -> Optional[str]:
         """The directory watched for model drops under ``cfg`` (None: model drops off)."""
         if not cfg.drops.enabled:
@@ -659,15 +659,8 @@ class Daemon:
         exactly one of them.  If the new places cannot be watched, the old ones stay watched,
         and the journal says so.  The old watchers are stopped in the background (their
         threads may wait for the lock a while)."""
-        from edged.ota import DropManager
-
         old = self.ota
-        cfg = self.cfg
-        try:
-            manifest = modelstore.Manifest.load()
-        except modelstore.ModelError:
-            manifest = None
-        new = DropManager(self, self._drop_dir(cfg), cfg.paths.gallery, manifest, cfg.drops)
+        new = self._new_drop_manager()
         new._lock = old._lock
         new.known.update(old.known)
         with old._lock:  # no drop in progress, and none on probation

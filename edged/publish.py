@@ -90,8 +90,12 @@ def event_payload(event: Event, device: str, publish_time: float) -> dict:
     }
 
 
-def _merge(dst: dict, src: dict) -> None:
-    """Recursive dict merge; a None value deletes the key."""
+def _merge(dst: dict, src: dict, replace=()) -> None:
+    """Recursive dict merge; a None value deletes the key.  The top-level keys of ``src``
+    named in ``replace`` replace their old values whole instead of merging into them."""
+    for k in replace:
+        if k in src:
+            dst.pop(k, None)
     for k, v in src.items():
         if v is None:
             dst.pop(k, None)
@@ -250,10 +254,7 @@ class Publisher:
         The keys of ``parts`` named in ``_replace`` replace the old values whole, in one step.
         """
         with self._lock:
-            for k in _replace:
-                if k in parts:
-                    self._status.pop(k, None)
-            _merge(self._status, parts)
+            _merge(self._status, parts, _replace)
             cams = parts.get("cameras")
             if isinstance(cams, dict):
                 self._note_cameras(self._status.get("cameras", {}).keys())

@@ -37,7 +37,6 @@ released.  Every outcome is reported through ``report(record)`` (journal and MQT
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -217,27 +216,42 @@ def save_in_service(state_dir, models: Dict[str, ModelBlob]) -> Path:
     under ``<state_dir>/models/`` and a manifest of them (the repository's format), each file
     written atomically, the manifest last; files no longer named are removed."""
     d = Path(state_dir) / IN_SERVICE_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for role in ROLES:
-        b = models[role]
-        name = f"{role}-{b.sha256[:16]}.tflite"
-        if not (d / name).is_file() or modelstore.sha256_file(d / name) != b.sha256:
-            modelstore.atomic_write(d / name, b.data)
-        entries.append({"role": role, "file": name, "sha256": b.sha256, "size": len(b.data),
-                        "dropped_as": b.file})
+    blobs = [models[role] for role in ROLES]
     doc = {"format": "edged-model-manifest", "version": 1,
            "note": "the models edged had in service; written by the daemon (docs/ota.md)",
-           "models": entries}
-    modelstore.atomic_write(d / IN_SERVICE_MANIFEST, (json.dumps(doc, indent=2) + "\n").encode())
-    keep = {e["file"] for e in entries} | {IN_SERVICE_MANIFEST}
-    for f in os.listdir(d):  # only files this function wrote (ROLE-<16 hex>.tflite)
-        if f not in keep and OWN_FILE.fullmatch(f):
+           "models": [{"role": role, "file": _own_name(b), "sha256": b.sha256,
+                       "size": len(b.data), "dropped_as": b.file}
+                      for role, b in zip(ROLES, blobs)]}
+    _write_model_dir(d, blobs, IN_SERVICE_MANIFEST, doc)
+    return d / IN_SERVICE_MANIFEST
+
+
+def _own_name(b: "ModelBlob") -> str:
+    return f"{b.role}-{b.sha256[:16]}.tflite"
+
+
+def _write_model_dir(d: Path, blobs, doc_name: str, doc: Optional[dict]) -> None:
+    """Keep ``blobs`` in ``d`` as ``ROLE-<16 hex>.tflite`` (each rewritten, atomically, only
+    when it differs) and ``doc`` as ``doc_name`` (last); remove the model files of that form
+    no longer named, and ``doc_name`` itself when ``doc`` is None.  Nothing else is touched."""
+    keep = set()
+    if doc is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        for b in blobs:
+            name = _own_name(b)
+            if not (d / name).is_file() or modelstore.sha256_file(d / name) != b.sha256:
+                modelstore.atomic_write(d / name, b.data)
+            keep.add(name)
+        modelstore.atomic_write(d / doc_name, (json.dumps(doc, indent=2) + "\n").encode())
+        keep.add(doc_name)
+    if not d.is_dir():
+        return
+    for f in os.listdir(d):
+        if f not in keep and (f == doc_name or OWN_FILE.fullmatch(f)):
             try:
                 os.unlink(d / f)
             except OSError:
                 pass
-    return d / IN_SERVICE_MANIFEST
 
 
 def load_in_service(state_dir) -> Optional[Dict[str, ModelBlob]]:
@@ -269,26 +283,12 @@ PENDING_DOC = "waiting-manifests.json"  # also there: manifests waiting for thei
 def save_held(state_dir, held: Optional[_Held]) -> None:
     """Keep the embedder held back (or, with None, forget it) across restarts:
     ``<state_dir>/held/embedder-<16 hex>.tflite`` and ``held.json``, written atomically."""
-    d = Path(state_dir) / HELD_DIR
-    keep = set()
+    doc = None
     if held is not None:
-        d.mkdir(parents=True, exist_ok=True)
         b = held.blob
-        name = f"embedder-{b.sha256[:16]}.tflite"
-        if not (d / name).is_file() or modelstore.sha256_file(d / name) != b.sha256:
-            modelstore.atomic_write(d / name, b.data)
-        doc = {"role": "embedder", "file": name, "sha256": b.sha256, "size": len(b.data),
+        doc = {"role": "embedder", "file": _own_name(b), "sha256": b.sha256, "size": len(b.data),
                "dropped_as": held.file, "dropped_sha256": b.dropped_sha256, "since": held.since}
-        modelstore.atomic_write(d / HELD_DOC, (json.dumps(doc, indent=2) + "\n").encode())
-        keep = {name, HELD_DOC}
-    if not d.is_dir():
-        return
-    for f in os.listdir(d):  # only what this function writes
-        if f not in keep and (f == HELD_DOC or OWN_FILE.fullmatch(f)):
-            try:
-                os.unlink(d / f)
-            except OSError:
-                pass
+    _write_model_dir(Path(state_dir) / HELD_DIR, [held.blob] if held else [], HELD_DOC, doc)
 
 
 def load_held(state_dir) -> Optional[_Held]:
@@ -306,7 +306,7 @@ def load_held(state_dir) -> Optional[_Held]:
         data = (d / name).read_bytes()
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DropRejected(f"{doc_path}: unusable: {exc}") from None
-    got = hashlib.sha256(data).hexdigest()
+    got = modelstore.sha256_bytes(data)
     if got != sha:
         raise DropRejected(f"{d / name}: sha256 {got} is not the {sha} recorded in {doc_path}")
     blob = ModelBlob("embedder", data, sha, str(doc.get("dropped_as") or d / name),
@@ -436,8 +436,12 @@ class DropManager:
 
     # -- the watcher's thread ---------------------------------------------------------------
 
+    def _state_dir(self) -> Optional[str]:
+        """``paths.state_dir`` of the daemon (None for a daemon without a configuration)."""
+        return getattr(getattr(getattr(self.d, "cfg", None), "paths", None), "state_dir", None)
+
     def _keep_held(self) -> None:
-        state = getattr(getattr(getattr(self.d, "cfg", None), "paths", None), "state_dir", None)
+        state = self._state_dir()
         if not state:
             return
         try:
@@ -449,7 +453,7 @@ class DropManager:
         """At start: the embedder held back before the restart is held back again.  Returns
         True when the gallery at the gallery path was made by it meanwhile (then the caller
         hands that file to :meth:`handle`, once the status says what is held)."""
-        state = self.d.cfg.paths.state_dir
+        state = self._state_dir()
         try:
             held = load_held(state)
         except DropRejected as exc:
@@ -459,11 +463,9 @@ class DropManager:
             return False
         if held is None:
             return False
-        in_service = self.d.service.models["embedder"].sha256
-        if held.blob.sha256 == in_service:
-            save_held(state, None)
+        save_held(state, None)  # forgotten while it is checked: a crash is not retried at start
+        if held.blob.sha256 == self.d.service.models["embedder"].sha256:
             return False
-        save_held(state, None)  # forgotten while it is built: a crash is not retried at start
         try:
             self_test(held.blob, self._accel("embedder"))
         except DropRejected as exc:
@@ -521,7 +523,7 @@ class DropManager:
                 self._keep_pending()
 
     def _pending_doc(self) -> Optional[Path]:
-        state = getattr(getattr(getattr(self.d, "cfg", None), "paths", None), "state_dir", None)
+        state = self._state_dir()
         return Path(state) / HELD_DIR / PENDING_DOC if state else None
 
     def _keep_pending(self) -> None:

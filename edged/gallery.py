@@ -141,8 +141,9 @@ def _cv_widen_ok() -> bool:
     return _CV_WIDEN
 
 
-def _widen_f16(block: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """float16 rows -> float32 into ``out``: by OpenCV when it can, else by bit operations.
+def _widen_f16(block: np.ndarray, out: np.ndarray, tmp: Optional[np.ndarray]) -> np.ndarray:
+    """float16 rows -> float32 into ``out``: by OpenCV when it can, else by bit operations
+    (``tmp``, a uint32 array as large as ``out``, is their scratch space).
 
     Exact for zeros, subnormals and normal numbers; the file has no inf/NaN (checked on open).
     """
@@ -423,11 +424,8 @@ class Gallery:
         """``(rows, n_queries)``: rows-major so that blocks and reduceat stay contiguous."""
         if self._mm is None:
             raise GalleryError(self.path, "gallery is closed")
-        chunks = [(int(self._row_starts[a]), int(self._row_starts[b])) for a, b in self._chunks()]
-        if self._pool is None or len(chunks) == 1:
-            parts = [self._scan(q, r0, r1) for r0, r1 in chunks]
-        else:
-            parts = list(self._pool.map(lambda c: self._scan(q, *c), chunks))
+        starts = self._row_starts
+        parts = self._each_chunk(lambda c: self._scan(q, int(starts[c[0]]), int(starts[c[1]])))
         if not parts:
             return np.empty((self.rows, q.shape[0]), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -457,7 +455,8 @@ class Gallery:
             if f16:
                 if buf is None:
                     buf = np.empty((block_rows, self.dim), np.float32)
-                    tmp = np.empty((block_rows, self.dim), np.uint32)
+                    if not _cv_widen_ok():  # the bit operations' scratch space
+                        tmp = np.empty((block_rows, self.dim), np.uint32)
                 block = _widen_f16(block, buf, tmp)
             if one:
                 np.matmul(block, qt[:, 0], out=out[s - lo:e - lo, 0])
@@ -496,11 +495,7 @@ class Gallery:
         """
         if self._mm is None:
             raise GalleryError(self.path, "gallery is closed")
-        chunks = self._chunks()
-        if self._pool is None or len(chunks) == 1:
-            parts = [self._chunk_top(q, k, c) for c in chunks]
-        else:
-            parts = list(self._pool.map(lambda c: self._chunk_top(q, k, c), chunks))
+        parts = self._each_chunk(lambda c: self._chunk_top(q, k, c))
         cols = np.arange(q.shape[0])
         if len(parts) == 1:
             idx, val = parts[0]                                # (candidates, nq)
@@ -513,6 +508,14 @@ class Gallery:
         # best first; ties keep file order (the lower identity index first)
         order = np.lexsort((idx, -val), axis=0)
         return idx[order, cols].T, val[order, cols].T
+
+    def _each_chunk(self, fn) -> list:
+        """``fn(chunk)`` for each of :meth:`_chunks`, in order: in the thread pool when there is
+        one and more than one chunk."""
+        chunks = self._chunks()
+        if self._pool is None or len(chunks) == 1:
+            return [fn(c) for c in chunks]
+        return list(self._pool.map(fn, chunks))
 
     def _chunks(self) -> List[Tuple[int, int]]:
         """Identity ranges ``(j0, j1)`` of about equal rows: one per thread, or one per

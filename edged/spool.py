@@ -51,6 +51,15 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+def _rollback(db) -> None:
+    """End a failed transaction; a rollback that fails too (no transaction open, a damaged
+    file) is left to the caller's own error handling."""
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
 @dataclass
 class SpoolRecord:
     rowid: int
@@ -197,10 +206,7 @@ class Spool:
                 self._save_dropped(db)
             db.execute("COMMIT")
         except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _rollback(db)
             # recount: the in-memory counters may be off after a failed transaction
             try:
                 self._depth, self._bytes = db.execute(
@@ -279,10 +285,7 @@ class Spool:
                 db.execute("COMMIT")
                 return n
             except sqlite3.DatabaseError as e:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                _rollback(self._db)
                 log.error("spool %s: cannot expire old events: %s", self.path, e)
                 return 0
 
@@ -356,10 +359,7 @@ class Spool:
                 self._bytes -= size
                 return n
             except sqlite3.DatabaseError as e:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                _rollback(self._db)
                 if self._is_damage(e):
                     self._recover(e)
                 else:

@@ -16,7 +16,6 @@ import importlib
 import logging
 import pkgutil
 import time
-from typing import Optional
 
 import numpy as np
 

@@ -11,6 +11,7 @@ import pytest
 from edged.capture import (Camera, CameraSettings, FrameHub, gstreamer_available, guess_kind,
                            preflight)
 from edged.types import Frame
+from conftest import wait_for
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"  # 275 frames, 640x360, 29.97 fps
 
@@ -20,13 +21,6 @@ def frame(cam="c", i=0):
                  monotonic=time.monotonic())
 
 
-def wait_for(cond, timeout=10.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 @pytest.mark.parametrize("source,kind", [

@@ -193,7 +193,7 @@ def test_camera_missing_at_start(tmp_path):
     d = DaemonProcess(cfg, tmp_path, notify=notify.path, watchdog_usec=1_000_000,
                       extra_args=["--camera-wait", "1"])
     try:
-        ready = notify.wait_for("READY=1", timeout=120)
+        notify.wait_for("READY=1", timeout=120)
         time.sleep(2)
         assert not notify.times("WATCHDOG=1")
         status = [m for _, m in notify.messages if "READY=1" in m][0]
@@ -209,27 +209,22 @@ def test_camera_missing_at_start(tmp_path):
 
 
 def test_startup_failure_is_clear(tmp_path):
-    cfg = write_config(
-        tmp_path / "config.yaml",
-        cameras=[{"name": "c", "source": str(tmp_path / "missing.mp4")}],
-        mqtt={"enabled": False}, logging={"target": "stderr"})
-    d = DaemonProcess(cfg, tmp_path)
-    try:
-        d.proc.wait(60)
-    finally:
-        d.kill()
+    def run_to_exit(**sections) -> DaemonProcess:
+        d = DaemonProcess(write_config(tmp_path / "config.yaml", **sections), tmp_path)
+        try:
+            d.proc.wait(60)
+        finally:
+            d.kill()
+        return d
+
+    d = run_to_exit(cameras=[{"name": "c", "source": str(tmp_path / "missing.mp4")}],
+                    mqtt={"enabled": False}, logging={"target": "stderr"})
     assert d.proc.returncode == 1
     assert f"edged run: camera c: video file {tmp_path / 'missing.mp4'} does not exist" in d.log()
-    cfg = write_config(
-        tmp_path / "config.yaml",
-        cameras=[{"name": "c", "source": "/dev/video9"}],
-        paths={"models_dir": str(tmp_path / "no-models"), "state_dir": str(tmp_path / "state")},
-        mqtt={"enabled": False}, logging={"target": "stderr"})
-    d = DaemonProcess(cfg, tmp_path)
-    try:
-        d.proc.wait(60)
-    finally:
-        d.kill()
+    d = run_to_exit(cameras=[{"name": "c", "source": "/dev/video9"}],
+                    paths={"models_dir": str(tmp_path / "no-models"),
+                           "state_dir": str(tmp_path / "state")},
+                    mqtt={"enabled": False}, logging={"target": "stderr"})
     assert d.proc.returncode == 1
     assert "edged run: models: " in d.log() and "is missing; run 'edged models install'" in d.log()
 

@@ -235,7 +235,6 @@ def _write(path, array) -> str:
 
 def test_image_files_of_every_kind(detector, photo, tmp_path):
     """Grayscale, RGBA and 16-bit PNGs made from a real photo load as BGR8 and give its faces."""
-    ref = detector.detect(photo)
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
     rgba = cv2.cvtColor(photo, cv2.COLOR_BGR2BGRA)
     rgba[:, :, 3] = 128  # half transparent: the colour is used as it is

@@ -222,7 +222,7 @@ def test_missing_file(tmp_path):
 def test_bad_row_index(tmp_path):
     p = tmp_path / "g.edgal"
     make(p)
-    with Gallery.open(p, verify=False) as g:
+    with Gallery.open(p, verify=False):
         ri_off = G._HEAD.unpack_from(p.read_bytes(), 0)[11]
     patch(p, ri_off, struct.pack("<I", 3))  # row 0 claims identity 3
     assert "row-to-identity index disagrees" in reason(p)

@@ -13,18 +13,12 @@ import pytest
 
 from edged.gallery import Gallery, GalleryHolder, MatchSettings, write_gallery
 from edged.hotswap import FileWatcher, SwapHolder
+from conftest import wait_for
 
 SHA = "ab" * 32
 OTHER = "cd" * 32
 
 
-def wait_for(cond, timeout=10.0, step=0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 # --------------------------------------------------------------------------- generic holder

@@ -188,14 +188,15 @@ def setup_device(tmp_path: Path, models_dir: Path, shared_dir: Path, base_galler
 
 
 def start_device(tmp_path: Path, models_dir: Path, shared_dir: Path, base_gallery: Path, broker,
-                 installed, name: str) -> tuple:
-    """A device (camera at 5 fps) with edged running on it, and its status watched:
+                 installed, name: str, fps_limit: float = 5.0, env=None) -> tuple:
+    """A device (:func:`setup_device`) with edged running on it (``env`` added to its
+    environment), and its status watched:
     ``(cfg, models dir, gallery path, StatusWatch, DaemonProcess)``."""
     cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
-                                    name, installed, fps_limit=5)
+                                    name, installed, fps_limit=fps_limit)
     watch = StatusWatch(broker.port, f"edged/{name}")
     try:
-        return cfg, mdir, gpath, watch, start_daemon(cfg, tmp_path)
+        return cfg, mdir, gpath, watch, start_daemon(cfg, tmp_path, env=env)
     except BaseException:
         watch.close()
         raise
@@ -267,10 +268,8 @@ def test_edged_status_without_a_status_file(tmp_path):
 
 def test_embedder_is_held_back_until_its_gallery_arrives(shared_dir, models_dir, installed,
                                                          base_gallery, broker, tmp_path):
-    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
-                                    "otapair", installed)
-    watch = StatusWatch(broker.port, "edged/otapair")
-    d = start_daemon(cfg, tmp_path)
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otapair", fps_limit=0.0)
     try:
         e0 = installed["embedder"][1]
         st = watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
@@ -365,12 +364,11 @@ def test_runtime_failure_rolls_back_to_the_previous_set(shared_dir, models_dir, 
                                                          base_gallery, broker, tmp_path):
     """A NaN embedder that passes (skips, by the test hook) the self-test goes into service
     with its gallery; its first embeddings are not finite: the previous set comes back."""
-    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
-                                    "otaroll", installed)
     bad = poison(reencode(installed["embedder"][0], 11))
     bad_sha = modelstore.sha256_bytes(bad)
-    watch = StatusWatch(broker.port, "edged/otaroll")
-    d = start_daemon(cfg, tmp_path, env={"EDGED_TEST_SKIP_SELFTEST": bad_sha})
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otaroll", fps_limit=0.0,
+                                              env={"EDGED_TEST_SKIP_SELFTEST": bad_sha})
     try:
         e0 = installed["embedder"][1]
         st = watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
@@ -413,12 +411,11 @@ def test_a_detector_with_non_finite_outputs_never_reaches_service(
     """A NaN P-Net (a detector-only drop) that skips the self-test: its warm-up on a frame now
     raises (non-finite outputs are an error, not "no face"), so the drop is refused and the
     running detector stays; before, it went into service finding no faces and was confirmed."""
-    cfg, mdir, gpath = setup_device(tmp_path, models_dir, shared_dir, base_gallery, broker.port,
-                                    "otadet", installed)
     bad = poison(reencode(installed["pnet"][0], 13))
     bad_sha = modelstore.sha256_bytes(bad)
-    watch = StatusWatch(broker.port, "edged/otadet")
-    d = start_daemon(cfg, tmp_path, env={"EDGED_TEST_SKIP_SELFTEST": bad_sha})
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otadet", fps_limit=0.0,
+                                              env={"EDGED_TEST_SKIP_SELFTEST": bad_sha})
     try:
         p0 = installed["pnet"][1]
         watch.wait(lambda s: s["versions"]["detector"]["pnet"] == p0, 30, "the detector")
@@ -856,7 +853,7 @@ def test_sighup_moving_the_gallery_moves_the_watch(shared_dir, models_dir, insta
         cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
         d.proc.send_signal(signal.SIGHUP)
         watch.wait(lambda s: s["versions"]["gallery"] == g5, 60, "the moved gallery")
-        d.wait_log(f"drops now watched at", timeout=10)
+        d.wait_log("drops now watched at", timeout=10)
         # a drop at the new path is taken
         g6 = gallery_variant(base_gallery, new_path, e0, seed=6)
         watch.wait(lambda s: s["versions"]["gallery"] == g6, 30, "a drop at the new path")

@@ -71,6 +71,32 @@ def produced(path: Path):
     return [(i, cam, int(seq)) for i, cam, seq in rows]
 
 
+def spool_then_crash(tmp_path: Path, port: int, count: int):
+    """A producer spools ``count`` events (the broker at ``port`` is down), then is SIGKILLed:
+    ``(the producer, its events as produced)``."""
+    prod = Producer(tmp_path, port, "--count", str(count), "--interval", "0", name="first")
+    try:
+        prod.wait_line(f"produced {count}")
+        prod.proc.send_signal(signal.SIGKILL)
+        prod.proc.wait(10)
+    finally:
+        prod.kill_quietly()
+    return prod, produced(prod.produced)
+
+
+def drain_after_restart(tmp_path: Path, port: int) -> "Producer":
+    """A producer restarted on the same spool, sending what it holds, until it is empty and
+    exits; the caller kills it quietly."""
+    again = Producer(tmp_path, port, "--count", "0", "--exit-when-empty", name="second")
+    try:
+        again.wait_line("empty", 30)
+        assert again.proc.wait(15) == 0
+    except BaseException:
+        again.kill_quietly()
+        raise
+    return again
+
+
 def check_delivery(msgs, expected):
     """Every expected id at least once; per camera in order; duplicates identical."""
     by_id = {}
@@ -130,14 +156,7 @@ def test_broker_outage_of_30s_loses_nothing(broker_factory, tmp_path):
 def test_producer_sigkilled_with_spooled_events_delivers_them_on_restart(broker_factory,
                                                                          tmp_path):
     b = broker_factory()  # not started: the broker is down
-    prod = Producer(tmp_path, b.port, "--count", "60", "--interval", "0", name="first")
-    try:
-        prod.wait_line("produced 60")
-        prod.proc.send_signal(signal.SIGKILL)
-        prod.proc.wait(10)
-    finally:
-        prod.kill_quietly()
-    expected = produced(prod.produced)
+    prod, expected = spool_then_crash(tmp_path, b.port, 60)
     assert len(expected) == 60
     # the spool on disk holds them all, independently of any broker
     db = sqlite3.connect(prod.state / SPOOL_FILE)
@@ -147,16 +166,16 @@ def test_producer_sigkilled_with_spooled_events_delivers_them_on_restart(broker_
 
     b.start()
     sub = Subscriber(b.port, f"{PREFIX}/events")
-    again = Producer(tmp_path, b.port, "--count", "0", "--exit-when-empty", name="second")
+    again = None
     try:
-        again.wait_line("empty", 30)
-        assert again.proc.wait(15) == 0
+        again = drain_after_restart(tmp_path, b.port)
         assert sub.wait_for(lambda s: len(s.payloads(f"{PREFIX}/events")) >= 60, 10)
         check_delivery(sub.payloads(f"{PREFIX}/events"), expected)
         first = json.loads(sub.payloads(f"{PREFIX}/events")[0])
         assert first["id"] == expected[0][0]  # oldest first, original id
     finally:
-        again.kill_quietly()
+        if again is not None:
+            again.kill_quietly()
         sub.close()
     assert "60 event(s) waiting from before" in again.logpath.read_text()
 
@@ -428,14 +447,7 @@ def test_availability_offline_after_keepalive_when_frozen(broker, tmp_path):
 
 def test_torn_spool_record_after_a_crash_is_skipped_with_a_log_line(broker_factory, tmp_path):
     b = broker_factory()
-    prod = Producer(tmp_path, b.port, "--count", "20", "--interval", "0", name="first")
-    try:
-        prod.wait_line("produced 20")
-        prod.proc.send_signal(signal.SIGKILL)
-        prod.proc.wait(10)
-    finally:
-        prod.kill_quietly()
-    expected = produced(prod.produced)
+    prod, expected = spool_then_crash(tmp_path, b.port, 20)
     # a power cut tore one record: its payload is cut short
     db = sqlite3.connect(prod.state / SPOOL_FILE)
     torn_id = expected[7][0]
@@ -445,16 +457,16 @@ def test_torn_spool_record_after_a_crash_is_skipped_with_a_log_line(broker_facto
     db.close()
     b.start()
     sub = Subscriber(b.port, f"{PREFIX}/events")
-    again = Producer(tmp_path, b.port, "--count", "0", "--exit-when-empty", name="second")
+    again = None
     try:
-        again.wait_line("empty", 30)
-        assert again.proc.wait(15) == 0
+        again = drain_after_restart(tmp_path, b.port)
         rest = [e for e in expected if e[0] != torn_id]
         assert sub.wait_for(lambda s: len(s.payloads(f"{PREFIX}/events")) >= 19, 10)
         check_delivery(sub.payloads(f"{PREFIX}/events"), rest)
         assert torn_id not in b"".join(sub.payloads(f"{PREFIX}/events")).decode()
     finally:
-        again.kill_quietly()
+        if again is not None:
+            again.kill_quietly()
         sub.close()
     log = again.logpath.read_text()
     assert f"(event {torn_id}) is torn or corrupt (payload is not JSON" in log

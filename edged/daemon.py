@@ -563,9 +563,12 @@ class Daemon:
         self._loaded_since = time.time()  # drops that arrive from now on are taken (edged.ota)
         self.service = self.build_service(cfg)
         self._status_doc = {}
-        log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people)",
+        g = self.service.gallery.current
+        log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people, %s)",
                  time.monotonic() - t0, self.service.versions["embedder"][:12],
-                 (self.service.versions.get("gallery") or "none")[:12], len(self.people()))
+                 (self.service.versions.get("gallery") or "none")[:12], len(self.people()),
+                 f"{getattr(g, 'rows', '?')} rows {getattr(g, 'dtype_name', '?')}, "
+                 f"scan {getattr(g, 'scan', '?')}" if g is not None else "no gallery")
         from edged.publish import Publisher
 
         try:

@@ -71,6 +71,9 @@ F32_BLOCK_ROWS = 512
 #: a search works through the gallery in chunks of about this many rows (whole identities),
 #: each reduced to its identities' best rows and its own top k while its scores are cached
 CHUNK_ROWS = 65536
+#: a search is split over the thread pool only where each thread gets at least this many rows
+#: (below it, handing work to threads costs more than it saves: docs/benchmarks.md)
+MIN_THREAD_ROWS = 32768
 
 
 class GalleryError(ValueError):
@@ -95,10 +98,10 @@ class MatchSettings:
         "help": "also require the best identity to beat the second best by this much (0 = off)"})
     top_k: int = field(default=5, metadata={
         "min": 1, "max": 100, "help": "candidates kept per face (Match.candidates)"})
-    threads: int = field(default=1, metadata={
+    threads: int = field(default=2, metadata={
         "min": 1, "max": 64,
-        "help": "threads splitting each gallery scan; worth 2 or more only for galleries of "
-                "100k rows or more, best with OPENBLAS_NUM_THREADS=1 (docs/benchmarks.md)"})
+        "help": "threads splitting each gallery scan of 64k rows or more (smaller galleries "
+                "are scanned by one); best with OPENBLAS_NUM_THREADS=1 (docs/benchmarks.md)"})
 
 
 def _align(n: int) -> int:
@@ -116,6 +119,21 @@ def _check_sha(value: str, what: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------- fp16 widening
+
+
+try:  # the compiled float16 scan (setup.py builds it when it can; edged/_scan_kernel.h)
+    from edged import _scan as _scan_ext
+except ImportError:  # pragma: no cover - depends on the install
+    _scan_ext = None
+
+
+def scan_kernel() -> str:
+    """How float16 galleries are scanned here: ``"avx2"``, ``"neon"`` or ``"c"`` (the compiled
+    fused scan, 2 bytes read per value), else ``"opencv"`` or ``"numpy"`` (blocks widened to
+    float32 first, 2 to 4 times slower: docs/benchmarks.md)."""
+    if _scan_ext is not None:
+        return _scan_ext.KERNEL
+    return "opencv" if _cv_widen_ok() else "numpy"
 
 
 _CV_WIDEN: Optional[bool] = None
@@ -412,7 +430,13 @@ class Gallery:
                 "rows_per_identity": {"min": int(counts.min()) if len(counts) else 0,
                                       "max": int(counts.max()) if len(counts) else 0},
                 "embedder_sha256": self.embedder_sha256, "checksum": self.checksum,
-                "created": self.created, "file_size": self.file_size}
+                "created": self.created, "file_size": self.file_size, "scan": self.scan}
+
+    @property
+    def scan(self) -> str:
+        """How this gallery is scanned: ``"blas"`` (float32: numpy's matrix product) or, for
+        float16, :func:`scan_kernel`."""
+        return "blas" if self.dtype.itemsize == 4 else scan_kernel()
 
     # -- search --------------------------------------------------------------------------
 
@@ -433,16 +457,20 @@ class Gallery:
     def _scan(self, q: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """Cosine scores of rows ``lo:hi`` with the (unit) queries: ``(hi - lo, n_queries)``.
 
-        float32 and one query: one matrix-vector product streams the rows.  Several queries,
-        or float16: block by block (each float16 block widened to float32), cache-sized.
+        float32 and one query: one matrix-vector product streams the rows.  float16: the
+        compiled fused scan when it is built (:func:`scan_kernel`).  Otherwise, several
+        queries or float16: block by block (each float16 block widened to float32), cache-sized.
         """
         if self._mm is None:
             raise GalleryError(self.path, "gallery is closed")
         out = np.empty((hi - lo, q.shape[0]), np.float32)
         if hi <= lo:
             return out
-        qt = np.ascontiguousarray(q.T)
         f16 = self.dtype.itemsize == 2
+        if f16 and _scan_ext is not None:  # fused: widened in registers, the GIL released
+            _scan_ext.scan_f16(self.matrix[lo:hi], np.ascontiguousarray(q, np.float32), out)
+            return out
+        qt = np.ascontiguousarray(q.T)
         one = q.shape[0] == 1
         if not f16 and one:
             np.matmul(self.matrix[lo:hi], qt[:, 0], out=out[:, 0])
@@ -518,13 +546,15 @@ class Gallery:
         return list(self._pool.map(fn, chunks))
 
     def _chunks(self) -> List[Tuple[int, int]]:
-        """Identity ranges ``(j0, j1)`` of about equal rows: one per thread, or one per
-        :data:`CHUNK_ROWS` rows when that gives more (scores stay in the cache)."""
+        """Identity ranges ``(j0, j1)`` of about equal rows: one per thread (as long as each
+        gets :data:`MIN_THREAD_ROWS`), or one per :data:`CHUNK_ROWS` rows when that gives more
+        (scores stay in the cache)."""
         got = self.__dict__.get("_chunk_list")
         if got is not None:
             return got
         n_id, rows = self.n_identities, self.rows
-        n = max(self.threads, -(-rows // CHUNK_ROWS), 1)
+        per_thread = min(self.threads, rows // max(MIN_THREAD_ROWS, 1))
+        n = max(per_thread, -(-rows // CHUNK_ROWS), 1)
         n = min(n, max(n_id, 1))
         if n <= 1:
             got = [(0, n_id)]

@@ -85,9 +85,11 @@ def test_list_and_info(built, capsys, embedder_sha):
     assert code == 0
     assert f"embedder sha256 {embedder_sha}" in so and " OK (" in so
     assert "5 rows x 192 float32" in so and "identities      3 (rows each: 1..2)" in so
+    assert "search          float32 matrix product (numpy's BLAS)" in so
     code, so, _ = run(capsys, "gallery", "info", out, "--json")
     info = json.loads(so)
     assert info["check"] == "OK" and info["identities"] == 3 and info["embedder_sha256"] == embedder_sha
+    assert info["scan"] == "blas"
 
 
 def test_identify(built, capsys, shared_dir, models_dir):

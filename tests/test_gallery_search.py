@@ -20,17 +20,20 @@ def brute(emb, ri, n_id, q):
     return out
 
 
-@pytest.fixture(params=["float32", "float16", "float16-numpy"])
+@pytest.fixture(params=["float32", "float16", "float16-opencv", "float16-numpy"])
 def gal(tmp_path, request, monkeypatch):
     # small blocks so that several blocks and a partial last block are exercised
     monkeypatch.setattr(G, "BLOCK_ROWS", 64)
     monkeypatch.setattr(G, "F32_BLOCK_ROWS", 48)
+    monkeypatch.setattr(G, "MIN_THREAD_ROWS", 1)  # threads split even these 420 rows
     rng = np.random.default_rng(3)
     n_id = 120
     ri = np.concatenate([np.arange(n_id), rng.integers(0, n_id, 300)])
     emb = rng.standard_normal((len(ri), 192)).astype(np.float32)
     p = tmp_path / "g.edgal"
     dtype = request.param.split("-")[0]
+    if "-" in request.param:  # float16 widened per block, without the compiled scan
+        monkeypatch.setattr(G, "_scan_ext", None)
     if request.param.endswith("-numpy"):  # float16 widened by numpy, not OpenCV
         monkeypatch.setattr(G, "_CV_WIDEN", False)
     write_gallery(p, [(f"id{j}", f"name{j}") for j in range(n_id)], ri, emb, SHA, dtype=dtype)
@@ -147,3 +150,17 @@ def test_topk_identities_equal_brute_force(gal, k):
             order = np.argsort(-want[i], kind="stable")[:k]
             assert np.allclose([s for _, _, s in r], want[i][order], atol=tol)
             assert {ident for ident, _, _ in r} == {f"id{j}" for j in order} or dtype == "float16"
+
+
+def test_small_galleries_are_not_split_over_threads(tmp_path, monkeypatch):
+    """``threads`` splits a scan only where each thread gets MIN_THREAD_ROWS rows: a small
+    gallery is scanned in one piece (no hand-over to the pool), a large one in several."""
+    monkeypatch.setattr(G, "MIN_THREAD_ROWS", 100)
+    rng = np.random.default_rng(12)
+    for rows, want in ((150, 1), (200, 2), (450, 2)):
+        p = tmp_path / f"g{rows}.edgal"
+        emb = rng.standard_normal((rows, 192)).astype(np.float32)
+        write_gallery(p, [(f"i{j}", f"n{j}") for j in range(rows)], np.arange(rows), emb, SHA)
+        with Gallery.open(p, threads=2) as g:
+            assert len(g._chunks()) == want, rows
+            assert g.search(emb[7])[0][0][0] == "i7"

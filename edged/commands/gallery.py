@@ -372,6 +372,16 @@ def cmd_list(args) -> int:
     return 0
 
 
+_SCAN_WORDS = {
+    "blas": "float32 matrix product (numpy's BLAS)",
+    "avx2": "compiled float16 scan (AVX2, F16C)",
+    "neon": "compiled float16 scan (NEON)",
+    "c": "compiled float16 scan (portable C)",
+    "opencv": "float16 widened per block by OpenCV (edged._scan not built: slower)",
+    "numpy": "float16 widened per block by numpy (edged._scan not built: slower)",
+}
+
+
 def cmd_info(args) -> int:
     from edged.gallery import Gallery, GalleryError
 
@@ -402,6 +412,7 @@ def cmd_info(args) -> int:
     print(f"embeddings      {info['rows']} rows x {info['dim']} {info['dtype']}")
     print(f"identities      {info['identities']} (rows each: {rpi['min']}..{rpi['max']})")
     print(f"embedder sha256 {info['embedder_sha256']}")
+    print(f"search          {_SCAN_WORDS.get(info['scan'], info['scan'])}")
     print(f"checksum        {info['checksum']} "
           f"{'OK' if ok else 'FAILED: ' + info['check']} ({info['check_seconds']} s)")
     return 0 if ok else 1

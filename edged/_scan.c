@@ -1,0 +1,88 @@
+/* edged._scan: the float16 gallery scan for Python (the kernels: _scan_kernel.h).
+ *
+ * Optional: setup.py builds it when a C compiler and the Python headers are there; without
+ * it edged.gallery widens float16 blocks with OpenCV or numpy instead (same scores, slower).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "_scan_kernel.h"
+
+static int get(PyObject *obj, Py_buffer *view, int flags, const char *what,
+               Py_ssize_t itemsize)
+{
+    if (PyObject_GetBuffer(obj, view, flags | PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0)
+        return -1;
+    if (view->ndim != 2 || view->itemsize != itemsize) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: want a C-contiguous 2-D array of %zd-byte items, got %d-D of %zd",
+                     what, itemsize, view->ndim, view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(scan_f16_doc,
+"scan_f16(matrix, queries, out)\n--\n\n"
+"Cosine scores of float16 rows with float32 queries, the GIL released:\n"
+"``out[r, j] = matrix[r] . queries[j]``.  ``matrix`` is (rows, dim) float16,\n"
+"``queries`` (nq, dim) float32, ``out`` (rows, nq) float32, all C-contiguous.");
+
+static PyObject *scan_f16(PyObject *self, PyObject *args)
+{
+    PyObject *mo, *qo, *oo;
+    Py_buffer m, q, o;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO:scan_f16", &mo, &qo, &oo))
+        return NULL;
+    if (get(mo, &m, PyBUF_SIMPLE, "matrix", 2) < 0)
+        return NULL;
+    if (get(qo, &q, PyBUF_SIMPLE, "queries", 4) < 0) {
+        PyBuffer_Release(&m);
+        return NULL;
+    }
+    if (get(oo, &o, PyBUF_WRITABLE, "out", 4) < 0) {
+        PyBuffer_Release(&m);
+        PyBuffer_Release(&q);
+        return NULL;
+    }
+    Py_ssize_t rows = m.shape[0], dim = m.shape[1], nq = q.shape[0];
+    if (q.shape[1] != dim || o.shape[0] != rows || o.shape[1] != nq) {
+        PyErr_Format(PyExc_ValueError,
+                     "shapes do not fit: matrix (%zd, %zd), queries (%zd, %zd), out (%zd, %zd)",
+                     rows, dim, q.shape[0], q.shape[1], o.shape[0], o.shape[1]);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        edged_scan_f16((const uint16_t *)m.buf, rows, dim, (const float *)q.buf, nq,
+                       (float *)o.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&m);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&o);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"scan_f16", scan_f16, METH_VARARGS, scan_f16_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "edged._scan",
+    "The float16 gallery scan (C; optional, see edged.gallery).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__scan(void)
+{
+    PyObject *mod = PyModule_Create(&module);
+    if (mod && PyModule_AddStringConstant(mod, "KERNEL", edged_scan_kernel()) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

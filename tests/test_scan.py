@@ -1,0 +1,197 @@
+"""The compiled float16 scan (``edged._scan``): the same scores as widening to float32 and a
+float32 product, for every kernel, shape and value class; and what it does with bad input."""
+from __future__ import annotations
+
+import platform
+import threading
+
+import numpy as np
+import pytest
+
+from edged import gallery as G
+from edged.gallery import Gallery, write_gallery
+
+scan = pytest.importorskip("edged._scan", reason="edged._scan is not built (no C compiler)")
+
+SHA = "cd" * 32
+
+
+def reference(m16: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """float64 products of the exactly widened rows: what any float32 kernel approximates."""
+    return m16.astype(np.float64) @ q.astype(np.float64).T
+
+
+def unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def real_embeddings(shared_dir, models_dir):
+    """Embeddings of real photos (6 people, 2 photos each) by the real embedder."""
+    import cv2
+
+    from edged.pipeline import FacePipeline, central_face
+    pipe = FacePipeline.from_models(models_dir)
+    dev = shared_dir / "faces" / "dev"
+    people = sorted(p for p in dev.iterdir() if p.is_dir() and p.name != "unknown"
+                    and len(list(p.glob("*.jpg"))) >= 2)[:6]
+    out = []
+    for person in people:
+        for f in sorted(person.glob("*.jpg"))[:2]:
+            img = cv2.imread(str(f))
+            face = central_face(pipe.process(img), img.shape)
+            assert face is not None and face.embedding is not None, f
+            out.append(face.embedding)
+    return unit(np.array(out))
+
+
+def test_the_fast_kernel_is_built_here():
+    """CI builds the extension (it has a compiler); on x86 with AVX2 the vector kernel runs."""
+    assert G.scan_kernel() == scan.KERNEL
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    if platform.machine() in ("x86_64", "AMD64") and all(
+            f" {f}" in flags for f in ("avx2", "fma", "f16c")):
+        assert scan.KERNEL == "avx2"
+    elif platform.machine() in ("aarch64", "arm64"):
+        assert scan.KERNEL == "neon"
+
+
+def test_real_embeddings_score_as_widened_float32(real_embeddings):
+    e = real_embeddings
+    m16 = e.astype(np.float16)
+    for nq in (1, 2, 3, 8):
+        q = np.ascontiguousarray(e[:nq])
+        out = np.empty((len(e), nq), np.float32)
+        scan.scan_f16(m16, q, out)
+        assert np.allclose(out, reference(m16, q), atol=2e-6, rtol=0)
+        assert np.allclose(out, m16.astype(np.float32) @ q.T, atol=2e-6, rtol=0)
+    # same person scores high, as with float32 storage (2 photos per person, in order)
+    s = np.empty((len(e), len(e)), np.float32)
+    scan.scan_f16(m16, np.ascontiguousarray(e), s)
+    assert np.abs(s - e @ e.T).max() < 2e-3
+    assert all(s[i, i + 1] > 0.4 for i in range(0, len(e), 2))
+
+
+# dims: the vector width (8), a tail, one value, the widest the vector kernels take, and past
+# it (the portable C kernel); rows: groups of 4 and remainders; queries: pairs and one left
+@pytest.mark.parametrize("dim", [192, 128, 130, 1, 1024, 1100])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 1000])
+@pytest.mark.parametrize("nq", [1, 2, 5])
+def test_shapes(dim, rows, nq):
+    rng = np.random.default_rng(dim * 1000 + rows * 10 + nq)
+    m16 = unit(rng.standard_normal((rows, dim))).astype(np.float16)
+    q = unit(rng.standard_normal((nq, dim)))
+    out = np.full((rows, nq), np.nan, np.float32)
+    scan.scan_f16(m16, q, out)
+    assert np.allclose(out, reference(m16, q), atol=3e-6, rtol=0)
+
+
+def test_special_values_are_widened_exactly():
+    """Zeros of both signs, subnormals, the smallest normal, the largest finite value."""
+    vals = np.array([0.0, -0.0, 6.0e-8, -6.0e-8, 3.0e-5, -6.1e-5, 2.0 ** -14, 0.5, -1.0,
+                     65504.0, -65504.0, 1 / 3], np.float16)
+    dim = len(vals)
+    m16 = np.tile(vals, (5, 1))
+    # one-hot queries read back single values: the widening must be exact
+    q = np.eye(dim, dtype=np.float32)
+    out = np.empty((5, dim), np.float32)
+    scan.scan_f16(m16, q, out)
+    assert np.array_equal(out, np.tile(vals.astype(np.float32), (5, 1)))
+
+
+def test_views_into_a_mapped_file(tmp_path):
+    """The gallery hands the kernel slices of its read-only mapping."""
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((50, 192)).astype(np.float32)
+    p = tmp_path / "g.edgal"
+    write_gallery(p, [(f"i{j}", f"n{j}") for j in range(50)], np.arange(50), emb, SHA,
+                  dtype="float16")
+    q = unit(rng.standard_normal((3, 192)))
+    with Gallery.open(p) as g:
+        assert not g.matrix.flags.writeable
+        out = np.empty((20, 3), np.float32)
+        scan.scan_f16(g.matrix[10:30], q, out)
+        assert np.allclose(out, reference(g.matrix[10:30], q), atol=3e-6)
+
+
+def test_bad_arguments_say_what():
+    m16 = np.zeros((4, 8), np.float16)
+    q = np.zeros((1, 8), np.float32)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        scan.scan_f16(m16, np.zeros((1, 9), np.float32), np.empty((4, 1), np.float32))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        scan.scan_f16(m16, q, np.empty((3, 1), np.float32))
+    with pytest.raises(ValueError, match="matrix: want a C-contiguous 2-D array of 2-byte"):
+        scan.scan_f16(m16.astype(np.float32), q, np.empty((4, 1), np.float32))
+    with pytest.raises(ValueError, match="queries"):
+        scan.scan_f16(m16, q[0], np.empty((4, 1), np.float32))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        scan.scan_f16(np.zeros((4, 16), np.float16)[:, ::2], q, np.empty((4, 1), np.float32))
+    ro = np.empty((4, 1), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):  # out must be writable
+        scan.scan_f16(m16, q, ro)
+
+
+def test_threads_scan_at_once():
+    """The GIL is released: concurrent scans from several threads give the right scores."""
+    rng = np.random.default_rng(8)
+    m16 = unit(rng.standard_normal((20000, 192))).astype(np.float16)
+    q = unit(rng.standard_normal((2, 192)))
+    want = reference(m16, q)
+    errors = []
+
+    def work(part):
+        lo, hi = part * 5000, (part + 1) * 5000
+        for _ in range(20):
+            out = np.empty((hi - lo, 2), np.float32)
+            scan.scan_f16(m16[lo:hi], q, out)
+            if not np.allclose(out, want[lo:hi], atol=3e-6):
+                errors.append(part)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+def test_info_and_search_use_the_compiled_scan(tmp_path, capsys):
+    """``edged gallery info`` says how a float16 gallery is searched; a search goes through
+    the kernel and gives the scores of the per-block path it replaces."""
+    from edged.cli import main
+    rng = np.random.default_rng(6)
+    emb = rng.standard_normal((40, 192)).astype(np.float32)
+    ri = np.repeat(np.arange(20), 2)
+    p = tmp_path / "g.edgal"
+    write_gallery(p, [(f"i{j}", f"n{j}") for j in range(20)], ri, emb, SHA, dtype="float16")
+    assert main(["gallery", "info", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "search          compiled float16 scan" in out, out
+    q = unit(rng.standard_normal((3, 192)))
+    calls = []
+    real = scan.scan_f16
+
+    class Spy:
+        KERNEL = scan.KERNEL
+
+        @staticmethod
+        def scan_f16(*a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+    with Gallery.open(p) as g:
+        assert g.info()["scan"] == scan.KERNEL
+        G._scan_ext, saved = Spy, G._scan_ext
+        try:
+            fast = g.identity_scores(q)
+        finally:
+            G._scan_ext = saved
+        assert calls == [(40, 192)]
+        G._scan_ext = None
+        try:
+            slow = g.identity_scores(q)
+        finally:
+            G._scan_ext = saved
+    assert np.allclose(fast, slow, atol=1e-6)

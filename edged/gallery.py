@@ -14,8 +14,10 @@ Every section starts on a 64-byte boundary.  :meth:`Gallery.open` maps the file 
 opening costs the same for any size (the matrix is not read) unless ``verify=True``, which
 also checks the body sha256 and every row (finite, unit norm) in one pass.
 
-Search is a matrix product over the mapped matrix (one gemv for one query; block-wise for
-several, float16 blocks widened to float32 per block), then the best row of every identity (rows are grouped by identity, so one
+Search is a matrix product over the mapped matrix: float32 by numpy (one gemv for one query,
+block-wise for several); float16 by the compiled scan ``edged._scan`` (rows widened in
+registers, see ``_scan_kernel.h``), or where it is not built by widening blocks to float32
+first.  Then the best row of every identity (rows are grouped by identity, so one
 ``np.maximum.reduceat``), then ``argpartition`` for the top k.
 """
 from __future__ import annotations

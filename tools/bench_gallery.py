@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.gallery import Gallery, write_gallery  # noqa: E402
+from edged.gallery import Gallery, MatchSettings, scan_kernel, write_gallery  # noqa: E402
 
 SHA = "0" * 64
 DIM = 192
@@ -114,15 +114,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000,10000,100000,1000000")
     ap.add_argument("--dtypes", default="float32,float16")
-    ap.add_argument("--threads", type=int, default=1, help="Gallery threads option")
+    ap.add_argument("--threads", type=int, default=MatchSettings().threads,
+                    help="Gallery threads option (default: match.threads' default)")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OPENBLAS_NUM_THREADS for the measuring processes (default: numpy's)")
     ap.add_argument("--dir", type=Path, default=None, help="keep the synthetic galleries here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-ext", action="store_true",
+                    help="without edged._scan: float16 widened per block (the fallback path)")
     ap.add_argument("--one", nargs=2, metavar=("FILE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.no_ext:
+        import edged.gallery
+        edged.gallery._scan_ext = None
     if args.one:
-        print(json.dumps(measure(Path(args.one[0]), int(args.one[1]))))
+        print(json.dumps({**measure(Path(args.one[0]), int(args.one[1])),
+                          "scan": scan_kernel()}))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     dtypes = args.dtypes.split(",")
@@ -141,7 +148,8 @@ def main(argv=None) -> int:
                 if args.blas_threads:
                     env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(args.blas_threads)
                 out = subprocess.run([sys.executable, __file__, "--one", str(path),
-                                      str(args.threads)], capture_output=True, text=True, env=env)
+                                      str(args.threads)] + (["--no-ext"] if args.no_ext else []),
+                                     capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     print(out.stderr, file=sys.stderr)
                     return 1
@@ -157,6 +165,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"date": datetime.date.today().isoformat(),
                                          "machine": platform.machine(), "cpus": os.cpu_count(),
                                          "numpy": np.__version__, "results": results}, indent=2))
+    print(f"threads {args.threads}, OPENBLAS_NUM_THREADS {args.blas_threads or 'unset'}, "
+          f"float16 scan: {results[0]['scan'] if results else '?'}")
     print("| rows | dtype | file MiB | open ms | full check ms | 1 query ms: median (best) | "
           "8 queries ms: median (best) | RSS MiB (mapped file) | load avg |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -169,6 +169,8 @@ def main(argv=None) -> int:
                          "the two with the best face quality score (the rest are probes)")
     ap.add_argument("--default", type=float, default=MatchSettings().threshold,
                     help="the threshold to report as the default (MatchSettings.threshold)")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="storage type of the gallery the probes are searched in")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
 
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
         ids = [(person, person.replace("_", " ")) for person in enrolled_people]
         index = {person: j for j, person in enumerate(enrolled_people)}
         write_gallery(gpath, ids, [index[p] for p, _ in enrolled],
-                      np.stack([res[str(p)]["emb"] for _, p in enrolled]), sha)
+                      np.stack([res[str(p)]["emb"] for _, p in enrolled]), sha,
+                      dtype=args.dtype)
         with Gallery.open(gpath, expect_embedder=sha) as g:
             def best(pairs):
                 out = []  # (person, top id or None, score)

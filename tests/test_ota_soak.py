@@ -10,8 +10,9 @@ and galleries, a NaN model refused by the self-test.  The test keeps its own mod
 be in service and checks, after each drop, the outcome and the reason on the retained MQTT
 status; at the end: every valid drop went into service (and the last ones are in service),
 every invalid one was refused with its reason, no drop outcome and no recognition event was
-lost, and frames kept flowing: no gap between two processed frames longer than twice the
-median frame interval (measured with the daemon's per-frame log, printed).
+lost, and frames kept flowing: the camera's rate was kept, and no gap between two processed
+frames was longer than three median frame intervals (measured with the daemon's per-frame log,
+printed).
 """
 from __future__ import annotations
 
@@ -194,11 +195,19 @@ def test_fifty_drops_while_frames_flow(shared_dir, models_dir, base_gallery, bro
     with capsys.disabled():
         print(f"\nsoak: {N_DROPS} drops in {soak_s:.1f} s ({counts}); {len(times)} frames; "
               f"frame interval median {median:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms "
-              f"(limit {2 * median:.1f} ms)")
+              f"(limit {3 * median:.1f} ms)")
         for what, secs in sorted(_swap_seconds(log).items()):
             print(f"soak: {what} swaps: {len(secs)}, drop seen to swapped in: median "
                   f"{np.median(secs):.3f} s, max {max(secs):.3f} s")
-    assert worst <= 2 * median, f"a gap of {worst:.1f} ms (median {median:.1f} ms)"
+    # The rate: frames were processed at the camera's rate all along (a swap that held up the
+    # frame path would cost frames, since the newest frame wins over a backlog).
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert rate >= 0.9 * FPS, f"{rate:.2f} frames/s processed, the camera gives {FPS}"
+    # The longest gap: no stall of more than two frame intervals.  (Not two: at 10 fps from a
+    # 30 fps clip, one skipped source frame already makes a 133 ms gap, and on a 2-core AMD VM
+    # the longest gap was 149 to 212 ms over eleven runs, 277 ms with other work on it, with
+    # the code of before and after the float16 scan alike: docs/ota.md.)
+    assert worst <= 3 * median, f"a gap of {worst:.1f} ms (median {median:.1f} ms)"
 
 
 def _swap_seconds(log: str) -> dict:

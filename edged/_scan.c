@@ -8,15 +8,24 @@
 
 #include "_scan_kernel.h"
 
-static int get(PyObject *obj, Py_buffer *view, int flags, const char *what,
-               Py_ssize_t itemsize)
+/* the buffer's items are `type` ('e' float16, 'f' float32), in this machine's byte order */
+static int is_type(const Py_buffer *view, char type)
 {
-    if (PyObject_GetBuffer(obj, view, flags | PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0)
+    const char *f = view->format ? view->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<')  /* '<': little-endian, this module's targets */
+        f++;
+    return f[0] == type && f[1] == '\0';
+}
+
+static int get(PyObject *obj, Py_buffer *view, int flags, const char *what, char type)
+{
+    if (PyObject_GetBuffer(obj, view, flags | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return -1;
-    if (view->ndim != 2 || view->itemsize != itemsize) {
+    if (view->ndim != 2 || !is_type(view, type)) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: want a C-contiguous 2-D array of %zd-byte items, got %d-D of %zd",
-                     what, itemsize, view->ndim, view->itemsize);
+                     "%s: want a C-contiguous 2-D array of %s, got %d-D of format '%s'",
+                     what, type == 'e' ? "float16" : "float32", view->ndim,
+                     view->format ? view->format : "B");
         PyBuffer_Release(view);
         return -1;
     }
@@ -36,13 +45,13 @@ static PyObject *scan_f16(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OOO:scan_f16", &mo, &qo, &oo))
         return NULL;
-    if (get(mo, &m, PyBUF_SIMPLE, "matrix", 2) < 0)
+    if (get(mo, &m, PyBUF_SIMPLE, "matrix", 'e') < 0)
         return NULL;
-    if (get(qo, &q, PyBUF_SIMPLE, "queries", 4) < 0) {
+    if (get(qo, &q, PyBUF_SIMPLE, "queries", 'f') < 0) {
         PyBuffer_Release(&m);
         return NULL;
     }
-    if (get(oo, &o, PyBUF_WRITABLE, "out", 4) < 0) {
+    if (get(oo, &o, PyBUF_WRITABLE, "out", 'f') < 0) {
         PyBuffer_Release(&m);
         PyBuffer_Release(&q);
         return NULL;
@@ -80,7 +89,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__scan(void)
 {
     PyObject *mod = PyModule_Create(&module);
-    if (mod && PyModule_AddStringConstant(mod, "KERNEL", edged_scan_kernel()) < 0) {
+    if (mod && (PyModule_AddStringConstant(mod, "KERNEL", edged_scan_kernel()) < 0
+                || PyModule_AddIntConstant(mod, "MAX_DIM", EDGED_MAX_DIM) < 0)) {
         Py_DECREF(mod);
         return NULL;
     }

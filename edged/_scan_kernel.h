@@ -1,5 +1,6 @@
-/* The float16 gallery scan: cosine scores of float16 rows with float32 queries, the rows
- * widened in registers (never written out as float32), so a scan reads 2 bytes per value.
+/* The float16 gallery scan: cosine scores of float16 rows with float32 queries, each group of
+ * rows widened into a small buffer in the L1 cache and multiplied there, so a scan reads 2 bytes
+ * per value from memory.
  *
  * Plain C99 with no Python: edged/_scan.c wraps it for Python, and it can be compiled alone
  * (with a small main) to check a cross-compiled kernel under emulation.
@@ -10,7 +11,8 @@
  *     out  rows x nq float32: out[r * nq + j] = sum_d m[r, d] * q[j, d]
  *
  * Kernels: AVX2 + F16C + FMA on x86 (chosen at run time: the module is built for the
- * baseline), NEON on AArch64 (part of the baseline there), else portable C.
+ * baseline), NEON on AArch64 (part of the baseline there), else portable C: a plain loop,
+ * slower than widening blocks with OpenCV, which edged.gallery then uses instead.
  */
 #ifndef EDGED_SCAN_KERNEL_H
 #define EDGED_SCAN_KERNEL_H
@@ -216,34 +218,51 @@ static void edged_scan_f16_neon(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim
 }
 #endif /* AArch64 */
 
-/* the kernel this machine runs: "avx2", "neon" or "c" */
-static const char *edged_scan_kernel(void)
+/* the vector kernel this machine runs (decided once: CPUID is slow in a VM): 0 none,
+ * 1 AVX2, 2 NEON */
+static int edged_vector = -1;
+
+static int edged_scan_init(void)
 {
+    int v = 0;
 #ifdef EDGED_HAVE_AVX2
     if (edged_cpu_avx2())
-        return "avx2";
+        v = 1;
 #endif
 #ifdef EDGED_HAVE_NEON
-    return "neon";
+    v = 2;
 #endif
-    return "c";
+    edged_vector = v;
+    return v;
+}
+
+/* the kernel rows of up to EDGED_MAX_DIM values get here: "avx2", "neon" or "c" (wider rows
+ * always get "c") */
+static const char *edged_scan_kernel(void)
+{
+    static const char *names[] = {"c", "avx2", "neon"};
+    return names[edged_vector < 0 ? edged_scan_init() : edged_vector];
 }
 
 static void edged_scan_f16(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim,
                            const float *q, ptrdiff_t nq, float *out)
 {
+    int v = edged_vector < 0 ? edged_scan_init() : edged_vector;
     if (dim <= EDGED_MAX_DIM) {
 #ifdef EDGED_HAVE_AVX2
-        if (edged_cpu_avx2()) {
+        if (v == 1) {
             edged_scan_f16_avx2(m, rows, dim, q, nq, out);
             return;
         }
 #endif
 #ifdef EDGED_HAVE_NEON
-        edged_scan_f16_neon(m, rows, dim, q, nq, out);
-        return;
+        if (v == 2) {
+            edged_scan_f16_neon(m, rows, dim, q, nq, out);
+            return;
+        }
 #endif
     }
+    (void)v;
     edged_scan_f16_c(m, rows, dim, q, nq, out);
 }
 

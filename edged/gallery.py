@@ -15,9 +15,9 @@ opening costs the same for any size (the matrix is not read) unless ``verify=Tru
 also checks the body sha256 and every row (finite, unit norm) in one pass.
 
 Search is a matrix product over the mapped matrix: float32 by numpy (one gemv for one query,
-block-wise for several); float16 by the compiled scan ``edged._scan`` (rows widened in
-registers, see ``_scan_kernel.h``), or where it is not built by widening blocks to float32
-first.  Then the best row of every identity (rows are grouped by identity, so one
+block-wise for several); float16 by the compiled scan ``edged._scan`` (groups of rows widened
+in the L1 cache and multiplied there, see ``_scan_kernel.h``), or where it is not built by
+widening blocks of rows to float32 first.  Then the best row of every identity (rows are grouped by identity, so one
 ``np.maximum.reduceat``), then ``argpartition`` for the top k.
 """
 from __future__ import annotations
@@ -129,11 +129,18 @@ except ImportError:  # pragma: no cover - depends on the install
     _scan_ext = None
 
 
-def scan_kernel() -> str:
-    """How float16 galleries are scanned here: ``"avx2"``, ``"neon"`` or ``"c"`` (the compiled
-    fused scan, 2 bytes read per value), else ``"opencv"`` or ``"numpy"`` (blocks widened to
-    float32 first, 2 to 4 times slower: docs/benchmarks.md)."""
-    if _scan_ext is not None:
+def _fused(dim: int) -> bool:
+    """Whether float16 rows of ``dim`` values go to the compiled scan: only its vector kernels
+    (its portable C loop is slower than widening blocks with OpenCV)."""
+    return (_scan_ext is not None and _scan_ext.KERNEL in ("avx2", "neon")
+            and dim <= _scan_ext.MAX_DIM)
+
+
+def scan_kernel(dim: int = 192) -> str:
+    """How float16 galleries of ``dim``-value rows are scanned here: ``"avx2"`` or ``"neon"``
+    (the compiled scan, 2 bytes read per value), else ``"opencv"`` or ``"numpy"`` (blocks
+    widened to float32 first, 3 to 4 times slower: docs/benchmarks.md)."""
+    if _fused(dim):
         return _scan_ext.KERNEL
     return "opencv" if _cv_widen_ok() else "numpy"
 
@@ -438,7 +445,7 @@ class Gallery:
     def scan(self) -> str:
         """How this gallery is scanned: ``"blas"`` (float32: numpy's matrix product) or, for
         float16, :func:`scan_kernel`."""
-        return "blas" if self.dtype.itemsize == 4 else scan_kernel()
+        return "blas" if self.dtype.itemsize == 4 else scan_kernel(self.dim)
 
     # -- search --------------------------------------------------------------------------
 
@@ -469,7 +476,7 @@ class Gallery:
         if hi <= lo:
             return out
         f16 = self.dtype.itemsize == 2
-        if f16 and _scan_ext is not None:  # fused: widened in registers, the GIL released
+        if f16 and _fused(self.dim):  # widened group by group in the cache, the GIL released
             _scan_ext.scan_f16(self.matrix[lo:hi], np.ascontiguousarray(q, np.float32), out)
             return out
         qt = np.ascontiguousarray(q.T)

@@ -136,8 +136,14 @@ def test_bad_arguments_say_what():
         scan.scan_f16(m16, np.zeros((1, 9), np.float32), np.empty((4, 1), np.float32))
     with pytest.raises(ValueError, match="shapes do not fit"):
         scan.scan_f16(m16, q, np.empty((3, 1), np.float32))
-    with pytest.raises(ValueError, match="matrix: want a C-contiguous 2-D array of 2-byte"):
+    with pytest.raises(ValueError, match="matrix: want a C-contiguous 2-D array of float16"):
         scan.scan_f16(m16.astype(np.float32), q, np.empty((4, 1), np.float32))
+    with pytest.raises(ValueError, match="matrix: .* of float16, got 2-D of format 'h'"):
+        scan.scan_f16(m16.view(np.int16), q, np.empty((4, 1), np.float32))  # same size, not float
+    with pytest.raises(ValueError, match="matrix: .* of float16, got 2-D of format '>e'"):
+        scan.scan_f16(m16.astype(">f2"), q, np.empty((4, 1), np.float32))  # byte order
+    with pytest.raises(ValueError, match="out: .* of float32"):
+        scan.scan_f16(m16, q, np.empty((4, 1), np.int32))
     with pytest.raises(ValueError, match="queries"):
         scan.scan_f16(m16, q[0], np.empty((4, 1), np.float32))
     with pytest.raises(ValueError, match="not C-contiguous"):
@@ -192,6 +198,7 @@ def test_info_and_search_use_the_compiled_scan(tmp_path, capsys):
 
     class Spy:
         KERNEL = scan.KERNEL
+        MAX_DIM = scan.MAX_DIM
 
         @staticmethod
         def scan_f16(*a):
@@ -212,3 +219,34 @@ def test_info_and_search_use_the_compiled_scan(tmp_path, capsys):
         finally:
             G._scan_ext = saved
     assert np.allclose(fast, slow, atol=1e-6)
+
+
+def test_only_the_vector_kernels_serve_galleries(tmp_path, monkeypatch):
+    """The portable C loop (no AVX2, 32-bit ARM, rows wider than MAX_DIM) is slower than
+    widening blocks with OpenCV, so a gallery then takes the per-block path, and says so."""
+    rng = np.random.default_rng(7)
+    wide = scan.MAX_DIM + 8
+    emb = rng.standard_normal((6, wide)).astype(np.float32)
+    p = tmp_path / "wide.edgal"
+    write_gallery(p, [(f"i{j}", f"n{j}") for j in range(6)], np.arange(6), emb, SHA,
+                  dtype="float16")
+    with Gallery.open(p, expect_dim=wide) as g:
+        assert g.scan == "opencv"
+        assert g.search(emb[3])[0][0][0] == "i3"
+    assert G.scan_kernel(192) == scan.KERNEL
+
+    class Portable:
+        KERNEL = "c"
+        MAX_DIM = scan.MAX_DIM
+
+        @staticmethod
+        def scan_f16(*a):
+            raise AssertionError("the portable kernel must not serve a gallery")
+
+    monkeypatch.setattr(G, "_scan_ext", Portable)
+    assert G.scan_kernel(192) == "opencv"
+    p2 = tmp_path / "g.edgal"
+    write_gallery(p2, [(f"i{j}", f"n{j}") for j in range(6)], np.arange(6), emb[:, :192], SHA,
+                  dtype="float16")
+    with Gallery.open(p2) as g:
+        assert g.scan == "opencv" and g.search(emb[2, :192])[0][0][0] == "i2"

@@ -377,9 +377,8 @@ _SCAN_WORDS = {
     "blas": "float32 matrix product (numpy's BLAS)",
     "avx2": "compiled float16 scan (AVX2, F16C)",
     "neon": "compiled float16 scan (NEON)",
-    "c": "compiled float16 scan (portable C)",
-    "opencv": "float16 widened per block by OpenCV (edged._scan not built: slower)",
-    "numpy": "float16 widened per block by numpy (edged._scan not built: slower)",
+    "opencv": "float16 widened per block by OpenCV (no compiled scan here: slower)",
+    "numpy": "float16 widened per block by numpy (no compiled scan here: slower)",
 }
 
 

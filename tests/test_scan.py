@@ -180,7 +180,7 @@ def test_threads_scan_at_once():
 
 
 @needs_ext
-def test_info_and_search_use_the_compiled_scan(tmp_path, capsys):
+def test_info_and_search_use_the_compiled_scan(tmp_path, capsys, monkeypatch):
     """``edged gallery info`` says how a float16 gallery is searched; a search goes through
     the kernel and gives the scores of the per-block path it replaces."""
     from edged.cli import main
@@ -207,17 +207,11 @@ def test_info_and_search_use_the_compiled_scan(tmp_path, capsys):
 
     with Gallery.open(p) as g:
         assert g.info()["scan"] == scan.KERNEL
-        G._scan_ext, saved = Spy, G._scan_ext
-        try:
-            fast = g.identity_scores(q)
-        finally:
-            G._scan_ext = saved
+        monkeypatch.setattr(G, "_scan_ext", Spy)
+        fast = g.identity_scores(q)
         assert calls == [(40, 192)]
-        G._scan_ext = None
-        try:
-            slow = g.identity_scores(q)
-        finally:
-            G._scan_ext = saved
+        monkeypatch.setattr(G, "_scan_ext", None)
+        slow = g.identity_scores(q)
     assert np.allclose(fast, slow, atol=1e-6)
 
 

@@ -16,7 +16,9 @@ is measured in a fresh subprocess so that its resident memory is its own:
 Prints a markdown table (for docs/benchmarks.md) and optionally JSON.
 
     .venv/bin/python tools/bench_gallery.py [--sizes 1000,10000,100000,1000000]
-        [--dtypes float32,float16] [--threads 1] [--blas-threads N] [--dir DIR] [--json FILE]
+        [--dtypes float32,float16] [--threads 2] [--blas-threads N] [--no-ext] [--dir DIR]
+        [--json FILE]
+    .venv/bin/python tools/bench_gallery.py --reference   # bare numpy X @ q, the machine's floor
 """
 from __future__ import annotations
 
@@ -76,6 +78,24 @@ def timings(fn, min_reps=5, budget=2.0) -> tuple:
     return float(np.median(times)), float(np.min(times))
 
 
+def reference(rows: int = 1_000_000, dims=(128, DIM), calls: int = 40) -> None:
+    """The machine's own floor, no gallery code: a bare numpy ``X @ q`` over an in-memory
+    ``rows x dim`` float32 array (the issue's reference is 1M x 128), median and best."""
+    rng = np.random.default_rng(0)
+    for dim in dims:
+        x = rng.standard_normal((rows, dim), dtype=np.float32)
+        q = rng.standard_normal(dim, dtype=np.float32)
+        ts = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            x @ q
+            ts.append(time.perf_counter() - t)
+        ts.sort()
+        print(f"bare numpy X @ q, {rows:,} x {dim} float32: median {ts[len(ts) // 2] * 1e3:.1f} "
+              f"ms (best {ts[0] * 1e3:.1f}), {calls} calls")
+        del x
+
+
 def measure(path: Path, threads: int) -> dict:
     before = rss()
     opens = []
@@ -122,11 +142,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-ext", action="store_true",
                     help="without edged._scan: float16 widened per block (the fallback path)")
+    ap.add_argument("--reference", action="store_true",
+                    help="only the bare numpy X @ q over 1M x 128 and 1M x 192 float32")
     ap.add_argument("--one", nargs=2, metavar=("FILE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.no_ext:
         import edged.gallery
         edged.gallery._scan_ext = None
+    if args.reference:
+        reference()
+        return 0
     if args.one:
         print(json.dumps({**measure(Path(args.one[0]), int(args.one[1])),
                           "scan": scan_kernel()}))

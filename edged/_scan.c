@@ -75,8 +75,77 @@ static PyObject *scan_f16(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(scan_f16_best_doc,
+"scan_f16_best(matrix, queries, starts, out)\n--\n\n"
+"Each identity's best score, the GIL released: ``out[j, k]`` is the highest of\n"
+"``matrix[r] . queries[k]`` over the rows ``starts[j] - starts[0] <= r < starts[j + 1] -\n"
+"starts[0]`` (-inf where there are none).  ``matrix`` is (rows, dim) float16, ``queries``\n"
+"(nq, dim) float32, ``starts`` 1-D uint64 with n_ids + 1 entries, not decreasing, spanning\n"
+"exactly ``rows``; ``out`` (n_ids, nq) float32, all C-contiguous.  The scores of a block of\n"
+"rows stay in the cache: the same as ``numpy.maximum.reduceat`` over :func:`scan_f16`'s\n"
+"output, without writing that out.");
+
+static PyObject *scan_f16_best(PyObject *self, PyObject *args)
+{
+    PyObject *mo, *qo, *so, *oo;
+    Py_buffer m, q, st, o;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOO:scan_f16_best", &mo, &qo, &so, &oo))
+        return NULL;
+    if (get(mo, &m, PyBUF_SIMPLE, "matrix", 'e') < 0)
+        return NULL;
+    if (get(qo, &q, PyBUF_SIMPLE, "queries", 'f') < 0) {
+        PyBuffer_Release(&m);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(so, &st, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&m);
+        PyBuffer_Release(&q);
+        return NULL;
+    }
+    if (get(oo, &o, PyBUF_WRITABLE, "out", 'f') < 0) {
+        PyBuffer_Release(&m);
+        PyBuffer_Release(&q);
+        PyBuffer_Release(&st);
+        return NULL;
+    }
+    Py_ssize_t rows = m.shape[0], dim = m.shape[1], nq = q.shape[0];
+    float *tmp = NULL;
+    /* numpy names its uint64 'L' where unsigned long has 64 bits, else 'Q' */
+    int u64 = is_type(&st, 'Q') || (sizeof(unsigned long) == 8 && is_type(&st, 'L'));
+    if (st.ndim != 1 || !u64 || st.itemsize != 8 || st.shape[0] < 1) {
+        PyErr_Format(PyExc_ValueError, "starts: want a C-contiguous 1-D array of uint64, got "
+                     "%d-D of format '%s'", st.ndim, st.format ? st.format : "B");
+    } else if (q.shape[1] != dim || o.shape[0] != st.shape[0] - 1 || o.shape[1] != nq) {
+        PyErr_Format(PyExc_ValueError,
+                     "shapes do not fit: matrix (%zd, %zd), queries (%zd, %zd), starts (%zd,), "
+                     "out (%zd, %zd)", rows, dim, q.shape[0], q.shape[1], st.shape[0],
+                     o.shape[0], o.shape[1]);
+    } else if (!(tmp = PyMem_RawMalloc(sizeof(float) * EDGED_BEST_BLOCK * (nq > 0 ? nq : 1)))) {
+        PyErr_NoMemory();
+    } else {
+        int bad;
+        Py_BEGIN_ALLOW_THREADS
+        bad = edged_scan_f16_best((const uint16_t *)m.buf, rows, dim, (const float *)q.buf, nq,
+                                  (const uint64_t *)st.buf, st.shape[0] - 1, (float *)o.buf, tmp);
+        Py_END_ALLOW_THREADS
+        if (bad)
+            PyErr_Format(PyExc_ValueError, "starts: must not decrease and must span the %zd "
+                         "rows of the matrix", rows);
+    }
+    PyMem_RawFree(tmp);
+    PyBuffer_Release(&m);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&st);
+    PyBuffer_Release(&o);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"scan_f16", scan_f16, METH_VARARGS, scan_f16_doc},
+    {"scan_f16_best", scan_f16_best, METH_VARARGS, scan_f16_best_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* rows taken together: four independent sums per query keep the FMA units busy.  On x86 a
@@ -316,6 +317,43 @@ static void edged_scan_f16(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim,
     }
     (void)v;
     edged_scan_f16_c(m, rows, dim, q, nq, out);
+}
+
+/* rows scanned into the scratch block of edged_scan_f16_best at a time */
+#define EDGED_BEST_BLOCK 1024
+
+/* An identity's score is its best row: out[j * nq + k] = max over rows r in
+ * [starts[j] - starts[0], starts[j + 1] - starts[0]) of the score of row r with query k, for
+ * j < n_ids (starts has n_ids + 1 entries, not decreasing, starts[n_ids] - starts[0] = rows;
+ * an identity without rows gets -inf).  The rows are scanned EDGED_BEST_BLOCK at a time into
+ * tmp (EDGED_BEST_BLOCK x nq floats), so the scores never go out to memory.  Returns 0, or -1
+ * (nothing written) when starts breaks those rules. */
+static int edged_scan_f16_best(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim,
+                               const float *q, ptrdiff_t nq, const uint64_t *starts,
+                               ptrdiff_t n_ids, float *out, float *tmp)
+{
+    if (n_ids < 0 || starts[n_ids] < starts[0] || starts[n_ids] - starts[0] != (uint64_t)rows)
+        return -1;
+    for (ptrdiff_t j = 0; j < n_ids; j++)
+        if (starts[j + 1] < starts[j])
+            return -1;
+    for (ptrdiff_t i = 0; i < n_ids * nq; i++)
+        out[i] = -HUGE_VALF;
+    ptrdiff_t j = 0;
+    for (ptrdiff_t b = 0; b < rows; b += EDGED_BEST_BLOCK) {
+        ptrdiff_t n = rows - b < EDGED_BEST_BLOCK ? rows - b : EDGED_BEST_BLOCK;
+        edged_scan_f16(m + b * dim, n, dim, q, nq, tmp);
+        for (ptrdiff_t r = 0; r < n; r++) {
+            while ((ptrdiff_t)(starts[j + 1] - starts[0]) <= b + r)  /* the identity of row b + r */
+                j++;
+            float *o = out + j * nq;
+            const float *t = tmp + r * nq;
+            for (ptrdiff_t k = 0; k < nq; k++)
+                if (t[k] > o[k])
+                    o[k] = t[k];
+        }
+    }
+    return 0;
 }
 
 #endif /* EDGED_SCAN_KERNEL_H */

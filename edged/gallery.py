@@ -579,9 +579,17 @@ class Gallery:
     def _chunk_top(self, q: np.ndarray, k: int, chunk: Tuple[int, int]):
         j0, j1 = chunk
         r0, r1 = int(self._row_starts[j0]), int(self._row_starts[j1])
-        s = self._scan(q, r0, r1)                          # (r1 - r0, nq)
-        if r1 - r0 != j1 - j0:
-            s = np.maximum.reduceat(s, self._starts[j0:j1] - r0, axis=0)
+        if r1 - r0 != j1 - j0 and self.dtype.itemsize == 2 and _fused(self.dim):
+            # best row per identity in the compiled scan: the row scores stay in the cache
+            if self._mm is None:
+                raise GalleryError(self.path, "gallery is closed")
+            s = np.empty((j1 - j0, q.shape[0]), np.float32)
+            _scan_ext.scan_f16_best(self.matrix[r0:r1], np.ascontiguousarray(q, np.float32),
+                                    self._row_starts[j0:j1 + 1], s)
+        else:
+            s = self._scan(q, r0, r1)                      # (r1 - r0, nq)
+            if r1 - r0 != j1 - j0:
+                s = np.maximum.reduceat(s, self._starts[j0:j1] - r0, axis=0)
         m = j1 - j0
         if k < m:
             sel = np.argpartition(-s, k - 1, axis=0)[:k]   # (k, nq)

@@ -154,6 +154,73 @@ def test_bad_arguments_say_what():
         scan.scan_f16(m16, q, ro)
 
 
+def best_reference(m16: np.ndarray, q: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    s = reference(m16, q)
+    base = int(starts[0])
+    return np.array([s[int(a) - base:int(b) - base].max(axis=0) if b > a
+                     else np.full(q.shape[0], -np.inf)
+                     for a, b in zip(starts[:-1], starts[1:])])
+
+
+# rows per identity from 1 to 7, so that identities straddle the kernel's 1024-row blocks; a
+# slice of a gallery's starts (not from 0); the portable kernel's width (1100)
+@needs_ext
+@pytest.mark.parametrize("dim", [192, 130, 1100])
+@pytest.mark.parametrize("nq", [1, 2, 5])
+@pytest.mark.parametrize("base", [0, 37])
+def test_best_row_per_identity(dim, nq, base):
+    rng = np.random.default_rng(dim + nq + base)
+    counts = rng.integers(1, 8, size=900)
+    starts = (base + np.concatenate([[0], np.cumsum(counts)])).astype(np.uint64)
+    rows = int(counts.sum())
+    assert rows > 3 * 1024
+    m16 = unit(rng.standard_normal((rows, dim))).astype(np.float16)
+    q = unit(rng.standard_normal((nq, dim)))
+    out = np.full((len(counts), nq), np.nan, np.float32)
+    scan.scan_f16_best(m16, q, starts, out)
+    assert np.allclose(out, best_reference(m16, q, starts), atol=3e-6, rtol=0)
+
+
+@needs_ext
+def test_best_row_of_real_faces_and_empty_identities(real_embeddings):
+    """Real embeddings, 2 rows a person, with one identity of no rows: that one gets -inf."""
+    m16 = real_embeddings.astype(np.float16)
+    starts = np.array([0, 2, 4, 4, 6, 8, 10, 12], np.uint64)
+    out = np.empty((7, len(real_embeddings)), np.float32)
+    scan.scan_f16_best(m16, real_embeddings, starts, out)
+    want = best_reference(m16, real_embeddings, starts)
+    assert np.allclose(out, want, atol=3e-6, rtol=0) and np.isneginf(out[2]).all()
+    # each photo's best identity is its own person
+    assert list(np.delete(out, 2, axis=0).argmax(axis=0)) == [j // 2 for j in range(12)]
+
+
+@needs_ext
+def test_best_bad_arguments_say_what():
+    m16 = np.zeros((6, 8), np.float16)
+    q = np.zeros((1, 8), np.float32)
+    out = np.empty((3, 1), np.float32)
+    good = np.array([0, 2, 4, 6], np.uint64)
+    scan.scan_f16_best(m16, q, good, out)
+    with pytest.raises(ValueError, match="must not decrease and must span the 6 rows"):
+        scan.scan_f16_best(m16, q, np.array([0, 4, 2, 6], np.uint64), out)
+    with pytest.raises(ValueError, match="must span the 6 rows"):
+        scan.scan_f16_best(m16, q, np.array([0, 2, 4, 5], np.uint64), out)
+    with pytest.raises(ValueError, match="must span the 6 rows"):
+        scan.scan_f16_best(m16, q, np.array([9, 2, 4, 6], np.uint64), out)
+    with pytest.raises(ValueError, match="starts: want a C-contiguous 1-D array of uint64"):
+        scan.scan_f16_best(m16, q, good.astype(np.int64), out)
+    with pytest.raises(ValueError, match="starts: want .* got 2-D"):
+        scan.scan_f16_best(m16, q, good.reshape(2, 2), out)
+    with pytest.raises(ValueError, match="starts: want"):
+        scan.scan_f16_best(m16, q, np.zeros(0, np.uint64), np.empty((0, 1), np.float32))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        scan.scan_f16_best(m16, q, good, np.empty((4, 1), np.float32))
+    with pytest.raises(ValueError, match="out: .* of float32"):
+        scan.scan_f16_best(m16, q, good, np.empty((3, 1), np.float64))
+    with pytest.raises(ValueError, match="matrix: .* of float16"):
+        scan.scan_f16_best(m16.astype(np.float32), q, good, out)
+
+
 @needs_ext
 def test_threads_scan_at_once():
     """The GIL is released: concurrent scans from several threads give the right scores."""

@@ -68,6 +68,51 @@ static int check(ptrdiff_t rows, ptrdiff_t dim, ptrdiff_t nq)
     return bad;
 }
 
+/* each identity's best row (edged_scan_f16_best): 1 to 7 rows an identity, over more than
+ * one 1024-row block, compared with the best of the per-row scores */
+static int check_best(ptrdiff_t dim, ptrdiff_t nq)
+{
+    enum { IDS = 700 };
+    uint64_t starts[IDS + 1];
+    starts[0] = 11;  /* a slice of a gallery's starts: they need not begin at 0 */
+    for (int j = 0; j < IDS; j++)
+        starts[j + 1] = starts[j] + 1 + (uint64_t)((uniform() + 1.0f) * 3.5f) % 7;
+    ptrdiff_t rows = (ptrdiff_t)(starts[IDS] - starts[0]);
+    uint16_t *m = malloc(sizeof(uint16_t) * rows * dim);
+    float *q = malloc(sizeof(float) * nq * dim), *all = malloc(sizeof(float) * rows * nq);
+    float *out = malloc(sizeof(float) * IDS * nq);
+    float *tmp = malloc(sizeof(float) * EDGED_BEST_BLOCK * nq);
+    for (ptrdiff_t i = 0; i < rows * dim; i++)
+        m[i] = f2h(uniform() / sqrtf((float)dim));
+    for (ptrdiff_t i = 0; i < nq * dim; i++)
+        q[i] = uniform() / sqrtf((float)dim);
+    edged_scan_f16(m, rows, dim, q, nq, all);
+    int bad = edged_scan_f16_best(m, rows, dim, q, nq, starts, IDS, out, tmp) != 0;
+    for (ptrdiff_t j = 0; j < IDS && !bad; j++)
+        for (ptrdiff_t k = 0; k < nq; k++) {
+            float want = -HUGE_VALF;
+            for (uint64_t r = starts[j] - starts[0]; r < starts[j + 1] - starts[0]; r++)
+                want = all[r * nq + k] > want ? all[r * nq + k] : want;
+            if (out[j * nq + k] != want) {
+                printf("FAIL best row: dim %td nq %td identity %td query %td: %.8f, want %.8f\n",
+                       dim, nq, j, k, out[j * nq + k], want);
+                bad = 1;
+                break;
+            }
+        }
+    starts[5] = starts[4] - 1;  /* decreasing starts are refused */
+    if (!bad && edged_scan_f16_best(m, rows, dim, q, nq, starts, IDS, out, tmp) != -1) {
+        printf("FAIL best row: decreasing starts were taken\n");
+        bad = 1;
+    }
+    free(m);
+    free(q);
+    free(all);
+    free(out);
+    free(tmp);
+    return bad;
+}
+
 int main(void)
 {
     static const ptrdiff_t dims[] = {192, 128, 130, 1, 1024, 1100};
@@ -100,7 +145,11 @@ int main(void)
                        out[r * K + k], want[k]);
                 bad = 1;
             }
-    printf("%s kernel: %d shapes and %d special values %s\n", edged_scan_kernel(), n, K,
-           bad ? "FAILED" : "agree with the reference");
+    int nb = 0;
+    for (size_t a = 0; a < sizeof dims / sizeof *dims; a++)
+        for (size_t c = 0; c < sizeof nqs / sizeof *nqs; c++, nb++)
+            bad |= check_best(dims[a], nqs[c]);
+    printf("%s kernel: %d shapes, %d special values and %d best-row shapes %s\n",
+           edged_scan_kernel(), n, K, nb, bad ? "FAILED" : "agree with the reference");
     return bad;
 }

@@ -108,7 +108,8 @@ class MqttSettings:
         "min": 1, "help": "a person is reported gone this many seconds after their last "
                           "track ended"})
     snapshots: bool = field(default=False, metadata={
-        "help": "publish a JPEG of each event's face on <prefix>/snapshot/<camera>"})
+        "help": "publish a JPEG of the face of each recognized and unknown event on "
+                "<prefix>/snapshot/<camera>"})
     snapshot_encoding: str = field(default="jpeg", metadata={
         "choices": ["jpeg", "base64"],
         "help": "jpeg: raw JPEG bytes; base64: a JSON object with the JPEG in base64"})

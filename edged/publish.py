@@ -245,7 +245,7 @@ class Publisher:
         with self._lock:
             self._presence_event(event)
         if self.settings.snapshots and event.snapshot:
-            self._publish_snapshot(event, now)
+            self._publish_snapshot(event)
         self._wake.set()
 
     def update_status(self, *, _replace=(), **parts) -> None:
@@ -517,12 +517,12 @@ class Publisher:
                 "score": _num(p.score), "event_id": p.event_id}
 
     # -- snapshots ----------------------------------------------------------------------------
-    def _publish_snapshot(self, ev: Event, now: float) -> None:
+    def _publish_snapshot(self, ev: Event) -> None:
         if not self.client.connected:
             return
         if self.settings.snapshot_encoding == "base64":
             payload = json.dumps({"event_id": ev.id, "camera": ev.camera, "type": ev.type,
-                                  "name": ev.name, "time": iso_utc(now),
+                                  "name": ev.name, "time": iso_utc(ev.frame_time),
                                   "content_type": "image/jpeg",
                                   "jpeg": base64.b64encode(ev.snapshot).decode("ascii")})
         else:

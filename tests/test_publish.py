@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edged.mqtt import MqttSettings
-from edged.publish import SPOOL_FILE, Publisher, event_payload
+from edged.publish import SPOOL_FILE, Publisher, event_payload, iso_utc
 from edged.types import Event
 from mqtt_producer import Subscriber, wait_until
 
@@ -392,6 +392,7 @@ def test_snapshots_only_when_configured(broker, pub_factory, shared_dir, encodin
         else:
             doc = json.loads(got[0])
             assert doc["event_id"] == e.id and base64.b64decode(doc["jpeg"]) == jpeg
+            assert doc["time"] == iso_utc(e.frame_time)  # when the image was taken
         for doc in sub.json(f"{PREFIX}/events"):
             assert "snapshot" not in doc and "embedding" not in doc
     finally:

@@ -83,10 +83,11 @@ def test_real_embeddings_score_as_widened_float32(real_embeddings):
     assert all(s[i, i + 1] > 0.4 for i in range(0, len(e), 2))
 
 
-# dims: the vector width (8), a tail, one value, the widest the vector kernels take, and past
-# it (the portable C kernel); rows: groups of 4 and remainders; queries: pairs and one left
+# dims: the usual widths (each has its own compiled copy), a tail, one value, the widest the
+# vector kernels take, and past it (the portable C kernel); rows: groups of 4 and remainders;
+# queries: pairs and one left
 @needs_ext
-@pytest.mark.parametrize("dim", [192, 128, 130, 1, 1024, 1100])
+@pytest.mark.parametrize("dim", [192, 128, 256, 512, 130, 1, 1024, 1100])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 1000])
 @pytest.mark.parametrize("nq", [1, 2, 5])
 def test_shapes(dim, rows, nq):

@@ -115,7 +115,7 @@ static int check_best(ptrdiff_t dim, ptrdiff_t nq)
 
 int main(void)
 {
-    static const ptrdiff_t dims[] = {192, 128, 130, 1, 1024, 1100};
+    static const ptrdiff_t dims[] = {192, 128, 256, 512, 130, 1, 1024, 1100};
     static const ptrdiff_t rows[] = {1, 3, 4, 9, 1000};
     static const ptrdiff_t nqs[] = {1, 2, 5};
     int bad = 0, n = 0;

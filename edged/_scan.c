@@ -32,6 +32,18 @@ static int get(PyObject *obj, Py_buffer *view, int flags, const char *what, char
     return 0;
 }
 
+/* the float16 matrix and the float32 queries every scan takes; on failure neither is held */
+static int get_matrix_queries(PyObject *mo, PyObject *qo, Py_buffer *m, Py_buffer *q)
+{
+    if (get(mo, m, PyBUF_SIMPLE, "matrix", 'e') < 0)
+        return -1;
+    if (get(qo, q, PyBUF_SIMPLE, "queries", 'f') < 0) {
+        PyBuffer_Release(m);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(scan_f16_doc,
 "scan_f16(matrix, queries, out)\n--\n\n"
 "Cosine scores of float16 rows with float32 queries, the GIL released:\n"
@@ -45,12 +57,8 @@ static PyObject *scan_f16(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OOO:scan_f16", &mo, &qo, &oo))
         return NULL;
-    if (get(mo, &m, PyBUF_SIMPLE, "matrix", 'e') < 0)
+    if (get_matrix_queries(mo, qo, &m, &q) < 0)
         return NULL;
-    if (get(qo, &q, PyBUF_SIMPLE, "queries", 'f') < 0) {
-        PyBuffer_Release(&m);
-        return NULL;
-    }
     if (get(oo, &o, PyBUF_WRITABLE, "out", 'f') < 0) {
         PyBuffer_Release(&m);
         PyBuffer_Release(&q);
@@ -92,12 +100,8 @@ static PyObject *scan_f16_best(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OOOO:scan_f16_best", &mo, &qo, &so, &oo))
         return NULL;
-    if (get(mo, &m, PyBUF_SIMPLE, "matrix", 'e') < 0)
+    if (get_matrix_queries(mo, qo, &m, &q) < 0)
         return NULL;
-    if (get(qo, &q, PyBUF_SIMPLE, "queries", 'f') < 0) {
-        PyBuffer_Release(&m);
-        return NULL;
-    }
     if (PyObject_GetBuffer(so, &st, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyBuffer_Release(&m);
         PyBuffer_Release(&q);

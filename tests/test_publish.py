@@ -358,14 +358,22 @@ def test_full_spool_drops_oldest_and_reports_it(broker_factory, pub_factory):
     for e in events:
         p.publish_event(e)
     assert p.spool_depth == 10 and p.dropped == 15
+    # the events wait in the spool on disk; the subscriber is in place before a publisher can
+    # reach the broker (events are not retained: one sent before it subscribed would be missed)
+    p.stop()
     b.start()
     sub = Subscriber(b.port, [f"{PREFIX}/events", f"{PREFIX}/status"])
+    p2 = Publisher(settings(b.port, spool=SpoolSettings(max_events=10)), "testcam",
+                   p.spool.path.parent, people=("alice", "bob"))
+    p2.start()
     try:
         assert sub.wait_for(lambda s: len(s.json(f"{PREFIX}/events")) >= 10, 15)
         assert [d["id"] for d in sub.json(f"{PREFIX}/events")][:10] == [e.id for e in events[15:]]
+        # the count of dropped events survives the restart
         assert sub.wait_for(lambda s: s.json(f"{PREFIX}/status")
                             and s.json(f"{PREFIX}/status")[-1]["spool"]["dropped"] == 15, 10)
     finally:
+        p2.stop()
         sub.close()
 
 

@@ -117,9 +117,11 @@ static PyObject *scan_f16_best(PyObject *self, PyObject *args)
     float *tmp = NULL;
     /* numpy names its uint64 'L' where unsigned long has 64 bits, else 'Q' */
     int u64 = is_type(&st, 'Q') || (sizeof(unsigned long) == 8 && is_type(&st, 'L'));
-    if (st.ndim != 1 || !u64 || st.itemsize != 8 || st.shape[0] < 1) {
+    if (st.ndim != 1 || !u64 || st.itemsize != 8) {
         PyErr_Format(PyExc_ValueError, "starts: want a C-contiguous 1-D array of uint64, got "
                      "%d-D of format '%s'", st.ndim, st.format ? st.format : "B");
+    } else if (st.shape[0] < 1) {
+        PyErr_SetString(PyExc_ValueError, "starts: want at least one entry (identities + 1)");
     } else if (q.shape[1] != dim || o.shape[0] != st.shape[0] - 1 || o.shape[1] != nq) {
         PyErr_Format(PyExc_ValueError,
                      "shapes do not fit: matrix (%zd, %zd), queries (%zd, %zd), starts (%zd,), "

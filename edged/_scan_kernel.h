@@ -91,6 +91,8 @@ EDGED_AVX2 static inline void edged_widen_avx2(const uint16_t *a, ptrdiff_t n, p
 static inline void edged_prefetch_group(const uint16_t *m, ptrdiff_t r, ptrdiff_t rows,
                                         ptrdiff_t dim)
 {
+    if (dim <= 0)
+        return;
     ptrdiff_t ahead = EDGED_PREFETCH / (ptrdiff_t)(2 * dim) + 1;  /* rows */
     if (r + ahead + EDGED_GROUP > rows)
         return;
@@ -361,7 +363,9 @@ static int edged_scan_f16_best(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim,
         ptrdiff_t n = rows - b < EDGED_BEST_BLOCK ? rows - b : EDGED_BEST_BLOCK;
         edged_scan_f16(m + b * dim, n, dim, q, nq, tmp);
         for (ptrdiff_t r = 0; r < n; r++) {
-            while ((ptrdiff_t)(starts[j + 1] - starts[0]) <= b + r)  /* the identity of row b + r */
+            /* the identity of row b + r (j stays below n_ids even if starts changed after the
+             * check: another thread, or out overlapping it) */
+            while (j + 1 < n_ids && (ptrdiff_t)(starts[j + 1] - starts[0]) <= b + r)
                 j++;
             float *o = out + j * nq;
             const float *t = tmp + r * nq;

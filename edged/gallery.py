@@ -341,6 +341,7 @@ class Gallery:
         if np.any(counts <= 0):
             j = int(np.argmax(counts <= 0))
             raise GalleryError(path, f"identity {j} has no rows (row starts must increase)")
+        self._empty_list = np.empty(0, np.intp)
         if self.rows:
             want = np.repeat(np.arange(self.n_identities, dtype=np.uint32), counts)
             if not np.array_equal(want, self.row_identity):
@@ -501,11 +502,33 @@ class Gallery:
                 np.matmul(block, qt, out=out[s - lo:e - lo])
         return out
 
+    def _empty_ids(self) -> np.ndarray:
+        """Identities without rows: none in a verified gallery (:meth:`verify` refuses them),
+        found once on first use in one opened with ``verify=False``.  They score -inf."""
+        got = self.__dict__.get("_empty_list")
+        if got is None:
+            got = np.flatnonzero(np.diff(self._row_starts.astype(np.int64)) == 0)
+            self._empty_list = got
+        return got
+
+    def _best_rows(self, s: np.ndarray, j0: int, j1: int) -> np.ndarray:
+        """Row scores ``s`` of identities ``j0:j1`` (their rows, in order) -> each identity's
+        best row; -inf for an identity without rows."""
+        r0 = int(self._row_starts[j0])
+        at = self._starts[j0:j1] - r0
+        empty = self._empty_ids()
+        empty = empty[(empty >= j0) & (empty < j1)] - j0
+        if not len(empty):
+            return s if s.shape[0] == j1 - j0 else np.maximum.reduceat(s, at, axis=0)
+        keep = np.ones(j1 - j0, bool)
+        keep[empty] = False
+        best = np.full((j1 - j0, s.shape[1]), -np.inf, np.float32)
+        if keep.any():
+            best[keep] = np.maximum.reduceat(s, at[keep], axis=0)
+        return best
+
     def _identity_scores_t(self, q: np.ndarray) -> np.ndarray:
-        s = self._row_scores(q)
-        if self.rows == self.n_identities or self.rows == 0:
-            return s
-        return np.maximum.reduceat(s, self._starts, axis=0)
+        return self._best_rows(self._row_scores(q), 0, self.n_identities)
 
     def identity_scores(self, queries: np.ndarray) -> np.ndarray:
         """Every identity's score (its best row) per query: ``(n_queries, identities)``."""
@@ -519,8 +542,9 @@ class Gallery:
         if k == 0:
             return [[] for _ in range(q.shape[0])]
         idx, val = self._top_identities(q, k)
-        return [[(*self._decode(j), s) for j, s in zip(idx[i].tolist(), val[i].tolist())]
-                for i in range(q.shape[0])]
+        # (-inf: an identity without rows, in a gallery opened unverified)
+        return [[(*self._decode(j), s) for j, s in zip(idx[i].tolist(), val[i].tolist())
+                 if s != -np.inf] for i in range(q.shape[0])]
 
     def _top_identities(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(indices, scores)``, each ``(n_queries, k)``, best first.
@@ -587,9 +611,7 @@ class Gallery:
             _scan_ext.scan_f16_best(self.matrix[r0:r1], np.ascontiguousarray(q, np.float32),
                                     self._row_starts[j0:j1 + 1], s)
         else:
-            s = self._scan(q, r0, r1)                      # (r1 - r0, nq)
-            if r1 - r0 != j1 - j0:
-                s = np.maximum.reduceat(s, self._starts[j0:j1] - r0, axis=0)
+            s = self._best_rows(self._scan(q, r0, r1), j0, j1)
         m = j1 - j0
         if k < m:
             sel = np.argpartition(-s, k - 1, axis=0)[:k]   # (k, nq)
@@ -609,6 +631,7 @@ class Gallery:
             self._pool.shutdown(wait=True)
             self._pool = None
         self.__dict__.pop("_chunk_list", None)
+        self.__dict__.pop("_empty_list", None)
         for name in ("_str_off", "_row_starts", "row_identity", "_strings", "matrix", "_starts"):
             v = self.__dict__.pop(name, None)
             if isinstance(v, memoryview):

@@ -164,3 +164,31 @@ def test_small_galleries_are_not_split_over_threads(tmp_path, monkeypatch):
         with Gallery.open(p, threads=2) as g:
             assert len(g._chunks()) == want, rows
             assert g.search(emb[7])[0][0][0] == "i7"
+
+
+@pytest.mark.parametrize("variant", ["float32", "float16", "float16-opencv"])
+def test_an_identity_without_rows_scores_minus_inf_on_every_path(tmp_path, monkeypatch,
+                                                                  variant):
+    """Only a file opened unverified can have one (the full check refuses it): it is never a
+    candidate, and no path lends it a neighbour's row."""
+    from edged.gallery import GalleryError
+
+    dtype = variant.split("-")[0]
+    if "-" in variant:
+        monkeypatch.setattr(G, "_scan_ext", None)
+    e = np.eye(4, 192, dtype=np.float32)
+    p = tmp_path / "g.edgal"
+    write_gallery(p, [("a", "A"), ("b", "B"), ("c", "C")], [0, 0, 1, 2], e, SHA, dtype=dtype)
+    raw = p.read_bytes()
+    old = np.array([0, 2, 3, 4], "<u8").tobytes()
+    assert raw.count(old) == 1
+    p.write_bytes(raw.replace(old, np.array([0, 2, 2, 4], "<u8").tobytes()))  # b: no rows
+    with pytest.raises(GalleryError):
+        Gallery.open(p)
+    with Gallery.open(p, verify=False) as g:
+        s = g.identity_scores(e)
+        assert np.isneginf(s[:, 1]).all()
+        assert s[0, 0] == 1 and s[2, 2] == 1 and s[3, 2] == 1
+        got = g.search(e[2:4], k=3)
+        assert [[r[0] for r in hits] for hits in got] == [["c", "a"], ["c", "a"]]
+        assert all(np.isfinite(r[2]) for hits in got for r in hits)

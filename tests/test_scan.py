@@ -212,7 +212,7 @@ def test_best_bad_arguments_say_what():
         scan.scan_f16_best(m16, q, good.astype(np.int64), out)
     with pytest.raises(ValueError, match="starts: want .* got 2-D"):
         scan.scan_f16_best(m16, q, good.reshape(2, 2), out)
-    with pytest.raises(ValueError, match="starts: want"):
+    with pytest.raises(ValueError, match="starts: want at least one entry"):
         scan.scan_f16_best(m16, q, np.zeros(0, np.uint64), np.empty((0, 1), np.float32))
     with pytest.raises(ValueError, match="shapes do not fit"):
         scan.scan_f16_best(m16, q, good, np.empty((4, 1), np.float32))
@@ -220,6 +220,24 @@ def test_best_bad_arguments_say_what():
         scan.scan_f16_best(m16, q, good, np.empty((3, 1), np.float64))
     with pytest.raises(ValueError, match="matrix: .* of float16"):
         scan.scan_f16_best(m16.astype(np.float32), q, good, out)
+
+
+@needs_ext
+def test_rows_of_no_values_and_out_over_starts_are_safe():
+    """Rows of 0 values score 0 (no division by the width); an ``out`` that overlaps
+    ``starts`` (the -inf fill rewrites them during the scan) stays inside both arrays."""
+    out = np.full((8, 1), np.nan, np.float32)
+    scan.scan_f16(np.zeros((8, 0), np.float16), np.zeros((1, 0), np.float32), out)
+    assert (out == 0).all()
+    best = np.full((2, 1), np.nan, np.float32)
+    scan.scan_f16_best(np.zeros((8, 0), np.float16), np.zeros((1, 0), np.float32),
+                       np.array([0, 3, 8], np.uint64), best)
+    assert (best == 0).all()
+    m16 = np.ones((4, 8), np.float16)
+    q = np.ones((4, 8), np.float32)
+    starts = np.array([0, 4, 0, 0], np.uint64)  # 32 bytes: also out's (1, 4) float32 + slack
+    scan.scan_f16_best(m16, q, starts[:2], starts.view(np.float32)[:4].reshape(1, 4))
+    assert np.array_equal(starts.view(np.float32)[:4], np.full(4, 8.0, np.float32))
 
 
 @needs_ext

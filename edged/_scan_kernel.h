@@ -1,6 +1,6 @@
 /* The float16 gallery scan: cosine scores of float16 rows with float32 queries, each group of
- * rows widened into a small buffer in the L1 cache and multiplied there, so a scan reads 2 bytes
- * per value from memory.
+ * rows widened to float32 in registers or in a small buffer in the L1 cache and multiplied
+ * there, so a scan reads 2 bytes per value from memory.
  *
  * Plain C99 with no Python: edged/_scan.c wraps it for Python, and it can be compiled alone
  * (with a small main) to check a cross-compiled kernel under emulation.
@@ -9,6 +9,9 @@
  *     m    rows x dim float16 (IEEE binary16 bit patterns), row-major
  *     q    nq x dim float32, row-major
  *     out  rows x nq float32: out[r * nq + j] = sum_d m[r, d] * q[j, d]
+ *
+ *   edged_scan_f16_best(m, rows, dim, q, nq, starts, n_ids, out, tmp)
+ *     each identity's best row (see there)
  *
  * Kernels: AVX2 + F16C + FMA on x86 (chosen at run time: the module is built for the
  * baseline), NEON on AArch64 (part of the baseline there), else portable C: a plain loop,
@@ -105,7 +108,7 @@ static inline void edged_prefetch_group(const uint16_t *m, ptrdiff_t r, ptrdiff_
 /* one query: each group's rows widened in registers, straight into the products */
 EDGED_AVX2 static inline __attribute__((always_inline)) ptrdiff_t
 edged_scan_f16_avx2_one(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim, const float *q,
-                            float *out)
+                        float *out)
 {
     ptrdiff_t d8 = dim & ~(ptrdiff_t)7;
     ptrdiff_t r = 0;
@@ -225,8 +228,8 @@ edged_scan_f16_avx2_dim(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim, const 
 }
 
 /* the usual embedding widths get a copy with the width fixed at compile time, its loops
- * unrolled: the 1M-row scan of one query went from 24 to 17.5 ms with 2 threads on the Intel
- * VM (a C harness; docs/benchmarks.md) */
+ * unrolled (an interleaved A/B on the Intel VM, 1M rows, 2 threads: one query 25.1 against
+ * 27.4 ms, 8 queries 35.0 against 47.5; docs/benchmarks.md) */
 EDGED_AVX2 static void edged_scan_f16_avx2(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim,
                                            const float *q, ptrdiff_t nq, float *out)
 {

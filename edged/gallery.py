@@ -16,9 +16,10 @@ also checks the body sha256 and every row (finite, unit norm) in one pass.
 
 Search is a matrix product over the mapped matrix: float32 by numpy (one gemv for one query,
 block-wise for several); float16 by the compiled scan ``edged._scan`` (groups of rows widened
-in the L1 cache and multiplied there, see ``_scan_kernel.h``), or where it is not built by
-widening blocks of rows to float32 first.  Then the best row of every identity (rows are grouped by identity, so one
-``np.maximum.reduceat``), then ``argpartition`` for the top k.
+in registers or in the L1 cache and multiplied there, see ``_scan_kernel.h``), or where it is
+not built by widening blocks of rows to float32 first.  Then the best row of every identity
+(rows are grouped by identity: in the compiled scan, else one ``np.maximum.reduceat``), then
+``argpartition`` for the top k.
 """
 from __future__ import annotations
 
@@ -442,6 +443,10 @@ class Gallery:
                 "embedder_sha256": self.embedder_sha256, "checksum": self.checksum,
                 "created": self.created, "file_size": self.file_size, "scan": self.scan}
 
+    def _compiled(self) -> bool:
+        """Whether this gallery's rows go to the compiled scan (float16, :func:`_fused`)."""
+        return self.dtype.itemsize == 2 and _fused(self.dim)
+
     @property
     def scan(self) -> str:
         """How this gallery is scanned: ``"blas"`` (float32: numpy's matrix product) or, for
@@ -476,10 +481,10 @@ class Gallery:
         out = np.empty((hi - lo, q.shape[0]), np.float32)
         if hi <= lo:
             return out
-        f16 = self.dtype.itemsize == 2
-        if f16 and _fused(self.dim):  # widened group by group in the cache, the GIL released
+        if self._compiled():  # widened group by group, the GIL released
             _scan_ext.scan_f16(self.matrix[lo:hi], np.ascontiguousarray(q, np.float32), out)
             return out
+        f16 = self.dtype.itemsize == 2
         qt = np.ascontiguousarray(q.T)
         one = q.shape[0] == 1
         if not f16 and one:
@@ -514,12 +519,13 @@ class Gallery:
     def _best_rows(self, s: np.ndarray, j0: int, j1: int) -> np.ndarray:
         """Row scores ``s`` of identities ``j0:j1`` (their rows, in order) -> each identity's
         best row; -inf for an identity without rows."""
-        r0 = int(self._row_starts[j0])
-        at = self._starts[j0:j1] - r0
         empty = self._empty_ids()
         empty = empty[(empty >= j0) & (empty < j1)] - j0
+        if not len(empty) and s.shape[0] == j1 - j0:  # one row each
+            return s
+        at = self._starts[j0:j1] - int(self._row_starts[j0])
         if not len(empty):
-            return s if s.shape[0] == j1 - j0 else np.maximum.reduceat(s, at, axis=0)
+            return np.maximum.reduceat(s, at, axis=0)
         keep = np.ones(j1 - j0, bool)
         keep[empty] = False
         best = np.full((j1 - j0, s.shape[1]), -np.inf, np.float32)
@@ -603,10 +609,8 @@ class Gallery:
     def _chunk_top(self, q: np.ndarray, k: int, chunk: Tuple[int, int]):
         j0, j1 = chunk
         r0, r1 = int(self._row_starts[j0]), int(self._row_starts[j1])
-        if r1 - r0 != j1 - j0 and self.dtype.itemsize == 2 and _fused(self.dim):
+        if r1 - r0 != j1 - j0 and self._compiled():
             # best row per identity in the compiled scan: the row scores stay in the cache
-            if self._mm is None:
-                raise GalleryError(self.path, "gallery is closed")
             s = np.empty((j1 - j0, q.shape[0]), np.float32)
             _scan_ext.scan_f16_best(self.matrix[r0:r1], np.ascontiguousarray(q, np.float32),
                                     self._row_starts[j0:j1 + 1], s)

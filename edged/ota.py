@@ -615,10 +615,12 @@ class DropManager:
                 missing.append(e.file if size is None else
                                f"{e.file} ({size} of {e.size} bytes)")
         if missing:
+            self._keep_pending()  # on disk before it is reported waiting
             self._report("waiting", "models", path, t0,
                          why=f"waiting for {', '.join(missing)} named by the manifest")
             return False
         del self.pending[path]
+        self._keep_pending()  # off the disk (if it was kept) before the swap is reported
         blobs = {}
         for e in manifest.entries.values():
             f = path.parent / e.file

@@ -30,7 +30,8 @@
  * once), and widened in registers, straight into the products, for one query.  Every group
  * asks for the rows EDGED_PREFETCH bytes ahead first: without that, widening in registers was
  * 1.4 times slower than the buffer on a gallery that does not fit in the cache (AMD EPYC VM);
- * with it, on the Intel Xeon VM, it was faster at every size (docs/benchmarks.md). */
+ * with it, it was faster at every size on an Intel Xeon VM and on an AMD EPYC VM
+ * (docs/benchmarks.md). */
 #define EDGED_GROUP 4
 #define EDGED_PREFETCH 4096
 /* widest row the vector kernels take (the group's widened rows live on the stack) */
@@ -85,8 +86,11 @@ EDGED_AVX2 static inline void edged_widen_avx2(const uint16_t *a, ptrdiff_t n, p
     ptrdiff_t total = n * dim, i = 0;
     for (; i + 8 <= total; i += 8)
         _mm256_storeu_ps(w + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i))));
-    for (; i < total; i++)
-        w[i] = edged_h2f(a[i]);
+    /* the tail, if any: the test lets the copies of fixed width drop the loop, which gcc 12
+     * otherwise warns about (-Waggressive-loop-optimizations) where it is dead code */
+    if (total & 7)
+        for (; i < total; i++)
+            w[i] = edged_h2f(a[i]);
 }
 
 /* ask for the cache lines of the group EDGED_PREFETCH bytes after row r, where the matrix

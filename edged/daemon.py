@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -559,6 +560,11 @@ class Daemon:
             state.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"paths.state_dir: cannot create {state}: {exc}") from exc
+        try:  # the spool, the status file and the kept models and galleries go there
+            with tempfile.TemporaryFile(dir=state):
+                pass
+        except OSError as exc:
+            raise StartupError(f"paths.state_dir: cannot write in {state}: {exc}") from exc
         t0 = time.monotonic()
         self._loaded_since = time.time()  # drops that arrive from now on are taken (edged.ota)
         self.service = self.build_service(cfg)
@@ -586,8 +592,14 @@ class Daemon:
             self._add_camera(cs)
         deadline = time.monotonic() + camera_wait
         for cam in self.cameras.values():
-            left = deadline - time.monotonic()
-            if not cam.first_frame.wait(max(left, 0.0)):
+            # in short steps: a SIGTERM meanwhile ends the wait (run() then stops at once)
+            while not cam.first_frame.is_set() and not self._stop.is_set() \
+                    and time.monotonic() < deadline:
+                cam.first_frame.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+            if self._stop.is_set():
+                log.info("stop requested while waiting for the cameras")
+                return
+            if not cam.first_frame.is_set():
                 log.warning("camera %s: no frame after %.0f s; starting anyway, it keeps "
                             "reconnecting (%s)", cam.name, camera_wait, cam.last_error,
                             extra=fields(camera=cam.name))
@@ -723,8 +735,17 @@ class Daemon:
     def _detect_loop(self, worker: int) -> None:
         """A detection worker: newest frame -> faces (boxes, landmarks, aligned, quality)."""
         while not self._stop.is_set():
+            with self._order:  # at most max_in_flight() frames past the hub: the rest wait
+                # there, where a newer frame replaces an older one (the newest frame wins)
+                if self._in_flight >= self.max_in_flight():
+                    self._order.wait(0.2)
+                    continue
+                self._in_flight += 1  # this worker's place, taken before the frame
             frame = self.hub.take(timeout=0.2)
             if frame is None:
+                with self._order:
+                    self._in_flight -= 1
+                    self._order.notify_all()
                 continue
             with self._order:
                 seq = self._next_seq.get(frame.camera, 0)
@@ -733,7 +754,6 @@ class Daemon:
                 # (a set replaced meanwhile is closed only when its last frame is done)
                 lease = self.models_holder.acquire()  # ended by the track thread
                 svc = lease.obj if lease is not None else None
-                self._in_flight += 1
             faces, dt = None, 0.0
             if seq % self.cfg.tracking.detect_every == 0:
                 t0 = time.perf_counter()
@@ -752,6 +772,11 @@ class Daemon:
             with self._order:
                 self._detected[(frame.camera, seq)] = (frame, faces, svc, lease)
                 self._order.notify_all()
+
+    def max_in_flight(self) -> int:
+        """How many frames may be between the hub and the end of the track thread: one in
+        detection and one waiting for the track thread per worker."""
+        return 2 * max(1, self.cfg.pipeline.workers)
 
     def _expire_tracks(self) -> None:
         """End the tracks of cameras that have sent no frame for ``tracking.max_gap`` seconds.
@@ -823,6 +848,7 @@ class Daemon:
                 self.models_holder.release(lease)
                 with self._order:
                     self._in_flight -= 1
+                    self._order.notify_all()  # a detection worker may take the next frame
             if self._frame_log is not None:
                 self._frame_log.write(f"{frame.camera} {frame.index} {time.monotonic():.6f}\n")
             ota = self.ota
@@ -1081,6 +1107,12 @@ class Daemon:
             if self.config_path is not None:
                 cfg = configmod.load(self.config_path)
                 configmod.resolve_paths(cfg)
+            if cfg.pipeline.workers != self.cfg.pipeline.workers:
+                # one detector per detection thread, and the threads are started once
+                log.warning("reload: pipeline.workers changed from %d to %d; it takes effect at "
+                            "the next restart", self.cfg.pipeline.workers, cfg.pipeline.workers)
+                cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(
+                    cfg.pipeline, workers=self.cfg.pipeline.workers))
             self.check_paths(cfg)
             new = self.build_service(cfg)
             self.warm_up(new)
@@ -1126,14 +1158,16 @@ class Daemon:
                 self._restart_drops()
             except Exception:
                 log.exception("reload: moving the drop watches failed; the old ones stay")
-        for name, cs in old_cams.items():
-            if new_cams.get(name) != cs:
+        # the cameras running (a camera of the old file that failed its check at the last
+        # reload is not: it is only tried again below)
+        for name in list(self.cameras):
+            if new_cams.get(name) != old_cams.get(name):
                 cam = self.cameras.pop(name)
                 cam.stop()
                 self.hub.discard(name)
                 with self._track_lock:
-                    tracker = self.trackers.pop(name)
-                    for ev in tracker.end_all(why="camera removed"):
+                    tracker = self.trackers.pop(name, None)
+                    for ev in (tracker.end_all(why="camera removed") if tracker else []):
                         ev.versions = dict(new.versions)
                         self._events.put((ev, time.monotonic(), None))
         for name, cs in new_cams.items():

@@ -1,0 +1,188 @@
+"""The daemon under awkward conditions: reloads that skip a camera or change the worker count,
+a track thread slower than the camera, a stop request during the camera wait, a state
+directory that cannot be written.  Detection is replaced by a stand-in where the models are not
+the point (the frames are real: the Hamilton clip through OpenCV)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+import yaml
+
+from conftest import wait_for
+from edged import config as configmod
+from edged.daemon import Daemon, ServiceSet, StartupError
+from edged.sdnotify import Notifier
+
+CLIP = "videos/facerec_short_hamilton_clip.mp4"
+
+
+class FakePipeline:
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+
+    def detect(self, image):
+        time.sleep(self.delay)
+        return []
+
+
+class FakeGallery:
+    current = None
+
+    def version(self):
+        return None
+
+    def keep_last_good(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def fake_daemon(cfg, config_path=None) -> Daemon:
+    d = Daemon(cfg, config_path=config_path, notifier=Notifier(address=""))
+    d.build_service = lambda cfg: ServiceSet(
+        pipelines=[FakePipeline() for _ in range(cfg.pipeline.workers)], gallery=FakeGallery(),
+        versions={"embedder": "x"}, accelerators={})
+    d.warm_up = lambda svc, parts=None: None
+    return d
+
+
+def write(path, doc) -> None:
+    path.write_text(yaml.safe_dump(doc))
+
+
+def load(path):
+    cfg = configmod.load(path)
+    configmod.resolve_paths(cfg)
+    return cfg
+
+
+def base_doc(shared_dir, tmp_path, **over) -> dict:
+    doc = {"cameras": [{"name": "cam", "source": str(shared_dir / CLIP), "loop": True}],
+           "paths": {"state_dir": str(tmp_path / "state"), "gallery": str(tmp_path / "g.edgal")},
+           "drops": {"enabled": False}, "mqtt": {"enabled": False},
+           "logging": {"target": "stderr"}}
+    doc.update(over)
+    return doc
+
+
+def test_reload_after_a_camera_was_skipped_by_its_check(shared_dir, tmp_path, caplog):
+    """A camera added by a reload that fails its check is skipped; the next reload (fixed, or
+    removed again) must neither fail nor stop the daemon."""
+    path = tmp_path / "config.yaml"
+    doc = base_doc(shared_dir, tmp_path)
+    write(path, doc)
+    d = fake_daemon(load(path), config_path=path)
+    d.start(camera_wait=30)
+    try:
+        doc["cameras"].append({"name": "cam2", "source": str(tmp_path / "typo.mp4")})
+        write(path, doc)
+        with caplog.at_level(logging.ERROR, logger="edged.daemon"):
+            assert d.reload()
+        assert "reload: camera cam2: video file" in caplog.text
+        assert sorted(d.cameras) == ["cam"]
+        doc["cameras"][1]["source"] = str(shared_dir / CLIP)  # the typo fixed
+        write(path, doc)
+        assert d.reload() and sorted(d.cameras) == ["cam", "cam2"]
+        assert wait_for(lambda: d.cameras["cam2"].first_frame.is_set(), 30)
+        doc["cameras"] = doc["cameras"][:1]
+        doc["cameras"].append({"name": "cam3", "source": str(tmp_path / "typo.mp4")})
+        write(path, doc)
+        assert d.reload() and sorted(d.cameras) == ["cam"]  # cam2 gone, cam3 skipped
+        doc["cameras"] = doc["cameras"][:1]
+        write(path, doc)
+        assert d.reload() and sorted(d.cameras) == ["cam"] and sorted(d.trackers) == ["cam"]
+    finally:
+        d.stop()
+
+
+def test_reload_keeps_the_number_of_detection_workers(shared_dir, tmp_path, caplog):
+    """The detection threads are started once, each with its own detector: a reload that
+    changes pipeline.workers keeps the running count until the next restart, and says so."""
+    path = tmp_path / "config.yaml"
+    doc = base_doc(shared_dir, tmp_path, pipeline={"workers": 2})
+    write(path, doc)
+    d = fake_daemon(load(path), config_path=path)
+    d.start(camera_wait=30)
+    try:
+        doc["pipeline"] = {"workers": 1}
+        write(path, doc)
+        with caplog.at_level(logging.WARNING, logger="edged.daemon"):
+            assert d.reload()
+        assert "pipeline.workers changed from 2 to 1; it takes effect at the next restart" \
+            in caplog.text
+        assert len(d.service.pipelines) == 2 and d.cfg.pipeline.workers == 2
+        assert sorted(t.name for t in d._threads if t.name.startswith("detect-")) == \
+            ["detect-0", "detect-1"]
+    finally:
+        d.stop()
+
+
+def test_a_slow_track_thread_makes_the_newest_frame_win(shared_dir, tmp_path):
+    """Tracking slower than the camera: frames wait in the hub, where newer ones replace them
+    (counted as dropped), not in an ever longer line between detection and tracking; a stop
+    then takes well under its timeout."""
+    cfg = load_doc(tmp_path, base_doc(shared_dir, tmp_path, pipeline={"workers": 2}))
+    d = fake_daemon(cfg)
+    orig = d.process
+
+    def slow(frame, faces, svc):
+        time.sleep(0.08)  # slower than the clip's 25-30 fps
+        return orig(frame, faces, svc)
+
+    d.process = slow
+    d.start(camera_wait=30)
+    most, ages = 0, []
+    try:
+        t_end = time.monotonic() + 3.0
+        while time.monotonic() < t_end:
+            with d._order:
+                most = max(most, d._in_flight)
+            time.sleep(0.01)
+        assert d.hub.dropped.get("cam", 0) > 10
+    finally:
+        t0 = time.monotonic()
+        d.stop()
+        took = time.monotonic() - t0
+    assert most <= d.max_in_flight() == 4
+    assert took < 3.0
+    assert not [t for t in threading.enumerate() if t.name == "track" and t.is_alive()]
+
+
+def test_a_stop_during_the_camera_wait_ends_it_at_once(tmp_path):
+    """SIGTERM while start() waits for a camera that never comes: start() returns within a
+    fraction of a second, without READY, instead of waiting out --camera-wait."""
+    cfg = load_doc(tmp_path, {"cameras": [{"name": "usb", "source": "/dev/video9",
+                                           "reconnect_max": 0.5}],
+                              "paths": {"state_dir": str(tmp_path / "state"),
+                                        "gallery": str(tmp_path / "g.edgal")},
+                              "drops": {"enabled": False}, "mqtt": {"enabled": False},
+                              "logging": {"target": "stderr"}})
+    d = fake_daemon(cfg)
+    threading.Timer(0.5, d.request_stop).start()
+    t0 = time.monotonic()
+    try:
+        d.start(camera_wait=30)
+        took = time.monotonic() - t0
+        assert took < 3.0 and not d.ready
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_state_directory_that_cannot_be_written_is_a_startup_error(tmp_path):
+    cfg = load_doc(tmp_path, {"cameras": [{"name": "usb", "source": "/dev/video9"}],
+                              "paths": {"state_dir": "/proc/self"},
+                              "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
+    d = fake_daemon(cfg)
+    with pytest.raises(StartupError, match=r"paths.state_dir: cannot write in /proc/self: "):
+        d.start(camera_wait=0)
+    d.stop()
+
+
+def load_doc(tmp_path, doc):
+    path = tmp_path / "config.yaml"
+    write(path, doc)
+    return load(path)

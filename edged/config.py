@@ -391,7 +391,11 @@ class _Builder:
             return _BAD
         check = getattr(obj, "config_errors", None)
         if callable(check):
-            for sub, msg in check() or []:
+            try:
+                found = check() or []
+            except Exception as exc:  # a check that trips on an odd value still names the key
+                found = [("", f"cannot be checked: {type(exc).__name__}: {exc}")]
+            for sub, msg in found:
                 full = ".".join(p for p in (path, sub) if p).replace(".[", "[")
                 self.error(full, msg)
         check = getattr(obj, "check", None)  # a stage module's own checks, when it has no
@@ -502,8 +506,12 @@ def _parse_yaml(text: str, source: str):
 
 
 def loads(text: str, source: str = "<string>") -> Config:
-    data, lines = _parse_yaml(text, source)
-    return build(Config, data, source, lines)
+    try:
+        data, lines = _parse_yaml(text, source)
+        return build(Config, data, source, lines)
+    except RecursionError:  # an alias inside its own anchor: `a: &x [*x]`
+        raise ConfigError([f"{source}: a YAML alias refers to the value that contains it "
+                           f"(a structure without end)"], source) from None
 
 
 def load(path) -> Config:

@@ -12,6 +12,7 @@ CA file that does not exist) raise :class:`MqttConfigError` naming the key.
 
 The store-and-forward logic, the topics and the payloads live in :mod:`edged.publish`.
 """
+import hashlib
 import logging
 import os
 import re
@@ -121,6 +122,13 @@ class MqttSettings:
     def config_errors(self):
         """Checks across fields, for edged.config (subkey relative to mqtt, message)."""
         errors = []
+        if not self.host.strip():
+            errors.append(("host", "must not be empty"))
+        else:
+            try:  # what the socket layer does with a name; an error there would end paho's thread
+                self.host.encode("idna")
+            except UnicodeError as exc:
+                errors.append(("host", f"{self.host!r} is not a valid host name ({exc})"))
         if self.reconnect_min_s > self.reconnect_max_s:
             errors.append(("reconnect_min_s", f"{self.reconnect_min_s} is more than "
                                               f"reconnect_max_s ({self.reconnect_max_s})"))
@@ -138,12 +146,23 @@ class MqttConfigError(ValueError):
     """A setting that can never work (names the key)."""
 
 
-_SEGMENT_BAD = re.compile(r"[^A-Za-z0-9_.\-]")
+_SEGMENT_BAD = re.compile(r"[^\w.\-]")  # \w: letters and digits of any script (and _)
 
 
 def topic_segment(name: str) -> str:
-    """``name`` made safe as one topic level (no ``/``, ``+``, ``#``, spaces)."""
+    """``name`` made safe as one topic level (no ``/``, ``+``, ``#``, spaces): letters and
+    digits of any script, ``_ . -`` are kept, anything else becomes ``_``."""
     s = _SEGMENT_BAD.sub("_", str(name).strip())
+    return s or "_"
+
+
+def ascii_id(name: str) -> str:
+    """``name`` as an id of ``a-z 0-9 _ -`` only (Home Assistant's ids); a name with other
+    characters than ASCII gets a short hash of itself, so that ``王伟`` and ``李娜`` stay apart."""
+    text = str(name).strip()
+    s = re.sub(r"[^a-z0-9_\-]", "_", text.lower())
+    if not text.isascii():
+        s += "_" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
     return s or "_"
 
 

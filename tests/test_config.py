@@ -147,6 +147,23 @@ def test_accelerator_settings_checked_by_the_runtime():
     assert "models.embedder.num_threads: expected a positive integer, got 0" in text
 
 
+def test_odd_values_are_config_errors_not_tracebacks():
+    """Values of the wrong shape where a check looks them up, an alias inside its own anchor
+    and a host name the socket layer cannot encode: each one a config error naming the key."""
+    errs = errors_of("models:\n  detector: {type: [cpu]}\n")
+    assert errs == ["cfg.yaml:2: models.detector.type: expected the name of an accelerator, "
+                    "got ['cpu']"]
+    errs = errors_of("tracking: &a [*a]\n")
+    assert errs == ["cfg.yaml: a YAML alias refers to the value that contains it (a structure "
+                    "without end)"]
+    errs = errors_of("mqtt:\n  host: broker..lan\n")
+    assert len(errs) == 1 and errs[0].startswith(
+        "cfg.yaml:2: mqtt.host: 'broker..lan' is not a valid host name"), errs
+    assert errors_of("mqtt:\n  host: ''\n") == ["cfg.yaml:2: mqtt.host: must not be empty"]
+    config.loads("mqtt:\n  host: fe80::1\n")  # addresses are fine
+    config.loads("mqtt:\n  host: broker.local\n")
+
+
 def test_yaml_syntax_error_gives_file_and_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("device:\n  name: x\ncameras:\n  - name: a\n    source: [unclosed\n")

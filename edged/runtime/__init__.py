@@ -58,6 +58,8 @@ def parse_settings(accel, where: str = "accelerator"):
         raise SettingsError(f"{where}: expected a mapping with a 'type', got {accel!r}")
     kind = accel.get("type", "cpu")
     plugins = _discover()
+    if not isinstance(kind, str):
+        raise SettingsError(f"{where}.type: expected the name of an accelerator, got {kind!r}")
     if kind not in plugins:
         raise SettingsError(f"{where}.type: unknown accelerator {kind!r}; "
                             f"expected one of {', '.join(sorted(plugins))}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, Optional, Tuple
 
 from edged import __version__
-from edged.mqtt import topic_segment
+from edged.mqtt import ascii_id, topic_segment
 from edged.types import EVENT_TYPES
 
 # keys every payload / component carries (checked by the tests, listed in docs/mqtt.md)
@@ -28,7 +28,7 @@ COMPONENT_KEYS = ("platform", "unique_id", "state_topic", "name")
 
 
 def object_id(device: str) -> str:
-    return "edged_" + topic_segment(device).lower().replace(".", "_")
+    return "edged_" + ascii_id(device)
 
 
 def discovery_topic(discovery_prefix: str, device: str) -> str:
@@ -45,7 +45,7 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
     oid = object_id(device)
     comps: Dict[str, dict] = {}
     for name in sorted(set(people)):
-        cid = f"{oid}_person_{topic_segment(name).lower()}"
+        cid = f"{oid}_person_{ascii_id(name)}"
         topic = f"{topic_prefix}/person/{topic_segment(name)}"
         comps[cid] = {
             "platform": "binary_sensor",
@@ -68,7 +68,7 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
                            "'score': value_json.score, 'id': value_json.id} | to_json }}"),
     }
     for cam in sorted(set(cameras)):
-        cid = f"{oid}_fps_{topic_segment(cam).lower()}"
+        cid = f"{oid}_fps_{ascii_id(cam)}"
         comps[cid] = {
             "platform": "sensor",
             "name": f"{cam} fps",

@@ -283,6 +283,13 @@ class Publisher:
             names = sorted({str(n) for n in names})
             for n in names:
                 self._people.setdefault(n, _Person(n))
+            self._clear -= set(names)  # removed, then back before its clearing was sent
+            seen: Dict[str, str] = {}
+            for n in names:
+                other = seen.setdefault(topic_segment(n), n)
+                if other != n:
+                    log.warning("MQTT: %r and %r share the presence topic %s; rename one of "
+                                "them in the gallery", other, n, self.person_topic(n))
             self._enrolled = names
             for n in [n for n in self._people if n not in names and not self._people[n].present]:
                 del self._people[n]

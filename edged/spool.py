@@ -84,6 +84,7 @@ class Spool:
         self.dropped = 0  # rows dropped to stay in bounds (persisted)
         self.corrupt = 0  # torn rows skipped (this run)
         self.moved_aside: List[Path] = []
+        self.in_memory = False  # the file could not be opened: an in-memory database instead
         self._lock = threading.RLock()
         self._db: Optional[sqlite3.Connection] = None
         self._depth = 0
@@ -99,12 +100,12 @@ class Spool:
                    settings.fsync)
 
     # -- opening and recovery ---------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), timeout=10, isolation_level=None,
+    def _connect(self, target: Optional[str] = None) -> sqlite3.Connection:
+        db = sqlite3.connect(target or str(self.path), timeout=10, isolation_level=None,
                              check_same_thread=False)
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            if str(mode).lower() != "wal" and target is None:
                 log.warning("spool %s: SQLite refused WAL mode (journal_mode=%s)", self.path, mode)
             db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
             db.executescript(_SCHEMA)
@@ -124,6 +125,12 @@ class Spool:
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
+            if not self._is_damage(e):  # locked, read-only, full, cannot open: the file is fine
+                log.error("spool %s: cannot open (%s); events are kept in memory only until the "
+                          "next start (the file is left as it is)", self.path, e)
+                self.in_memory = True
+                self._db = self._connect(":memory:")
+                return
             self._move_aside(e)
             self._db = self._connect()
         if self._depth:
@@ -159,7 +166,11 @@ class Spool:
         self._db = None
         self._move_aside(err)
         self._depth = self._bytes = 0
+        dropped = self.dropped
         self._db = self._connect()
+        if dropped:  # the count goes on in the fresh file
+            self.dropped = dropped
+            self._save_dropped(self._db)
         # keep row ids increasing so that readers holding a cursor see the new rows
         self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)",
                          (self._hi,))
@@ -377,7 +388,8 @@ class Spool:
 
     def stats(self) -> dict:
         return {"depth": self._depth, "bytes": self._bytes, "dropped": self.dropped,
-                "corrupt": self.corrupt, "max_events": self.max_events,
+                "corrupt": self.corrupt, "in_memory": self.in_memory,
+                "max_events": self.max_events,
                 "max_bytes": self.max_bytes, "fsync": self.fsync}
 
     def close(self) -> None:

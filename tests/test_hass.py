@@ -118,3 +118,20 @@ def test_discovery_off_and_custom_prefix(broker, tmp_path):
         off.stop()
         custom.stop()
         sub.close()
+
+
+def test_names_in_other_scripts_keep_topics_and_entities_of_their_own():
+    """Names that differ only in characters outside ASCII get distinct topics (UTF-8 levels)
+    and distinct Home Assistant ids (a short hash of the name)."""
+    people = ["王伟", "李娜", "Σοφία", "Ελένη", "alice"]
+    doc = build_discovery("testcam", PREFIX, people, ["door"])
+    validate(doc)
+    persons = {c["name"]: (cid, c["state_topic"]) for cid, c in doc["components"].items()
+               if c["platform"] == "binary_sensor"}
+    assert len(persons) == 5
+    assert len({cid for cid, _ in persons.values()}) == 5
+    assert len({t for _, t in persons.values()}) == 5
+    assert persons["王伟 present"][1] == f"{PREFIX}/person/王伟"
+    assert persons["alice present"][0] == "edged_testcam_person_alice"  # ASCII names as before
+    for cid, _ in persons.values():
+        assert cid.isascii() and all(ch.isalnum() or ch in "_-" for ch in cid), cid

@@ -539,3 +539,24 @@ def test_disk_refusing_writes_sends_from_memory_with_a_log_line(broker, pub_fact
         assert sub.wait_for(lambda s: [d["id"] for d in s.json(f"{PREFIX}/events")] == [e.id], 10)
     finally:
         sub.close()
+
+
+def test_a_person_removed_and_back_keeps_the_retained_presence(tmp_path, caplog):
+    """A gallery swap removes bob and a rollback brings him back before the sender ran: his
+    retained presence is rewritten, not cleared.  Two names sharing one topic are logged."""
+    from conftest import free_port
+
+    p = Publisher(MqttSettings(port=free_port()), "testcam", tmp_path / "state",
+                  people=["alice", "bob"])
+    try:
+        p.set_people(["alice"])
+        p.set_people(["alice", "bob"])
+        p._people["bob"].dirty = True
+        p._collect_state()
+        topic = "edged/testcam/person/bob"
+        assert json.loads(p._ctl_pending[topic][0])["name"] == "bob"
+        with caplog.at_level(logging.WARNING, logger="edged.publish"):
+            p.set_people(["Bob Smith", "Bob_Smith"])
+        assert "share the presence topic edged/testcam/person/Bob_Smith" in caplog.text
+    finally:
+        p.spool.close()

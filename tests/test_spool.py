@@ -134,3 +134,39 @@ def test_row_ids_keep_increasing_after_recovery(tmp_path):
     new = sp.put("n", "cam", time.time(), payload(0, "n"))
     assert new > rows[-1]  # a reader's cursor (the last row id it sent) still sees it
     assert [r.event_id for r in sp.fetch(rows[-1], 10)] == ["n"]
+
+
+def test_a_spool_file_that_cannot_be_opened_is_left_alone(tmp_path, caplog):
+    """Not damage (here: a directory where the file should be; in life a lock held by another
+    process, a full or read-only disk): nothing is moved aside or deleted, and the events are
+    kept in memory until the next start."""
+    path = tmp_path / "mqtt-spool.db"
+    path.mkdir()
+    (path / "keep").write_text("x")
+    with caplog.at_level(logging.ERROR, logger="edged.spool"):
+        sp = Spool(path)
+    try:
+        assert sp.in_memory and sp.stats()["in_memory"] is True
+        assert "cannot open" in caplog.text and "kept in memory only" in caplog.text
+        assert "damaged" not in caplog.text and not sp.moved_aside
+        assert fill(sp, 3) == [1, 2, 3]
+        assert [r.event_id for r in sp.fetch(0, 10)] == ["e0", "e1", "e2"]
+    finally:
+        sp.close()
+    assert (path / "keep").read_text() == "x" and list(tmp_path.iterdir()) == [path]
+
+
+def test_the_dropped_count_survives_a_recovery(tmp_path):
+    sp = Spool(tmp_path / "s.db", max_events=2)
+    try:
+        fill(sp, 5)
+        assert sp.dropped == 3
+        sp._recover(sqlite3.DatabaseError("database disk image is malformed"))
+        assert sp.dropped == 3
+    finally:
+        sp.close()
+    again = Spool(tmp_path / "s.db", max_events=2)
+    try:
+        assert again.dropped == 3
+    finally:
+        again.close()

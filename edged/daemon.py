@@ -76,6 +76,8 @@ class ServiceSet:
     since: float = dataclasses.field(default_factory=time.time)
     # role -> edged.ota.ModelBlob: the verified bytes of every model in this set
     models: dict = dataclasses.field(default_factory=dict)
+    # the models of ``models`` read from the models directory (the installed ones)
+    installed: list = dataclasses.field(default_factory=list)
     # how this set fares in service (for a rollback decision after a swap)
     frames: int = 0  # frames it took through detection and tracking
     failures: int = 0  # frames on which one of its stages raised or gave non-finite output
@@ -216,7 +218,7 @@ class Daemon:
 
         settings = PipelineSettings(detection=cfg.detection, quality=cfg.quality,
                                     flip=cfg.pipeline.flip)
-        from edged.ota import load_in_service
+        from edged.ota import load_in_service, load_installed_copy
 
         md = self.models_dir()
         try:
@@ -229,10 +231,26 @@ class Daemon:
             except modelstore.ModelError as exc:
                 log.warning("models: the set last in service cannot be used (%s); loading the "
                             "installed models", exc)
+            installed = []
             for role in ("pnet", "rnet", "onet", "embedder"):
                 if role not in models:
-                    data, digest, path = modelstore.read_verified(role, md)
+                    try:
+                        data, digest, path = modelstore.read_verified(role, md)
+                    except modelstore.ModelError as exc:
+                        # an installed file replaced by a drop that was not confirmed (the
+                        # drop directory is the models directory by default): the copy kept
+                        # at an earlier start, if it is the model the manifest names
+                        copy = load_installed_copy(
+                            cfg.paths.state_dir, role, modelstore.Manifest.load()[role].load_sha256)
+                        if copy is None:
+                            raise
+                        log.error("models: %s; loading the copy of the installed model kept at "
+                                  "%s (run 'edged models install' to restore the file)", exc,
+                                  copy.file)
+                        models[role] = copy
+                        continue
                     models[role] = ModelBlob(role, data, digest, str(path))
+                    installed.append(models[role])
             # One detector per detection worker (interpreters are not thread-safe), one
             # embedder: only the track thread embeds.
             emb = models["embedder"]
@@ -252,7 +270,8 @@ class Daemon:
                         "(build one with 'edged gallery build DIR -o %s')", gpath, gpath)
         holder.start()
         return ServiceSet(pipelines=pipes, gallery=holder, versions=self._versions(pipe, holder),
-                          accelerators=self._accelerators(pipe), models=models)
+                          accelerators=self._accelerators(pipe), models=models,
+                          installed=installed)
 
     @staticmethod
     def _detector(models: dict, settings, cfg):
@@ -522,6 +541,16 @@ class Daemon:
             except OSError as exc:
                 log.warning("cannot keep the models in service for the next start: %s", exc)
 
+    def _keep_installed(self, blobs) -> None:
+        """Copy the installed models this start loaded to <state_dir>/installed-copy (edged.ota)."""
+        from edged.ota import save_installed_copy
+
+        with self._keep_lock:
+            try:
+                save_installed_copy(self.cfg.paths.state_dir, blobs)
+            except OSError as exc:
+                log.warning("cannot keep a copy of the installed models: %s", exc)
+
     def _close_set(self, svc: ServiceSet) -> None:
         """Close what a retired set does not share with the sets still kept."""
         kept = [self.models_holder.current]
@@ -568,6 +597,9 @@ class Daemon:
         t0 = time.monotonic()
         self._loaded_since = time.time()  # drops that arrive from now on are taken (edged.ota)
         self.service = self.build_service(cfg)
+        if self.service.installed:  # off the start's path: it writes (and fsyncs) a few MB
+            threading.Thread(target=self._keep_installed, args=(list(self.service.installed),),
+                             name="keep-installed", daemon=True).start()
         self._status_doc = {}
         g = self.service.gallery.current
         log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people, %s)",

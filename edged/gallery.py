@@ -837,7 +837,6 @@ class GalleryHolder:
     # -- loading ------------------------------------------------------------------------
 
     def _snapshot(self, src: Path) -> Path:
-        import shutil
         with self._snap_lock:
             if self._snapdir is None:
                 root = self._snapshot_root or tempfile.gettempdir()
@@ -853,16 +852,46 @@ class GalleryHolder:
             self._snap_n += 1
             dest = self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
         try:
-            if src.is_dir():
-                raise GalleryError(src, "is a directory, not a gallery file")
-            shutil.copyfile(src, dest)
+            st = os.stat(src)
         except FileNotFoundError:
             raise GalleryError(src, "no such file") from None
-        except IsADirectoryError:
-            raise GalleryError(src, "is a directory, not a gallery file") from None
         except OSError as exc:
             raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
-        os.chmod(dest, 0o444)
+        if _stat.S_ISDIR(st.st_mode):
+            raise GalleryError(src, "is a directory, not a gallery file")
+        if not _stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
+            raise GalleryError(src, "is not a regular file")
+        try:
+            fsrc = open(src, "rb")
+        except FileNotFoundError:
+            raise GalleryError(src, "no such file") from None
+        except OSError as exc:
+            raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
+        with fsrc:
+            try:
+                with open(dest, "wb") as fdst:
+                    while True:
+                        try:
+                            chunk = fsrc.read(1 << 20)
+                        except OSError as exc:
+                            raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
+                        if not chunk:
+                            break
+                        try:
+                            fdst.write(chunk)
+                        except OSError as exc:  # disk full: nothing of it is left behind
+                            raise GalleryError(src, f"cannot copy it to {dest}: "
+                                                    f"{exc.strerror or exc}") from None
+                os.chmod(dest, 0o444)
+            except GalleryError:
+                _unlink(dest)
+                raise
+            except OSError as exc:
+                _unlink(dest)
+                raise GalleryError(src, f"cannot copy it to {dest}: {exc.strerror or exc}") from None
+            except BaseException:
+                _unlink(dest)
+                raise
         return dest
 
     def _load(self, path: Path) -> Gallery:

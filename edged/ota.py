@@ -208,6 +208,9 @@ def check_paths(state_dir, models_dir, drop_dir) -> Optional[str]:
                     f"the daemon keeps the models in service (<state_dir>/{IN_SERVICE_DIR}, "
                     f"whose old files it removes); use another paths.state_dir "
                     f"(default /var/lib/edged/state)")
+    if drop_dir and os.path.realpath(drop_dir) == os.path.realpath(state_dir):
+        return (f"paths.drop_dir ({drop_dir}) is paths.state_dir: the daemon's own files there "
+                f"(status.json, the MQTT spool) would be taken as drops; use another directory")
     return None
 
 
@@ -266,6 +269,37 @@ def load_in_service(state_dir) -> Optional[Dict[str, ModelBlob]]:
         data, digest, p = modelstore.read_verified(role, path.parent, manifest)
         out[role] = ModelBlob(role, data, digest, str(p))
     return out
+
+
+INSTALLED_COPY_DIR = "installed-copy"  # under paths.state_dir
+INSTALLED_COPY_DOC = "installed-copy.json"
+
+
+def save_installed_copy(state_dir, blobs: List[ModelBlob]) -> None:
+    """Keep a copy of the installed models the daemon started with (``blobs``: those read from
+    the models directory) under ``<state_dir>/installed-copy/``.  When the drop directory is the
+    models directory (the default), a drop may overwrite an installed file and then not be
+    confirmed (held back, refused, rolled back): the next start finds that file changed and
+    loads this copy of the model the repository's manifest names (:func:`load_installed_copy`)."""
+    doc = {"format": "edged-installed-copy", "version": 1,
+           "note": "copies of the installed models, by sha256 (docs/ota.md)",
+           "models": [{"role": b.role, "file": _own_name(b), "sha256": b.sha256,
+                       "copied_from": b.file} for b in blobs]}
+    _write_model_dir(Path(state_dir) / INSTALLED_COPY_DIR, blobs, INSTALLED_COPY_DOC,
+                     doc if blobs else None)
+
+
+def load_installed_copy(state_dir, role: str, sha256: str) -> Optional[ModelBlob]:
+    """The copy of the installed model for ``role`` whose content is ``sha256`` (checked);
+    None when there is none."""
+    path = Path(state_dir) / INSTALLED_COPY_DIR / f"{role}-{sha256[:16]}.tflite"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if modelstore.sha256_bytes(data) != sha256:
+        return None
+    return ModelBlob(role, data, sha256, str(path))
 
 
 @dataclass
@@ -330,6 +364,34 @@ def iso(t: float) -> str:
     return iso_utc(t)
 
 
+#: how long a manifest waits when the file of that name is older than itself and not the one it
+#: names (a copy of the new file may not have begun yet), before it is refused
+STALE_WAIT_S = 60.0
+
+
+def _older(a: Path, b: Path) -> bool:
+    """Whether file ``a`` arrived (was written or renamed into place) before file ``b``."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return max(sa.st_mtime_ns, sa.st_ctime_ns) < max(sb.st_mtime_ns, sb.st_ctime_ns)
+
+
+def _regular_or_missing(path: Path) -> None:
+    """Refuse anything but a regular file before it is opened: reading a FIFO would block the
+    drop handling (and a reload, which waits for it) until a writer comes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # gone again: the handler says what that means
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if
+                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise DropRejected(f"{path}: is {kind}, not a regular file")
+
+
 class DropManager:
     """Watches the drop directory and the gallery; puts good drops in service (module doc).
 
@@ -352,6 +414,8 @@ class DropManager:
             self.learn(manifest)
         self.pending: Dict[Path, modelstore.Manifest] = {}  # manifests waiting for files
         self.orphans: Dict[Path, tuple] = {}  # unknown model files waiting for a manifest
+        # manifests whose file of that name is an older, other file: (since, t0)
+        self.stale: Dict[Path, tuple] = {}
         self.held: Optional[_Held] = None
         self.probation: Optional[_Probation] = None
         self._lock = threading.RLock()  # one drop at a time (several watchers)
@@ -394,7 +458,8 @@ class DropManager:
                                  name="drops-scan", daemon=True).start()
 
     def arrived_since(self, since: float, until: Optional[float] = None) -> List[Path]:
-        """The watched files last modified from ``since`` to ``until``: models, then manifests,
+        """The watched files modified or renamed into place from ``since`` to ``until``
+        (the later of mtime and ctime): models, then manifests,
         then the gallery (the order in which they are meant to arrive)."""
         found = []
         for w in self.watchers:
@@ -410,8 +475,10 @@ class DropManager:
                     st = os.stat(p)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode) and since <= st.st_mtime \
-                        and (until is None or st.st_mtime < until):
+                # a rename (mv, rsync) keeps the file's old mtime but sets its ctime
+                arrived = max(st.st_mtime, st.st_ctime)
+                if stat.S_ISREG(st.st_mode) and since <= arrived \
+                        and (until is None or arrived < until):
                     found.append(Path(p))
         return sorted(found, key=lambda p: (p == self.gallery_path,
                                             p.suffix == MANIFEST_SUFFIX, p.name))
@@ -504,6 +571,7 @@ class DropManager:
                 return
             t0 = time.monotonic()
             try:
+                _regular_or_missing(path)
                 if path == self.gallery_path:
                     self.handle_gallery(path, t0)
                 elif path.suffix == GALLERY_SUFFIX:
@@ -600,6 +668,7 @@ class DropManager:
                                    f"the manifest")
         for e in manifest.entries.values():
             self.orphans.pop(path.parent / e.file, None)
+        self.stale.pop(path, None)  # (a manifest dropped again starts its wait again)
         self.pending[path] = manifest
         self._try_manifest(path, t0)
 
@@ -619,17 +688,31 @@ class DropManager:
             self._report("waiting", "models", path, t0,
                          why=f"waiting for {', '.join(missing)} named by the manifest")
             return False
-        del self.pending[path]
-        self._keep_pending()  # off the disk (if it was kept) before the swap is reported
         blobs = {}
         for e in manifest.entries.values():
             f = path.parent / e.file
             try:
                 data = f.read_bytes()
             except OSError as exc:
+                del self.pending[path]
+                self.stale.pop(path, None)
                 raise DropRejected(f"{f}: cannot read: {exc.strerror or exc}") from None
-            blobs[e.role] = prepare_model(e.role, data, f, e.sha256, e.size,
-                                          e.derived_sha256 or None)
+            if modelstore.sha256_bytes(data) != e.sha256 and _older(f, path) \
+                    and time.monotonic() - self.stale.setdefault(path, (time.monotonic(), t0))[0] \
+                    < STALE_WAIT_S:
+                # the file of that name from before the manifest (a new version of a model
+                # often has the same size): its replacement may still be coming
+                self._keep_pending()
+                self._report("waiting", "models", path, t0, why=(
+                    f"waiting for {e.file} named by the manifest (the one there is older than "
+                    f"the manifest and is not the file it names)"))
+                return False
+            blobs[e.role] = (e, f, data)
+        del self.pending[path]
+        self.stale.pop(path, None)
+        self._keep_pending()  # off the disk (if it was kept) before the swap is reported
+        blobs = {role: prepare_model(role, data, f, e.sha256, e.size, e.derived_sha256 or None)
+                 for role, (e, f, data) in blobs.items()}
         self._install(blobs, path, t0)
         self.learn(manifest)
         return True
@@ -779,10 +862,24 @@ class DropManager:
         p = self.probation
         if p is not None:
             self._decide(p)
-        if not self.orphans or not self._lock.acquire(blocking=False):
+        if not (self.orphans or self.stale) or not self._lock.acquire(blocking=False):
             return
         try:
             now = time.monotonic()
+            for path, (seen, t0) in list(self.stale.items()):
+                if now - seen >= STALE_WAIT_S and path in self.pending:
+                    try:  # refused now with the file's own reason (its sha256 mismatch)
+                        self._try_manifest(path, t0)
+                    except DropRejected as exc:
+                        self._report("rejected", "models", path, t0, why=exc.reason)
+                    except Exception as exc:
+                        log.exception("drop %s: unexpected failure", path)
+                        self._report("rejected", "models", path, t0,
+                                     why=f"{path}: unexpected failure: {exc}")
+                    finally:
+                        self._keep_pending()
+                elif path not in self.pending:
+                    del self.stale[path]
             for path, (seen, t0, sha, size) in list(self.orphans.items()):
                 if now - seen < self.settings.manifest_wait_s:
                     continue

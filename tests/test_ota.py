@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -501,9 +502,28 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     # a gallery in the drop directory; an unknown model file (no manifest came in time)
     assert "a gallery is taken only at the gallery path" in drop("x.edgal", b"EDGEDGAL" + b"0" * 300)
     assert "is not a model of the manifest in force" in drop("u.tflite", b"\0" * 1000)
-    # a file named by a manifest, corrupt
+    # a file named by a manifest, corrupt (whole size), there before the manifest: it could be
+    # the previous version of the file, whose replacement is still to come, so the manifest
+    # waits (STALE_WAIT_S, 60 s) before it is refused; here the wait is over at once
+    import edged.ota as ota
+
     (drops / "r.tflite").write_bytes(installed["rnet"][0][:-10] + b"0" * 10)
-    assert "sha256 mismatch" in drop("h.json", ok)
+    time.sleep(0.02)
+    (drops / "h.json").write_bytes(json.dumps(ok).encode())
+    dm.handle(drops / "h.json")
+    assert reports[-1]["result"] == "waiting" and "older than the manifest" in reports[-1]["why"]
+    saved, ota.STALE_WAIT_S = ota.STALE_WAIT_S, 0.0
+    try:
+        dm.tick()
+    finally:
+        ota.STALE_WAIT_S = saved
+    assert reports[-1]["result"] == "rejected" and "sha256 mismatch" in reports[-1]["why"]
+    # written after the manifest: refused at once
+    (drops / "i.json").write_bytes(json.dumps(ok).encode())
+    time.sleep(0.02)
+    (drops / "r.tflite").write_bytes(installed["rnet"][0][:-10] + b"1" * 10)
+    dm.handle(drops / "i.json")
+    assert reports[-1]["result"] == "rejected" and "sha256 mismatch" in reports[-1]["why"]
 
 
 # ---------------------------------------------------------------------------- review fixes
@@ -811,10 +831,10 @@ def test_files_that_arrive_while_the_daemon_starts_are_taken(installed, tmp_path
     fake = _FakeDaemon(installed)
     dm, drops = _drop_manager(fake, tmp_path)
     (tmp_path / "g").mkdir()
-    old, _ = _rnet_drop(drops, installed, "old", 8)
-    for f in ("old.json", "old.tflite"):
-        os.utime(drops / f, (time.time() - 60, time.time() - 60))
-    since = time.time() - 1.0
+    old, _ = _rnet_drop(drops, installed, "old", 8)  # there before the start began
+    time.sleep(0.05)
+    since = time.time()
+    time.sleep(0.05)
     m, data = _rnet_drop(drops, installed, "new", 9)
     assert dm.arrived_since(since) == []  # (not watched yet)
     dm.start(since=since)
@@ -976,3 +996,186 @@ def test_a_manifest_waiting_for_its_file_survives_a_restart(shared_dir, models_d
         d.kill()
         watch.close()
     assert "Traceback" not in d.log()
+
+
+# ---------------------------------------------------------------------------- second review
+
+
+def test_a_fifo_in_the_drop_directory_is_refused_without_blocking(installed, tmp_path):
+    """Reading a FIFO blocks until a writer comes, and the drop lock (which a SIGHUP reload
+    waits for) was held meanwhile: anything but a regular file is refused before it is read."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    os.mkfifo(drops / "stuck.tflite")
+    os.mkfifo(drops / "stuck.json")
+    (tmp_path / "g").mkdir()
+    os.mkfifo(tmp_path / "g" / "people.edgal")
+    try:
+        for name in (drops / "stuck.tflite", drops / "stuck.json", tmp_path / "g" / "people.edgal"):
+            t = threading.Thread(target=dm.handle, args=(name,), daemon=True)
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), f"handling {name} blocked"
+            assert fake.reports[-1]["result"] == "rejected"
+            assert fake.reports[-1]["why"] == f"{name}: is a FIFO, not a regular file"
+        m, data = _rnet_drop(drops, installed, "good", 11)  # and drops still go through
+        dm.handle(m)
+        assert fake.reports[-1]["result"] == "swapped", fake.reports[-1]
+    finally:
+        dm.stop()
+
+
+def test_a_drop_renamed_in_during_the_start_is_found(installed, tmp_path):
+    """mv and rsync -a keep a file's old mtime; the rename sets its ctime: such a file that
+    arrived while the daemon was starting is found too."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    m, data = _rnet_drop(stage, installed, "r", 12)
+    for f in ("r.tflite", "r.json"):
+        os.utime(stage / f, (time.time() - 3600, time.time() - 3600))
+    since = time.time()
+    time.sleep(0.05)
+    for f in ("r.tflite", "r.json"):
+        os.rename(stage / f, drops / f)
+    assert (drops / "r.json").stat().st_mtime < since
+    dm.start(since=since)
+    try:
+        deadline = time.monotonic() + 20
+        while not fake.swaps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.swaps and fake.swaps[0][0].models["rnet"].sha256 == \
+            modelstore.sha256_bytes(data), fake.reports
+    finally:
+        dm.stop()
+
+
+def test_the_drop_directory_cannot_be_the_state_directory(tmp_path):
+    """The daemon's own files there (status.json, written by rename every few seconds) would
+    be taken as drops and refused, each refusal changing the status again: an endless loop."""
+    from edged.ota import check_paths
+
+    state = tmp_path / "state"
+    why = check_paths(state, tmp_path / "models", state)
+    assert why == (f"paths.drop_dir ({state}) is paths.state_dir: the daemon's own files there "
+                   f"(status.json, the MQTT spool) would be taken as drops; use another directory")
+    assert check_paths(state, tmp_path / "models", tmp_path / "drops") is None
+
+
+def test_a_full_disk_during_a_gallery_snapshot_leaves_nothing_behind(tmp_path):
+    """The copy of a dropped gallery fails half way (a full disk, simulated in a child process
+    by a file size limit): the gallery in service stays, the reason names the copy, and no
+    partial copy is left to fill the disk further at each retry."""
+    script = tmp_path / "snap.py"
+    script.write_text(f"""
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from edged.gallery import GalleryHolder, write_gallery
+sha = "ab" * 32
+tmp = Path({str(tmp_path)!r})
+g = tmp / "people.edgal"
+rng = np.random.default_rng(0)
+write_gallery(g, [("a", "A"), ("b", "B")], [0, 1], rng.standard_normal((2, 192)), sha)
+h = GalleryHolder(g, sha, watch=False, snapshot_dir=tmp / "snaps")
+assert h.start().accepted
+write_gallery(g, [(f"p{{i}}", "x") for i in range(50)], list(range(50)) * 40,
+              rng.standard_normal((2000, 192)), sha)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+for _ in range(3):
+    ev = h.reload(trigger="drop")
+    print("accepted" if ev.accepted else "refused", ev.reason)
+print("files", sorted(p.name for p in h._snapdir.iterdir()))
+print("serving", h.current.path.name, h.current.rows)
+h.stop()
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 5, r.stdout
+    for line in lines[:3]:
+        assert line.startswith("refused cannot copy it to ") and "/snaps/" in line, line
+        assert line.endswith(": File too large"), line
+    assert lines[3] == "files ['.lock', 'gallery-1.edgal']"
+    assert lines[4] == "serving gallery-1.edgal 2"
+
+
+def test_an_installed_model_replaced_by_a_drop_does_not_stop_the_next_start(
+        shared_dir, installed, models_dir, tmp_path, caplog):
+    """With the drop directory the models directory (the default), a drop may overwrite an
+    installed file and never be confirmed (held back here): the next start finds the file
+    changed and loads the copy of the installed model the daemon kept when it started."""
+    import logging
+
+    from edged.config import load
+    from edged.daemon import Daemon, StartupError
+
+    models = tmp_path / "models"
+    shutil.copytree(models_dir, models)
+    cfg = load(write_config(tmp_path / "c.yaml", device={"name": "copy"},
+                            cameras=[{"name": "c", "source": str(shared_dir / CLIP)}],
+                            paths={"models_dir": str(models), "state_dir": str(tmp_path / "state"),
+                                   "gallery": str(tmp_path / "g.edgal")},
+                            mqtt={"enabled": False}, logging={"target": "stderr"}))
+    d = Daemon(cfg)
+    svc = d.build_service(cfg)
+    assert sorted(b.role for b in svc.installed) == ["embedder", "onet", "pnet", "rnet"]
+    d._keep_installed(svc.installed)
+    svc.gallery.stop()
+    copies = sorted(os.listdir(tmp_path / "state" / "installed-copy"))
+    assert copies == sorted([f"{r}-{sha[:16]}.tflite" for r, (_, sha) in installed.items()]
+                            + ["installed-copy.json"])
+    emb = models / MODEL_FILES["embedder"]
+    emb.write_bytes(reencode(emb.read_bytes(), 13))  # the drop, never confirmed
+    with caplog.at_level(logging.ERROR, logger="edged.daemon"):
+        svc = Daemon(cfg).build_service(cfg)
+    try:
+        assert svc.models["embedder"].sha256 == installed["embedder"][1]
+        assert "sha256 mismatch" in caplog.text
+        assert "loading the copy of the installed model kept at" in caplog.text
+        assert svc.installed and "embedder" not in [b.role for b in svc.installed]
+    finally:
+        svc.gallery.stop()
+    shutil.rmtree(tmp_path / "state" / "installed-copy")  # without a copy: a clear error
+    with pytest.raises(StartupError, match="sha256 mismatch"):
+        Daemon(cfg).build_service(cfg)
+
+
+def test_a_manifest_before_its_same_size_file_waits_for_it(installed, tmp_path, monkeypatch):
+    """`cp m.json r.tflite drops/` over an r.tflite of an earlier drop with the same size (a
+    retrained model keeps its layout): the manifest sees the old file, which is older than
+    itself: it waits for the new one instead of refusing the drop.  A file that never comes
+    gets the manifest refused after STALE_WAIT_S, with the file's sha256 mismatch."""
+    import edged.ota as ota
+
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    v1, v2 = reencode(installed["rnet"][0], 21), reencode(installed["rnet"][0], 22)
+    (drops / "r.tflite").write_bytes(v1)  # left by an earlier drop
+    time.sleep(0.02)
+    (drops / "r.json").write_text(json.dumps(manifest_for([("rnet", "r.tflite", v2)])))
+    dm.handle(drops / "r.json")
+    assert fake.reports[-1]["result"] == "waiting", fake.reports
+    assert "older than the manifest" in fake.reports[-1]["why"]
+    (drops / "r.tflite").write_bytes(v2)  # the copy comes
+    dm.handle(drops / "r.tflite")
+    assert fake.reports[-1]["result"] == "swapped", fake.reports
+    assert fake.swaps[0][0].models["rnet"].sha256 == modelstore.sha256_bytes(v2)
+    assert not dm.pending and not dm.stale
+
+    dm.probation = None
+    monkeypatch.setattr(ota, "STALE_WAIT_S", 0.3)
+    v3 = reencode(installed["rnet"][0], 23)
+    time.sleep(0.02)
+    (drops / "s.json").write_text(json.dumps(manifest_for([("rnet", "r.tflite", v3)])))
+    dm.handle(drops / "s.json")
+    assert fake.reports[-1]["result"] == "waiting", fake.reports
+    time.sleep(0.4)
+    dm.tick()
+    assert fake.reports[-1]["result"] == "rejected", fake.reports
+    assert "sha256 mismatch" in fake.reports[-1]["why"]
+    assert not dm.pending and not dm.stale
+    dm.stop()

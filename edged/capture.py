@@ -253,6 +253,7 @@ class Camera:
         # (generation, monotonic start) of the open or read in progress: check() replaces a
         # reader stuck in one; a stale reader's late return must not clear the new one's
         self._read_started: Optional[tuple] = None
+        self._failed_at: Optional[float] = None  # when the thread ended on an unexpected error
 
     # -- life
 
@@ -279,7 +280,16 @@ class Camera:
         return self._thread is not None and self._thread.is_alive()
 
     def check(self) -> None:
-        """Called periodically by the daemon: replace a reader stuck in a blocking read."""
+        """Called periodically by the daemon: replace a reader stuck in a blocking read, and
+        a capture thread that ended on an unexpected error (after ``reconnect_max``)."""
+        failed = self._failed_at
+        if failed is not None and not self._stop.is_set() and not self.alive \
+                and time.monotonic() - failed >= self.settings.reconnect_max:
+            self._failed_at = None
+            self.outages += 1
+            self.reconnects += 1
+            self.start()
+            return
         pending = self._read_started
         limit = max(2.0 * self.settings.stall_timeout, self.settings.stall_timeout + 2.0)
         if pending is not None and not self._stop.is_set() and time.monotonic() - pending[1] > limit:
@@ -419,8 +429,10 @@ class Camera:
         except _Stopped:
             pass
         except Exception:  # never let a capture bug kill the thread silently
-            log.exception("camera %s: capture thread failed", self.name, extra=fields(camera=self.name))
+            log.exception("camera %s: capture thread failed; restarting it in %.1f s", self.name,
+                          self.settings.reconnect_max, extra=fields(camera=self.name))
             self.last_error = "capture thread failed"
+            self._failed_at = time.monotonic()  # check() starts a new one
         finally:
             if gen == self._generation:
                 self.connected = False

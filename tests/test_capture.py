@@ -241,3 +241,36 @@ def test_a_reader_stuck_in_read_is_replaced_and_counted():
         first.set()
         second.set()
         cam.stop()
+
+
+def test_a_capture_thread_that_fails_is_started_again(shared_dir, caplog, monkeypatch):
+    """An unexpected error in the capture thread (a bug, an OpenCV surprise) is logged and the
+    daemon's periodic check() starts a new thread after reconnect_max: the camera does not
+    stay dead."""
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="bug", source=str(shared_dir / CLIP), realtime=False,
+                                loop=True, reconnect_min=0.05, reconnect_max=0.3), hub)
+    real = Camera._read_loop
+    calls = []
+
+    def read_loop(self, cap, gen):
+        calls.append(gen)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(self, cap, gen)
+
+    monkeypatch.setattr(Camera, "_read_loop", read_loop)
+    with caplog.at_level(logging.ERROR, logger="edged.capture"):
+        cam.start()
+        assert wait_for(lambda: not cam.alive, 10)
+    try:
+        assert "camera bug: capture thread failed; restarting it in 0.3 s" in caplog.text
+        assert cam.last_error == "capture thread failed" and cam.frames_delivered == 0
+        cam.check()  # too early: nothing yet
+        assert not cam.alive
+        time.sleep(0.35)
+        cam.check()
+        assert wait_for(lambda: hub.take(timeout=0.1) is not None, 10)
+        assert cam.alive and cam.reconnects == 1 and len(calls) == 2
+    finally:
+        cam.stop()

@@ -343,8 +343,8 @@ class _Builder:
             return _BAD
         lo, hi = meta.get("min"), meta.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value != value:  # NaN
-                self.error(path, f"expected a number{_range(meta)}, got {_short(value)}")
+            if value != value or value in (float("inf"), float("-inf")):  # NaN, .inf
+                self.error(path, f"expected a finite number{_range(meta)}, got {_short(value)}")
                 return _BAD
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 self.error(path, f"expected {'a number' if isinstance(value, float) else 'an integer'}"

@@ -27,6 +27,7 @@ stalled camera or a stuck pipeline stops the pings and systemd restarts the serv
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -188,7 +189,9 @@ class Daemon:
         self.fps_done: Dict[str, RollingStats] = {}
         self.stage = {k: RollingStats() for k in ("detect", "embed", "match", "track", "frame")}
         self.latency = RollingStats()  # capture -> event handed to the publisher
-        self.latencies_all: List[float] = []  # every capture-to-event latency (benchmarks)
+        # the last capture-to-event latencies (tools/bench_daemon.py); bounded: the daemon
+        # runs for months
+        self.latencies_all: "collections.deque[float]" = collections.deque(maxlen=100_000)
         self.faces_embedded = 0
         self.frames_done_total = 0
 
@@ -1007,8 +1010,15 @@ class Daemon:
         d["latency_s"] = round(latency, 4)
         d["frame_index"] = frame_index
         line = json.dumps(d, default=str) + "\n"
-        with open(self.events_out, "a", encoding="utf-8") as f:
-            f.write(line)
+        try:
+            with open(self.events_out, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:  # a full disk must not end the events thread (and MQTT with it)
+            now = time.monotonic()
+            if now - getattr(self, "_events_out_warned", -1e9) >= 60:
+                self._events_out_warned = now
+                log.error("--events-out %s: cannot write event %s: %s (said once a minute)",
+                          self.events_out, ev.id, exc)
 
     # ------------------------------------------------------------------ main loop
 

@@ -160,6 +160,8 @@ def test_odd_values_are_config_errors_not_tracebacks():
     assert len(errs) == 1 and errs[0].startswith(
         "cfg.yaml:2: mqtt.host: 'broker..lan' is not a valid host name"), errs
     assert errors_of("mqtt:\n  host: ''\n") == ["cfg.yaml:2: mqtt.host: must not be empty"]
+    assert errors_of("quality:\n  min_size: .inf\n") == [
+        "cfg.yaml:2: quality.min_size: expected a finite number >= 0.0, got inf"]
     config.loads("mqtt:\n  host: fe80::1\n")  # addresses are fine
     config.loads("mqtt:\n  host: broker.local\n")
 

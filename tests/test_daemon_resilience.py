@@ -186,3 +186,22 @@ def load_doc(tmp_path, doc):
     path = tmp_path / "config.yaml"
     write(path, doc)
     return load(path)
+
+
+def test_an_events_file_that_cannot_be_written_does_not_end_the_events_thread(tmp_path,
+                                                                              caplog):
+    """--events-out on a full disk (here: a directory in its place): an error in the journal,
+    once a minute, and the events keep flowing to MQTT and the hooks."""
+    from edged.types import Event
+
+    cfg = load_doc(tmp_path, {"cameras": [{"name": "usb", "source": "/dev/video9"}],
+                              "paths": {"state_dir": str(tmp_path / "state")},
+                              "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
+    d = Daemon(cfg, notifier=Notifier(address=""), events_out=str(tmp_path))
+    ev = Event(id="e1", type="unknown", camera="usb", track_id=1, frame_time=time.time())
+    with caplog.at_level(logging.ERROR, logger="edged.daemon"):
+        d._write_event(ev, 0.1, 7)
+        d._write_event(ev, 0.1, 8)
+    lines = [r for r in caplog.records if "--events-out" in r.getMessage()]
+    assert len(lines) == 1 and f"--events-out {tmp_path}: cannot write event e1" in \
+        lines[0].getMessage()

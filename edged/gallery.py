@@ -783,6 +783,36 @@ def write_gallery(path, identities: Sequence[Tuple[str, str]], row_identity, emb
     return h.hexdigest()
 
 
+def peek_embedder(path) -> str:
+    """The embedder sha256 a gallery file says it was made by, from its header alone, read
+    with a plain read (no mapping: the file may be a live one another program is rewriting,
+    and a mapped file cut short under a reader kills the process with SIGBUS).  Raises
+    :class:`GalleryError` when the header is not a good one."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise GalleryError(path, "no such file") from None
+    except OSError as exc:
+        raise GalleryError(path, f"cannot stat: {exc.strerror or exc}") from None
+    if not _stat.S_ISREG(st.st_mode):
+        raise GalleryError(path, "is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+    except OSError as exc:
+        raise GalleryError(path, f"cannot read: {exc.strerror or exc}") from None
+    if head[:len(MAGIC)] != MAGIC:
+        raise GalleryError(path, f"wrong magic {head[:len(MAGIC)]!r} (expected {MAGIC!r}): "
+                                 f"not an edged gallery")
+    if len(head) < HEADER_SIZE:
+        raise GalleryError(path, f"truncated header: {len(head)} bytes, a header is {HEADER_SIZE}")
+    (crc,) = _CRC.unpack_from(head, _CRC_AT)
+    if crc != zlib.crc32(head[:_CRC_AT]):
+        raise GalleryError(path, "header checksum mismatch: corrupt header")
+    return _HEAD.unpack_from(head, 0)[15].hex()
+
+
 def read_entries(path) -> tuple:
     """``(identities, row_identity, embeddings float32, embedder_sha256, dtype)`` of a file."""
     with Gallery.open(path, expect_dim=None) as g:

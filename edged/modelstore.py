@@ -114,11 +114,17 @@ class Manifest:
     def __init__(self, data: dict, path: Optional[Path] = None):
         self.path = path
         self.data = data
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: not an edged model manifest (a JSON "
+                             f"{type(data).__name__}, not an object)")
         if data.get("format") != "edged-model-manifest":
             raise ModelError(f"{path}: not an edged model manifest (format={data.get('format')!r})")
         self.source = data.get("source", {})
         self.entries = {}
-        for e in data.get("models", []):
+        models = data.get("models", [])
+        if not isinstance(models, list):
+            raise ModelError(f"{path}: 'models' must be a list of entries, got {models!r}")
+        for e in models:
             try:
                 d = e.get("derived") or {}
                 entry = ModelEntry(

@@ -552,9 +552,8 @@ class DropManager:
         if held is None:
             return False
         try:
-            from edged.gallery import Gallery
-            with Gallery.open(self.gallery_path, expect_dim=None, verify=False) as g:
-                return g.embedder_sha256 == held.blob.sha256
+            from edged.gallery import peek_embedder
+            return peek_embedder(self.gallery_path) == held.blob.sha256
         except Exception:
             return False
 
@@ -787,12 +786,11 @@ class DropManager:
     # -- galleries --------------------------------------------------------------------------
 
     def handle_gallery(self, path: Path, t0: float) -> None:
-        from edged.gallery import Gallery, GalleryError
+        from edged.gallery import GalleryError, peek_embedder
 
         svc = self.d.service
         try:
-            with Gallery.open(path, expect_dim=None, verify=False) as g:
-                made_by = g.embedder_sha256
+            made_by = peek_embedder(path)  # the live file: read, never mapped
         except GalleryError:
             svc.gallery.holder.reload(path, trigger="drop")  # refused with the exact reason
             return

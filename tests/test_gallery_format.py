@@ -250,3 +250,29 @@ def test_write_is_atomic_and_leaves_no_temp(tmp_path):
     make(p, seed=2)
     assert os.stat(p).st_ino != ino  # replaced by rename, not rewritten in place
     assert [x.name for x in tmp_path.iterdir()] == ["g.edgal"]
+
+
+def test_peek_embedder_reads_the_header_without_mapping_the_file(tmp_path):
+    """What the drop manager reads of a live gallery file (which a copy may be cutting short
+    under it: a mapped file would kill the process with SIGBUS)."""
+    import numpy as np
+
+    from edged.gallery import GalleryError, peek_embedder, write_gallery
+
+    p = tmp_path / "g.edgal"
+    write_gallery(p, [("a", "A")], [0], np.ones((1, 192)), "ab" * 32)
+    assert peek_embedder(p) == "ab" * 32
+    data = p.read_bytes()
+    p.write_bytes(data[:100])
+    with pytest.raises(GalleryError, match="truncated header: 100 bytes"):
+        peek_embedder(p)
+    p.write_bytes(b"NOTAGAL!" + data[8:])
+    with pytest.raises(GalleryError, match="wrong magic"):
+        peek_embedder(p)
+    bad = bytearray(data)
+    bad[40] ^= 0xFF
+    p.write_bytes(bytes(bad))
+    with pytest.raises(GalleryError, match="header checksum mismatch"):
+        peek_embedder(p)
+    with pytest.raises(GalleryError, match="no such file"):
+        peek_embedder(tmp_path / "none.edgal")

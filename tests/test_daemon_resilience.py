@@ -135,7 +135,7 @@ def test_a_slow_track_thread_makes_the_newest_frame_win(shared_dir, tmp_path):
 
     d.process = slow
     d.start(camera_wait=30)
-    most, ages = 0, []
+    most = 0
     try:
         t_end = time.monotonic() + 3.0
         while time.monotonic() < t_end:

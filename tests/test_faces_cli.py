@@ -144,3 +144,19 @@ def test_help_states_exit_status(capsys):
             main([cmd, "--help"])
         out = capsys.readouterr().out
         assert "Exit status: 0" in out and "1 when any image failed" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compare", "a.jpg", "b.jpg", "--threshold", "5"],
+     "argument --threshold: must be a cosine similarity in [-1, 1], got 5"),
+    (["compare", "a.jpg", "b.jpg", "--threshold", "nan"],
+     "argument --threshold: must be a cosine similarity in [-1, 1], got nan"),
+    (["identify", "--gallery", "g.edgal", "a.jpg", "--min-margin", "nan"],
+     "argument --min-margin: must be in [0, 2], got nan"),
+    (["compare", "a.jpg", "b.jpg", "--threshold", "x"], "argument --threshold: not a number: 'x'"),
+])
+def test_thresholds_out_of_range_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

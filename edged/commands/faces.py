@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edged.commands import similarity
+
 EXIT_HELP = ("Exit status: 0 when every image was processed, 1 when any image failed "
              "(unreadable, not an image, no face found; each reported on stderr while the "
              "others are still processed), 2 when nothing could run (models missing, bad options).")
@@ -61,7 +63,7 @@ def register(sub, common):
     c.add_argument("--json", action="store_true",
                    help='print {"image_a", "image_b", "similarity", "threshold", "same", '
                         '"face_a", "face_b"}')
-    c.add_argument("--threshold", type=float, default=None,
+    c.add_argument("--threshold", type=similarity, default=None,
                    help="match threshold (default: the pipeline's, chosen on the dev pairs; "
                         "see docs/accuracy.md)")
     _options(c)

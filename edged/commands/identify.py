@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from edged.commands import margin
 from edged.commands.gallery import Fail, make_pipeline, pipeline_options
 
 
@@ -30,7 +31,7 @@ def register(sub, common):
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"identification threshold (default {d.threshold}, the open-set default; "
                         f"docs/accuracy.md)")
-    p.add_argument("--min-margin", type=float, default=d.min_margin,
+    p.add_argument("--min-margin", type=margin, default=d.min_margin,
                    help=f"minimum margin over the second identity (default {d.min_margin})")
     p.add_argument("--top-k", type=int, default=d.top_k, help="candidates to show")
     pipeline_options(p)

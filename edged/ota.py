@@ -652,6 +652,11 @@ class DropManager:
     # -- models -----------------------------------------------------------------------------
 
     def handle_manifest(self, path: Path, t0: float) -> None:
+        # a manifest written over one that waits for its files replaces it, even a bad one
+        if self.pending.pop(path, None) is not None:
+            self.stale.pop(path, None)
+            log.info("drop %s: replaces the manifest of that name that waited for its files",
+                     path)
         try:
             manifest = modelstore.Manifest.load(path)
         except modelstore.ModelError as exc:
@@ -667,7 +672,6 @@ class DropManager:
                                    f"the manifest")
         for e in manifest.entries.values():
             self.orphans.pop(path.parent / e.file, None)
-        self.stale.pop(path, None)  # (a manifest dropped again starts its wait again)
         self.pending[path] = manifest
         self._try_manifest(path, t0)
 

@@ -1181,3 +1181,24 @@ def test_a_manifest_before_its_same_size_file_waits_for_it(installed, tmp_path, 
     assert "sha256 mismatch" in fake.reports[-1]["why"]
     assert not dm.pending and not dm.stale
     dm.stop()
+
+
+def test_a_manifest_written_over_a_waiting_one_replaces_it(installed, tmp_path):
+    """Even a bad one: the manifest that waited is not installed later behind its back."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    data = reencode(installed["rnet"][0], 31)
+    (drops / "r.json").write_text(json.dumps(manifest_for([("rnet", "r.tflite", data)])))
+    dm.handle(drops / "r.json")
+    assert fake.reports[-1]["result"] == "waiting" and drops / "r.json" in dm.pending
+    (drops / "r.json").write_text("{not json")
+    dm.handle(drops / "r.json")
+    assert fake.reports[-1]["result"] == "rejected" and not dm.pending
+    (drops / "r.tflite").write_bytes(data)  # the file the old manifest waited for
+    dm.handle(drops / "r.tflite")
+    dm.settings.manifest_wait_s = 0.0
+    dm.tick()
+    assert not fake.swaps, fake.reports
+    assert fake.reports[-1]["result"] == "rejected" and "no drop manifest names it" in \
+        fake.reports[-1]["why"]
+    dm.stop()

@@ -12,15 +12,22 @@ device and all its entities ("components"):
 
 Availability follows ``<prefix>/availability`` (``online``; ``offline`` and ``stopped`` both
 mean unavailable).  A person removed from the gallery is removed from Home Assistant by
-republishing the device with that component reduced to its ``platform`` key.
+republishing the device with that component reduced to its ``platform`` key; what was
+announced is kept in ``<state_dir>/hass-discovery.json``, so that this holds across restarts.
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 from edged import __version__
+from edged.modelstore import atomic_write
 from edged.mqtt import ascii_id, topic_segment
 from edged.types import EVENT_TYPES
+
+log = logging.getLogger("edged.hass")
 
 # keys every payload / component carries (checked by the tests, listed in docs/mqtt.md)
 ROOT_KEYS = ("device", "origin", "availability", "components")
@@ -113,20 +120,39 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
 class HassDiscovery:
     """Remembers what was announced so that removed people are removed in Home Assistant."""
 
-    def __init__(self, device: str, topic_prefix: str, discovery_prefix: str):
+    def __init__(self, device: str, topic_prefix: str, discovery_prefix: str,
+                 state_file: Optional[Path] = None):
         self.device = device
         self.topic_prefix = topic_prefix
         self.topic = discovery_topic(discovery_prefix, device)
         self.birth_topic = f"{discovery_prefix}/status"
         self._announced: Dict[str, str] = {}  # component id -> platform
         self.published = 0
+        # what was announced, kept across restarts: a person removed from the gallery while
+        # edged was stopped is then removed in Home Assistant too (not left as an orphan)
+        self.state_file = Path(state_file) if state_file else None
+        if self.state_file is not None and self.state_file.exists():
+            try:
+                doc = json.loads(self.state_file.read_text(encoding="utf-8"))
+                self._announced = {str(k): str(v) for k, v in doc["components"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("Home Assistant: cannot read %s (%s); entities of people removed "
+                            "while edged was stopped may stay in Home Assistant",
+                            self.state_file, exc)
 
     def payload(self, people: Iterable[str], cameras: Iterable[str]) -> dict:
         current = build_discovery(self.device, self.topic_prefix, people, cameras)
         removed = [(cid, p) for cid, p in self._announced.items()
                    if cid not in current["components"]]
         doc = build_discovery(self.device, self.topic_prefix, people, cameras, removed)
-        self._announced = {cid: c["platform"] for cid, c in current["components"].items()}
+        announced = {cid: c["platform"] for cid, c in current["components"].items()}
+        if announced != self._announced and self.state_file is not None:
+            try:
+                atomic_write(self.state_file, (json.dumps({"components": announced}, indent=1,
+                                                          ensure_ascii=False) + "\n").encode())
+            except OSError as exc:
+                log.warning("Home Assistant: cannot write %s: %s", self.state_file, exc)
+        self._announced = announced
         return doc
 
     @staticmethod

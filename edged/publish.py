@@ -48,6 +48,7 @@ log = logging.getLogger("edged.publish")
 
 SCHEMA_VERSION = 1
 SPOOL_FILE = "mqtt-spool.db"
+HASS_FILE = "hass-discovery.json"  # what Home Assistant was told (edged.hass)
 
 
 def iso_utc(t: float) -> str:
@@ -175,7 +176,8 @@ class Publisher:
                                  on_message=self._on_message)
         if settings.homeassistant.enabled:
             self.hass = HassDiscovery(device, self.prefix,
-                                      settings.homeassistant.discovery_prefix.rstrip("/"))
+                                      settings.homeassistant.discovery_prefix.rstrip("/"),
+                                      state_file=self.state_dir / HASS_FILE)
         self.set_people(people)
 
     # -- public API -------------------------------------------------------------------------

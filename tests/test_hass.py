@@ -135,3 +135,27 @@ def test_names_in_other_scripts_keep_topics_and_entities_of_their_own():
     assert persons["alice present"][0] == "edged_testcam_person_alice"  # ASCII names as before
     for cid, _ in persons.values():
         assert cid.isascii() and all(ch.isalnum() or ch in "_-" for ch in cid), cid
+
+
+def test_a_person_removed_while_edged_was_stopped_is_removed_in_home_assistant(tmp_path,
+                                                                                caplog):
+    """What was announced is kept in the state directory: after a restart with bob gone from
+    the gallery, the discovery payload removes his entity instead of leaving an orphan."""
+    import logging
+
+    state = tmp_path / "hass-discovery.json"
+    first = HassDiscovery("testcam", PREFIX, "homeassistant", state_file=state)
+    first.payload(["alice", "bob"], ["door"])
+    assert "edged_testcam_person_bob" in json.loads(state.read_text())["components"]
+    again = HassDiscovery("testcam", PREFIX, "homeassistant", state_file=state)  # a restart
+    doc = again.payload(["alice"], ["door"])
+    validate(doc)
+    assert doc["components"]["edged_testcam_person_bob"] == {"platform": "binary_sensor"}
+    assert "edged_testcam_person_bob" not in json.loads(state.read_text())["components"]
+    state.write_text("{broken")
+    with caplog.at_level(logging.WARNING, logger="edged.hass"):
+        third = HassDiscovery("testcam", PREFIX, "homeassistant", state_file=state)
+    assert f"cannot read {state}" in caplog.text
+    validate(third.payload(["alice"], ["door"]))
+    assert json.loads(state.read_text())["components"]["edged_testcam_person_alice"] == \
+        "binary_sensor"

@@ -222,16 +222,7 @@ class Gallery:
         path = Path(path)
         g = cls()
         g.path = path
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise GalleryError(path, "no such file") from None
-        except OSError as exc:
-            raise GalleryError(path, f"cannot stat: {exc.strerror or exc}") from None
-        if _stat.S_ISDIR(st.st_mode):
-            raise GalleryError(path, "is a directory, not a gallery file")
-        if not _stat.S_ISREG(st.st_mode):
-            raise GalleryError(path, "is not a regular file")
+        _check_regular(path)
         try:
             f = open(path, "rb")
         except OSError as exc:
@@ -783,20 +774,28 @@ def write_gallery(path, identities: Sequence[Tuple[str, str]], row_identity, emb
     return h.hexdigest()
 
 
-def peek_embedder(path) -> str:
-    """The embedder sha256 a gallery file says it was made by, from its header alone, read
-    with a plain read (no mapping: the file may be a live one another program is rewriting,
-    and a mapped file cut short under a reader kills the process with SIGBUS).  Raises
-    :class:`GalleryError` when the header is not a good one."""
-    path = Path(path)
+def _check_regular(path: Path) -> None:
+    """Raise :class:`GalleryError` unless ``path`` is a regular file (opening a FIFO would
+    block until a writer comes)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise GalleryError(path, "no such file") from None
     except OSError as exc:
         raise GalleryError(path, f"cannot stat: {exc.strerror or exc}") from None
+    if _stat.S_ISDIR(st.st_mode):
+        raise GalleryError(path, "is a directory, not a gallery file")
     if not _stat.S_ISREG(st.st_mode):
         raise GalleryError(path, "is not a regular file")
+
+
+def peek_embedder(path) -> str:
+    """The embedder sha256 a gallery file says it was made by, from its header alone, read
+    with a plain read (no mapping: the file may be a live one another program is rewriting,
+    and a mapped file cut short under a reader kills the process with SIGBUS).  Raises
+    :class:`GalleryError` when the header is not a good one."""
+    path = Path(path)
+    _check_regular(path)
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER_SIZE)
@@ -881,16 +880,7 @@ class GalleryHolder:
                 self._snapdir = snapdir
             self._snap_n += 1
             dest = self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
-        try:
-            st = os.stat(src)
-        except FileNotFoundError:
-            raise GalleryError(src, "no such file") from None
-        except OSError as exc:
-            raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
-        if _stat.S_ISDIR(st.st_mode):
-            raise GalleryError(src, "is a directory, not a gallery file")
-        if not _stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
-            raise GalleryError(src, "is not a regular file")
+        _check_regular(src)  # a FIFO would block the open below
         try:
             fsrc = open(src, "rb")
         except FileNotFoundError:

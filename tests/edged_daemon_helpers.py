@@ -98,6 +98,45 @@ class Subscriber:
         self.client.disconnect()
 
 
+class FakePipeline:
+    """A detector stand-in for daemon tests where the models are not the point: no faces,
+    after ``delay()`` seconds."""
+
+    def __init__(self, delay=lambda: 0.0):
+        self.delay = delay
+
+    def detect(self, image):
+        time.sleep(self.delay())
+        return []
+
+
+class FakeGallery:
+    """What the daemon asks of a gallery holder, with no gallery."""
+
+    current = None
+
+    def version(self):
+        return None
+
+    def keep_last_good(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def fake_services(daemon, delay=lambda: 0.0):
+    """Make ``daemon`` build service sets of FakePipeline (one per worker) and FakeGallery, and
+    skip the warm-up."""
+    from edged.daemon import ServiceSet
+
+    daemon.build_service = lambda cfg: ServiceSet(
+        pipelines=[FakePipeline(delay) for _ in range(cfg.pipeline.workers)],
+        gallery=FakeGallery(), versions={"embedder": "x"}, accelerators={})
+    daemon.warm_up = lambda svc, parts=None: None
+    return daemon
+
+
 def write_config(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path

@@ -26,7 +26,7 @@ import time
 import pytest
 
 from edged_daemon_helpers import (DaemonProcess, NotifyListener, Subscriber, build_gallery,
-                                  write_config)
+                                  fake_services, write_config)
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"
 LIN = "Lin-Manuel_Miranda"
@@ -236,36 +236,16 @@ def test_detection_workers_keep_capture_order(shared_dir, tmp_path):
     import threading
 
     from edged import config as configmod
-    from edged.daemon import Daemon, ServiceSet
+    from edged.daemon import Daemon
     from edged.sdnotify import Notifier
-
-    class FakePipeline:
-        def detect(self, image):
-            time.sleep(random.uniform(0, 0.004))  # workers overtake each other
-            return []
-
-    class FakeGallery:
-        current = None
-
-        def version(self):
-            return None
-
-        def keep_last_good(self):
-            pass
-
-        def stop(self):
-            pass
 
     cfg = configmod.build(configmod.Config, {
         "cameras": [{"name": "c", "source": str(shared_dir / CLIP), "realtime": False}],
         "pipeline": {"workers": 3},
         "paths": {"state_dir": str(tmp_path / "state")},
         "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
-    d = Daemon(cfg, notifier=Notifier(address=""), exit_when_done=True)
-    d.build_service = lambda cfg: ServiceSet(pipelines=[FakePipeline() for _ in range(3)],
-                                             gallery=FakeGallery(), versions={"embedder": "x"},
-                                             accelerators={})
-    d.warm_up = lambda svc: None
+    d = fake_services(Daemon(cfg, notifier=Notifier(address=""), exit_when_done=True),
+                      delay=lambda: random.uniform(0, 0.004))  # workers overtake each other
     seen, threads = [], set()
     orig = d.process
 

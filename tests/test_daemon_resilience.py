@@ -13,41 +13,15 @@ import yaml
 
 from conftest import wait_for
 from edged import config as configmod
-from edged.daemon import Daemon, ServiceSet, StartupError
+from edged.daemon import Daemon, StartupError
+from edged_daemon_helpers import fake_services
 from edged.sdnotify import Notifier
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"
 
 
-class FakePipeline:
-    def __init__(self, delay: float = 0.0):
-        self.delay = delay
-
-    def detect(self, image):
-        time.sleep(self.delay)
-        return []
-
-
-class FakeGallery:
-    current = None
-
-    def version(self):
-        return None
-
-    def keep_last_good(self):
-        pass
-
-    def stop(self):
-        pass
-
-
 def fake_daemon(cfg, config_path=None) -> Daemon:
-    d = Daemon(cfg, config_path=config_path, notifier=Notifier(address=""))
-    d.build_service = lambda cfg: ServiceSet(
-        pipelines=[FakePipeline() for _ in range(cfg.pipeline.workers)], gallery=FakeGallery(),
-        versions={"embedder": "x"}, accelerators={})
-    d.warm_up = lambda svc, parts=None: None
-    return d
+    return fake_services(Daemon(cfg, config_path=config_path, notifier=Notifier(address="")))
 
 
 def write(path, doc) -> None:

@@ -22,6 +22,10 @@ class ModelFormatError(ValueError):
     """The bytes are not a TFLite model edged can read."""
 
 
+# what the flatbuffers walker raises on garbage offsets and sizes (a corrupt file)
+_UNREADABLE = (IndexError, struct.error, TypeError, ValueError, OverflowError)
+
+
 def _field(tab: Table, index: int) -> int:
     return tab.Offset(4 + 2 * index)
 
@@ -112,21 +116,24 @@ def _reshapes(buf) -> list:
                             opts_pos, opts_len = start, n
                 found.append(_Reshape(shape_pos, shape_len, opts_pos, opts_len))
         return found
-    except (IndexError, struct.error) as exc:
+    except _UNREADABLE as exc:
         raise ModelFormatError(f"not a readable TFLite model: {exc}") from exc
 
 
 def tensor_shapes(buf) -> tuple:
     """``([(byte position of the shape vector, rank)] for every tensor of the first subgraph,
     index of its first input tensor)``, for patching declared shapes in place."""
-    sgs = _table_vector(_root(buf), 2)  # Model.subgraphs
-    if not sgs:
-        raise ModelFormatError("model has no subgraph")
-    in_start, n_in = _vector(sgs[0], 1)  # SubGraph.inputs
-    if not n_in:
-        raise ModelFormatError("model has no input")
-    first_input = struct.unpack_from("<i", buf, in_start)[0]
-    return [_vector(t, 0) for t in _table_vector(sgs[0], 0)], first_input  # Tensor.shape
+    try:
+        sgs = _table_vector(_root(buf), 2)  # Model.subgraphs
+        if not sgs:
+            raise ModelFormatError("model has no subgraph")
+        in_start, n_in = _vector(sgs[0], 1)  # SubGraph.inputs
+        if not n_in:
+            raise ModelFormatError("model has no input")
+        first_input = struct.unpack_from("<i", buf, in_start)[0]
+        return [_vector(t, 0) for t in _table_vector(sgs[0], 0)], first_input  # Tensor.shape
+    except _UNREADABLE as exc:
+        raise ModelFormatError(f"not a readable TFLite model: {exc}") from exc
 
 
 def check_model_bytes(buf) -> None:

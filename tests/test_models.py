@@ -107,6 +107,26 @@ def test_structure_check_rejects_non_tflite(shared_dir):
         make_batch_dynamic((shared_dir / "models" / "mtcnn_pnet.tflite").read_bytes())
 
 
+def test_every_corrupt_byte_is_a_model_format_error(models_dir):
+    """One byte of the flatbuffer's first 2 KiB set to 0xff or 0x80 at a time: the model
+    parses, or the checks say it is not a readable model (never a raw TypeError or
+    struct.error from the walker: it would escape the install, verify and drop checks)."""
+    from edged.tflitefile import tensor_shapes
+
+    data = (models_dir / "mtcnn_pnet.tflite").read_bytes()
+    refused = 0
+    for pos in range(2048):
+        for v in (0xFF, 0x80):
+            b = bytearray(data)
+            b[pos] = v
+            for check in (check_model_bytes, tensor_shapes):
+                try:
+                    check(bytes(b))
+                except ModelFormatError:
+                    refused += 1
+    assert refused > 100  # (the mutations do reach the checks)
+
+
 def test_malformed_manifest_is_reported(tmp_path):
     bad = tmp_path / "manifest.json"
     bad.write_text("{\"format\": \"edged-model-manifest\", \"models\": [{\"role\": \"x\"}]}")

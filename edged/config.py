@@ -579,7 +579,8 @@ def _list_item_dataclass(tp):
 
 
 def _yaml_scalar(v) -> str:
-    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    s = yaml.safe_dump(v, default_flow_style=True, width=10_000).strip()
+    return (s[:-3] if s.endswith("...") else s).strip()  # (str.removesuffix: Python 3.9)
 
 
 def defaults_yaml() -> str:

@@ -443,6 +443,13 @@ class DropManager:
         gdir = self.gallery_path.parent
         dirs.setdefault(gdir, "gallery")
         for d, name in dirs.items():
+            if name == "drops" and not d.exists():
+                try:  # (a directory of its own, as the docs advise, is not made by anything else)
+                    d.mkdir(parents=True)
+                    log.info("%s: created the drop directory", d)
+                except OSError as exc:
+                    log.warning("%s: cannot create the drop directory (%s)", d,
+                                exc.strerror or exc)
             if not d.is_dir():
                 log.warning("%s: directory does not exist: no drops are watched there", d)
                 continue

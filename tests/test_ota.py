@@ -1202,3 +1202,19 @@ def test_a_manifest_written_over_a_waiting_one_replaces_it(installed, tmp_path):
     assert fake.reports[-1]["result"] == "rejected" and "no drop manifest names it" in \
         fake.reports[-1]["why"]
     dm.stop()
+
+
+def test_a_drop_directory_that_does_not_exist_yet_is_created(installed, tmp_path):
+    fake = _FakeDaemon(installed)
+    from edged.ota import DropManager, DropSettings
+
+    drops = tmp_path / "var" / "drops"
+    dm = DropManager(fake, drops, tmp_path / "g" / "people.edgal", modelstore.Manifest.load(),
+                     DropSettings())
+    (tmp_path / "g").mkdir()
+    dm.start()
+    try:
+        assert drops.is_dir() and {str(w.directory) for w in dm.watchers} == \
+            {str(drops), str(tmp_path / "g")}
+    finally:
+        dm.stop()

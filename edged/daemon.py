@@ -1060,7 +1060,7 @@ class Daemon:
             now = time.monotonic()
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
+                self._reload_with_pings(ping_every)
             for cam in self.cameras.values():
                 cam.check()
             if ping_every and now - last_ping >= ping_every:
@@ -1087,6 +1087,29 @@ class Daemon:
             if self.exit_when_done and self._all_done():
                 log.info("every source has ended; stopping")
                 break
+
+    def _reload_with_pings(self, ping_every: Optional[float]) -> bool:
+        """reload() on the main thread, while a helper thread feeds the systemd watchdog as the
+        main loop does (only while frames go through): loading new models, warming them up on
+        a slow accelerator or waiting for a drop's probation may take longer than the
+        watchdog's interval."""
+        if not ping_every:
+            return self.reload()
+        done = threading.Event()
+
+        def ping():
+            last = self.progress
+            while not done.wait(ping_every):
+                if self.progress != last:
+                    last = self.progress
+                    self.notifier.watchdog()
+
+        t = threading.Thread(target=ping, name="reload-watchdog", daemon=True)
+        t.start()
+        try:
+            return self.reload()
+        finally:
+            done.set()
 
     def _all_done(self) -> bool:
         if not all(c.finished for c in self.cameras.values()):

@@ -179,3 +179,27 @@ def test_an_events_file_that_cannot_be_written_does_not_end_the_events_thread(tm
     lines = [r for r in caplog.records if "--events-out" in r.getMessage()]
     assert len(lines) == 1 and f"--events-out {tmp_path}: cannot write event e1" in \
         lines[0].getMessage()
+
+
+def test_the_watchdog_is_fed_during_a_slow_reload(shared_dir, tmp_path):
+    """A reload that takes longer than the watchdog interval (models built for a slow
+    accelerator, a drop's probation to wait for) while frames keep flowing: the pings go on,
+    through a real NOTIFY_SOCKET, and stop with the reload."""
+    from edged_daemon_helpers import NotifyListener
+
+    listener = NotifyListener(tmp_path / "notify.sock")
+    cfg = load_doc(tmp_path, base_doc(shared_dir, tmp_path))
+    d = fake_services(Daemon(cfg, notifier=Notifier(address=listener.path)))
+    d.start(camera_wait=30)
+    try:
+        d.reload = lambda: time.sleep(1.5) or True
+        before = len(listener.times("WATCHDOG=1"))
+        assert d._reload_with_pings(0.2) is True
+        during = len(listener.times("WATCHDOG=1")) - before
+        assert during >= 4, listener.messages[-10:]
+        time.sleep(0.5)
+        assert len(listener.times("WATCHDOG=1")) - before == during  # (no pinger left)
+        assert not [t for t in threading.enumerate() if t.name == "reload-watchdog"]
+    finally:
+        d.stop()
+        listener.close()

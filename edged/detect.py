@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-from edged.imageio import to_bgr8
+from edged.imageio import MAX_SIDE, ImageError, to_bgr8
 from edged.tflitefile import tensor_shapes
 from edged.types import Face
 
@@ -585,6 +585,9 @@ class MtcnnDetector:
         h, w = image_bgr.shape[:2]
         if min(h, w) < 12:
             return []
+        if max(h, w) > MAX_SIDE:  # OpenCV's remap takes sources under 32767 px a side
+            raise ImageError(f"image of {w}x{h} px: too large to search for faces (at most "
+                             f"{MAX_SIDE} px a side); scale it down first")
         octs = _Octaves(image_bgr)
         cand = self._stage_pnet(octs)
         if len(cand) == 0:

@@ -15,6 +15,10 @@ import numpy as np
 __all__ = ["ImageError", "load_image", "to_bgr8"]
 
 
+#: the longest image side face detection takes (OpenCV's remap needs sources under 32767 px)
+MAX_SIDE = 32766
+
+
 class ImageError(ValueError):
     """An image cannot be used; the message names the path (or array) and the reason."""
 
@@ -86,4 +90,8 @@ def load_image(path) -> np.ndarray:
     if image is None:
         raise ImageError(f"{where}: not an image, or a format OpenCV cannot decode "
                          f"({len(data)} bytes)")
+    h, w = image.shape[:2]
+    if max(h, w) > MAX_SIDE:
+        raise ImageError(f"{where}: {w}x{h} px is too large to search for faces (at most "
+                         f"{MAX_SIDE} px a side); scale it down first")
     return to_bgr8(image, where)

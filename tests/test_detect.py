@@ -299,3 +299,20 @@ def test_many_crops_and_boxes_outside_the_frame():
         assert out.shape == (int(inside.sum()), size, size, 3)
         first, _ = _crops(_Octaves(img), boxes[keep][:3], size)
         np.testing.assert_array_equal(first, out[:3])
+
+
+def test_an_image_too_wide_for_opencv_is_a_clear_error(detector, tmp_path):
+    """OpenCV's remap takes sources under 32767 px a side: a wider panorama is refused with
+    its size, by the loader (with the path) and by the detector (an array), not a cv2.error."""
+    import cv2
+
+    from edged.imageio import MAX_SIDE, ImageError, load_image
+
+    wide = np.zeros((60, MAX_SIDE + 1, 3), np.uint8)
+    with pytest.raises(ImageError, match=rf"image of {MAX_SIDE + 1}x60 px: too large"):
+        detector.detect(wide)
+    p = tmp_path / "wide.png"
+    cv2.imwrite(str(p), wide)
+    with pytest.raises(ImageError, match=rf"{p}: {MAX_SIDE + 1}x60 px is too large"):
+        load_image(p)
+    assert detector.detect(np.zeros((60, MAX_SIDE, 3), np.uint8)) == []  # the widest taken

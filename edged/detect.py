@@ -244,8 +244,9 @@ class BatchRunner:
                  max_batch: int = 64):
         from edged.runtime import open_runner
 
-        self._open = lambda: open_runner(model, accel, name=name, sha256=sha256,
-                                         where=f"{name}.accelerator")
+        self._open = lambda shape=None: open_runner(model, accel, name=name, sha256=sha256,
+                                                    where=f"{name}.accelerator",
+                                                    input_shape=shape)
         self.name = name
         self.max_batch = max(1, int(max_batch))
         first = self._open()
@@ -259,9 +260,8 @@ class BatchRunner:
 
     def runner(self, n: int):
         r = self._runners.get(n)
-        if r is None:
-            r = self._open()
-            r.resize((n,) + self.sample_shape)
+        if r is None:  # (a delegate that refuses the new shape falls back to the CPU)
+            r = self._open((n,) + self.sample_shape)
             self._runners[n] = r
         return r
 

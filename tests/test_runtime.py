@@ -81,3 +81,63 @@ def test_runner_resizes_batch(models_dir):
     for n in (1, 7, 16):
         prob, box = r.run(np.zeros((n, 24, 24, 3), np.float32))
         assert prob.shape == (n, 2) and box.shape == (n, 4)
+
+
+# A delegate library (TFLite's external delegate plugin interface) that takes the graph as
+# first planned and refuses any re-plan, as a GPU or Edge TPU build for fixed shapes does.
+FIXED_SHAPE_DELEGATE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+typedef struct Delegate {
+    void *data_;
+    int (*Prepare)(void *context, struct Delegate *delegate);
+    void *copy_from, *copy_to, *free_handle;
+    int64_t flags;
+    void *opaque_builder;
+} Delegate;
+static int prepare(void *context, Delegate *d)
+{
+    (void)context;
+    return ++*(long *)d->data_ > 1;  /* kTfLiteOk the first time, kTfLiteError after */
+}
+Delegate *tflite_plugin_create_delegate(char **keys, char **values, size_t n,
+                                        void (*report_error)(const char *))
+{
+    (void)keys; (void)values; (void)n; (void)report_error;
+    Delegate *d = calloc(1, sizeof(Delegate));
+    d->data_ = calloc(1, sizeof(long));
+    d->Prepare = prepare;
+    return d;
+}
+void tflite_plugin_destroy_delegate(Delegate *d)
+{
+    free(d->data_);
+    free(d);
+}
+"""
+
+
+def test_a_delegate_that_refuses_a_new_batch_size_falls_back_to_the_cpu(onet, tmp_path, caplog):
+    """R-Net, O-Net and the embedder are resized to each batch size: a delegate that cannot
+    re-plan gets the CPU for that size, with the warning, instead of failing mid-frame."""
+    import shutil
+    import subprocess
+
+    from edged.detect import BatchRunner
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the test delegate")
+    src, lib = tmp_path / "fixed.c", tmp_path / "libfixed.so"
+    src.write_text(FIXED_SHAPE_DELEGATE)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], check=True)
+    data, _ = onet
+    accel = {"type": "external", "library": str(lib)}
+    with caplog.at_level(logging.WARNING, logger="edged.runtime"):
+        br = BatchRunner(data, accel, name="onet", max_batch=4)
+        assert br.delegate.startswith("external") and not caplog.records  # batch 1: as planned
+        out = br.run(np.zeros((3, 48, 48, 3), np.float32))  # batches of 2 and 1
+    assert out[0].shape == (3, 2) and np.isfinite(out[0]).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("falling back to the CPU" in w for w in warnings), warnings
+    assert br.runner(2).delegate.startswith("cpu")

@@ -68,14 +68,19 @@ def parse_settings(accel, where: str = "accelerator"):
 
 
 def open_runner(model: bytes, accel=None, *, name: str = "model", sha256: str = "",
-                where: str = "accelerator") -> Runner:
-    """Build a runner for ``model`` (verified bytes) on the requested accelerator.
+                where: str = "accelerator", input_shape=None) -> Runner:
+    """Build a runner for ``model`` (verified bytes) on the requested accelerator, its first
+    input resized to ``input_shape`` when given.
 
-    On a delegate failure: a warning and the CPU, or :class:`DelegateError` when strict.
+    On a delegate failure: a warning and the CPU, or :class:`DelegateError` when strict.  A
+    resize re-plans the graph, which a delegate may refuse (a GPU or Edge TPU build for fixed
+    shapes): that counts as a failure of the delegate too.
     """
     plugin, settings = parse_settings(accel, where)
     try:
         runner = plugin().open(model, settings, name=name)
+        if input_shape is not None:
+            runner.resize(input_shape)
     except (OSError, ValueError, RuntimeError) as exc:
         msg = (f"{name}: cannot use accelerator {plugin.type_key!r} "
                f"({plugin.describe(settings)}): {exc}")
@@ -86,6 +91,8 @@ def open_runner(model: bytes, accel=None, *, name: str = "model", sha256: str = 
         cpu = _discover()["cpu"]
         runner = cpu().open(model, cpu.parse({"num_threads": getattr(settings, "num_threads", None)},
                                              where), name=name)
+        if input_shape is not None:
+            runner.resize(input_shape)
         runner.fallback_reason = str(exc)
     runner.sha256 = sha256
     log.info("%s runs on %s", name, runner.delegate)

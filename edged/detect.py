@@ -445,6 +445,8 @@ class MtcnnDetector:
         self._open = open_runner
         self._pnet_cache: "OrderedDict[tuple, object]" = OrderedDict()
         self._pnet_pixels = 0
+        self._pnet_frame = 0  # frames through P-Net (levels of the last two are not evicted)
+        self._pnet_used: Dict[tuple, int] = {}  # level shape -> the frame that last used it
         first = self._open_pnet((1, 24, 24, 3))  # checks the model and the accelerator now
         self.delegate = first.delegate
         self.fallback_reason = first.fallback_reason
@@ -467,24 +469,41 @@ class MtcnnDetector:
                           where="pnet.accelerator")
 
     def _pnet_for(self, shape: tuple):
+        """The P-Net interpreter for one pyramid level.  Levels are kept (LRU, within
+        PNET_CACHE and PNET_CACHE_PIXELS), but a level used by this frame or the one before is
+        never evicted: when the pyramid of the frames coming in does not fit, the levels that
+        fit stay cached and the rest are opened for each frame alone (a plain LRU would evict
+        each level just before its turn came again, and reopen every level every frame)."""
         r = self._pnet_cache.get(shape)
         if r is not None:
             self._pnet_cache.move_to_end(shape)
+            self._pnet_used[shape] = self._pnet_frame
             return r
         pixels = shape[1] * shape[2]
-        while self._pnet_cache and (len(self._pnet_cache) >= PNET_CACHE or
-                                    self._pnet_pixels + pixels > PNET_CACHE_PIXELS):
-            old, _ = self._pnet_cache.popitem(last=False)  # the least recently used level
+
+        def full():
+            return len(self._pnet_cache) >= PNET_CACHE or \
+                self._pnet_pixels + pixels > PNET_CACHE_PIXELS
+
+        while self._pnet_cache and full():
+            old = next(iter(self._pnet_cache))  # the least recently used level
+            if self._pnet_used.get(old, -2) >= self._pnet_frame - 1:
+                break  # (and so were all the others)
+            del self._pnet_cache[old]
+            self._pnet_used.pop(old, None)
             self._pnet_pixels -= old[1] * old[2]
         r = self._open_pnet(shape)
         r.resize(shape)  # no-op unless the model's declared shape could not be used
-        self._pnet_cache[shape] = r
-        self._pnet_pixels += pixels
+        if not full():
+            self._pnet_cache[shape] = r
+            self._pnet_pixels += pixels
+            self._pnet_used[shape] = self._pnet_frame
         return r
 
     # -- stages
 
     def _stage_pnet(self, img: "_Octaves") -> np.ndarray:
+        self._pnet_frame += 1
         s = self.settings
         H, W = img.images[0].shape[:2]
         t_p, nms_level, nms_all = s.thresholds[0], s.nms_thresholds[0], s.nms_thresholds[1]

@@ -316,3 +316,27 @@ def test_an_image_too_wide_for_opencv_is_a_clear_error(detector, tmp_path):
     with pytest.raises(ImageError, match=rf"{p}: {MAX_SIDE + 1}x60 px is too large"):
         load_image(p)
     assert detector.detect(np.zeros((60, MAX_SIDE, 3), np.uint8)) == []  # the widest taken
+
+
+def test_a_pyramid_larger_than_the_cache_keeps_its_first_levels(models_dir, multi_dir,
+                                                                monkeypatch):
+    """When one frame's P-Net levels do not fit the interpreter cache (a large frame with a
+    small minimum face), the levels that fit stay cached across frames and only the others are
+    reopened, instead of every level being evicted just before its turn comes again."""
+    import edged.detect as D
+
+    det = MtcnnDetector.from_models(models_dir, DetectionSettings(min_face=12), accel=ACCEL)
+    img = load_image(multi_dir / "facerec_two_people.jpg")  # 1126 x 661
+    levels = [s for s in D.pyramid_scales(661, 1126, 12, det.settings.scale_factor)]
+    monkeypatch.setattr(D, "PNET_CACHE_PIXELS", 661 * 1126 // 2)  # about a third of them fit
+    opened = []
+    real = det._open_pnet
+    det._open_pnet = lambda shape: opened.append(shape) or real(shape)
+    first = det.detect(img)
+    n_first = len(opened)
+    second = det.detect(img)
+    n_second = len(opened) - n_first
+    assert n_first >= len(levels) - 2  # (the smallest levels may be under 12 px)
+    assert 0 < n_second < n_first - 2, (n_first, n_second)
+    assert det._pnet_pixels <= D.PNET_CACHE_PIXELS
+    assert [f.box.tolist() for f in first] == [f.box.tolist() for f in second]

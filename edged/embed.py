@@ -33,6 +33,13 @@ class Embedder:
         shape = self.runner.sample_shape
         if tuple(shape) != (self.size, self.size, 3):
             raise ValueError(f"embedder model input is {shape}, expected (112, 112, 3)")
+        try:  # faces come one at a time too (the interpreter for 1 is kept for them)
+            self.runner.runner(1)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"embedder model cannot embed one face at a time "
+                             f"({str(exc).splitlines()[0]}): a MobileFaceNet with its batch "
+                             f"baked at 2 needs the dynamic-batch copy that 'edged models "
+                             f"install' writes (docs/models.md)") from None
         self.delegate = self.runner.delegate
 
     @classmethod

@@ -115,3 +115,14 @@ def test_central_face(pipe, shared_dir):
     d = [np.hypot(*(f.landmarks.mean(axis=0) - [w / 2, h / 2])) for f in faces]
     assert c is faces[int(np.argmin(d))]
     assert central_face([], img.shape) is None
+
+
+def test_the_published_batch_2_model_is_refused_with_the_fix(models_dir):
+    """The MobileFaceNet as published has its batch baked at 2: it would embed pairs and fail
+    on the first odd count of faces. The constructor says so and names the fix."""
+    from edged import modelstore
+
+    data, digest, _ = modelstore.read_verified("embedder", models_dir, original=True)
+    with pytest.raises(ValueError, match=r"cannot embed one face at a time .*baked at 2 .*"
+                                         r"'edged models install'"):
+        Embedder(data, digest)

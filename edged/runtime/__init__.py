@@ -82,6 +82,8 @@ def open_runner(model: bytes, accel=None, *, name: str = "model", sha256: str = 
         if input_shape is not None:
             runner.resize(input_shape)
     except (OSError, ValueError, RuntimeError) as exc:
+        if plugin.type_key == "cpu":  # nothing to fall back to: the model itself fails
+            raise
         msg = (f"{name}: cannot use accelerator {plugin.type_key!r} "
                f"({plugin.describe(settings)}): {exc}")
         if getattr(settings, "strict", False):

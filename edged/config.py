@@ -238,7 +238,7 @@ class _Builder:
         out = []
         for path, msg in self.errors:
             line = self._line_of(path)
-            where = f"{self.source}:{line}: " if (self.source and line) else ""
+            where = (f"{self.source}:{line}: " if line else f"{self.source}: ") if self.source else ""
             out.append(f"{where}{path or '(top level)'}: {msg}")
         return out
 
@@ -363,6 +363,13 @@ class _Builder:
         kwargs = {}
         ok = True
         for key, value in data.items():
+            if not isinstance(key, str):  # `yes:`, `on:`, `~:`, `1:` are read as other types
+                shown = {True: "true (yes, on)", False: "false (no, off)", None: "null (~)"}.get(
+                    key, repr(key)) if isinstance(key, (bool, type(None))) else repr(key)
+                self.error(path, f"a key that YAML reads as {shown}, not a name: quote it, or "
+                                 f"expected one of: {', '.join(fields)}")
+                ok = False
+                continue
             sub = f"{path}.{key}" if path else str(key)
             if key not in fields:
                 near = difflib.get_close_matches(str(key), list(fields), n=1)

@@ -162,6 +162,11 @@ def test_odd_values_are_config_errors_not_tracebacks():
     assert errors_of("mqtt:\n  host: ''\n") == ["cfg.yaml:2: mqtt.host: must not be empty"]
     assert errors_of("quality:\n  min_size: .inf\n") == [
         "cfg.yaml:2: quality.min_size: expected a finite number >= 0.0, got inf"]
+    errs = errors_of("mqtt:\n  enabled: true\n  yes: 1\n")
+    assert len(errs) == 1 and errs[0].startswith(
+        "cfg.yaml:1: mqtt: a key that YAML reads as true (yes, on), not a name: quote it"), errs
+    assert errors_of("~: 1\n")[0].startswith(
+        "cfg.yaml: (top level): a key that YAML reads as null (~), not a name")
     config.loads("mqtt:\n  host: fe80::1\n")  # addresses are fine
     config.loads("mqtt:\n  host: broker.local\n")
 

@@ -445,8 +445,11 @@ class MtcnnDetector:
         self._open = open_runner
         self._pnet_cache: "OrderedDict[tuple, object]" = OrderedDict()
         self._pnet_pixels = 0
-        self._pnet_frame = 0  # frames through P-Net (levels of the last two are not evicted)
+        self._pnet_frame = 0  # frames through P-Net
         self._pnet_used: Dict[tuple, int] = {}  # level shape -> the frame that last used it
+        # frame size -> (the frame that had it before the last one, the last one)
+        self._pnet_sizes: Dict[tuple, tuple] = {}
+        self._pnet_keep = 1
         first = self._open_pnet((1, 24, 24, 3))  # checks the model and the accelerator now
         self.delegate = first.delegate
         self.fallback_reason = first.fallback_reason
@@ -470,10 +473,11 @@ class MtcnnDetector:
 
     def _pnet_for(self, shape: tuple):
         """The P-Net interpreter for one pyramid level.  Levels are kept (LRU, within
-        PNET_CACHE and PNET_CACHE_PIXELS), but a level used by this frame or the one before is
-        never evicted: when the pyramid of the frames coming in does not fit, the levels that
-        fit stay cached and the rest are opened for each frame alone (a plain LRU would evict
-        each level just before its turn came again, and reopen every level every frame)."""
+        PNET_CACHE and PNET_CACHE_PIXELS), but a level used within the last K frames, K the
+        number of frame sizes coming in (cameras of different resolutions take turns; at least
+        2), is never evicted: when their pyramids do not fit, the levels that fit stay cached
+        and the rest are opened for each frame alone (a plain LRU would evict each level just
+        before its turn came again, and reopen every level every frame)."""
         r = self._pnet_cache.get(shape)
         if r is not None:
             self._pnet_cache.move_to_end(shape)
@@ -487,7 +491,7 @@ class MtcnnDetector:
 
         while self._pnet_cache and full():
             old = next(iter(self._pnet_cache))  # the least recently used level
-            if self._pnet_used.get(old, -2) >= self._pnet_frame - 1:
+            if self._pnet_used.get(old, -1 - self._pnet_keep) >= self._pnet_frame - self._pnet_keep:
                 break  # (and so were all the others)
             del self._pnet_cache[old]
             self._pnet_used.pop(old, None)
@@ -502,8 +506,22 @@ class MtcnnDetector:
 
     # -- stages
 
-    def _stage_pnet(self, img: "_Octaves") -> np.ndarray:
+    def _pnet_new_frame(self, size: tuple) -> None:
+        """Count a frame of ``size`` (rows, cols) for the P-Net cache: the levels of the last
+        K + 1 frames stay, K the number of frame sizes that came back within the last 32
+        frames (cameras, not one-off photos), at least 1."""
         self._pnet_frame += 1
+        sizes, now = self._pnet_sizes, self._pnet_frame
+        sizes[size] = (sizes[size][1] if size in sizes else None, now)
+        for k, (before, last) in list(sizes.items()):
+            if last <= now - 32:
+                del sizes[k]
+        recurring = sum(1 for before, last in sizes.values()
+                        if before is not None and before > now - 32)
+        self._pnet_keep = max(1, recurring)
+
+    def _stage_pnet(self, img: "_Octaves") -> np.ndarray:
+        self._pnet_new_frame(img.images[0].shape[:2])
         s = self.settings
         H, W = img.images[0].shape[:2]
         t_p, nms_level, nms_all = s.thresholds[0], s.nms_thresholds[0], s.nms_thresholds[1]

@@ -429,10 +429,15 @@ class Camera:
         except _Stopped:
             pass
         except Exception:  # never let a capture bug kill the thread silently
-            log.exception("camera %s: capture thread failed; restarting it in %.1f s", self.name,
-                          self.settings.reconnect_max, extra=fields(camera=self.name))
-            self.last_error = "capture thread failed"
-            self._failed_at = time.monotonic()  # check() starts a new one
+            if gen == self._generation:  # (a reader check() already replaced: nothing to do)
+                log.exception("camera %s: capture thread failed; restarting it in %.1f s",
+                              self.name, self.settings.reconnect_max,
+                              extra=fields(camera=self.name))
+                self.last_error = "capture thread failed"
+                self._failed_at = time.monotonic()  # check() starts a new one
+            else:
+                log.exception("camera %s: an abandoned capture thread failed", self.name,
+                              extra=fields(camera=self.name))
         finally:
             if gen == self._generation:
                 self.connected = False

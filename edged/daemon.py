@@ -251,6 +251,7 @@ class Daemon:
                                   "%s (run 'edged models install' to restore the file)", exc,
                                   copy.file)
                         models[role] = copy
+                        installed.append(copy)  # (kept: the next start may need it again)
                         continue
                     models[role] = ModelBlob(role, data, digest, str(path))
                     installed.append(models[role])

@@ -35,7 +35,7 @@ COMPONENT_KEYS = ("platform", "unique_id", "state_topic", "name")
 
 
 def object_id(device: str) -> str:
-    return "edged_" + ascii_id(device)
+    return "edged_" + ascii_id(device).replace(".", "_")
 
 
 def discovery_topic(discovery_prefix: str, device: str) -> str:

@@ -123,7 +123,8 @@ class MqttSettings:
         """Checks across fields, for edged.config (subkey relative to mqtt, message)."""
         errors = []
         if not self.host.strip():
-            errors.append(("host", "must not be empty"))
+            if self.enabled:
+                errors.append(("host", "must not be empty"))
         else:
             try:  # what the socket layer does with a name; an error there would end paho's thread
                 self.host.encode("idna")
@@ -157,10 +158,10 @@ def topic_segment(name: str) -> str:
 
 
 def ascii_id(name: str) -> str:
-    """``name`` as an id of ``a-z 0-9 _ -`` only (Home Assistant's ids); a name with other
+    """``name`` as an id of ``a-z 0-9 _ - .`` only (Home Assistant's ids); a name with other
     characters than ASCII gets a short hash of itself, so that ``王伟`` and ``李娜`` stay apart."""
     text = str(name).strip()
-    s = re.sub(r"[^a-z0-9_\-]", "_", text.lower())
+    s = re.sub(r"[^a-z0-9_.\-]", "_", text.lower())
     if not text.isascii():
         s += "_" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
     return s or "_"

@@ -876,6 +876,8 @@ class DropManager:
         try:
             now = time.monotonic()
             for path, (seen, t0) in list(self.stale.items()):
+                if self.probation is not None:
+                    break  # (handled at a later tick: never a swap during a probation)
                 if now - seen >= STALE_WAIT_S and path in self.pending:
                     try:  # refused now with the file's own reason (its sha256 mismatch)
                         self._try_manifest(path, t0)

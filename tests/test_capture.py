@@ -274,3 +274,55 @@ def test_a_capture_thread_that_fails_is_started_again(shared_dir, caplog, monkey
         assert cam.alive and cam.reconnects == 1 and len(calls) == 2
     finally:
         cam.stop()
+
+
+def test_a_failure_of_an_abandoned_reader_does_not_restart_the_camera(monkeypatch):
+    """check() replaced a reader stuck in an open; when that old reader fails later, the
+    camera (whose new reader read the file to its end meanwhile) is not started again."""
+    class Cap:  # a 3-frame source
+        def __init__(self):
+            self.n = 3
+
+        def get(self, prop):
+            return 0.0
+
+        def read(self):
+            if self.n <= 0:
+                return False, None
+            self.n -= 1
+            return True, np.zeros((20, 20, 3), np.uint8)
+
+        def release(self):
+            pass
+
+    gate, opens = threading.Event(), []
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="f", source="/tmp/x.mp4", kind="file", realtime=False,
+                                stall_timeout=0.1, reconnect_min=0.1, reconnect_max=0.3), hub)
+
+    def fake_open():
+        opens.append(1)
+        if len(opens) == 1:  # the first reader hangs in its open, then fails oddly
+            gate.wait(10)
+            raise RuntimeError("late failure of the abandoned reader")
+        return Cap()
+
+    cam._open = fake_open
+    stop = threading.Event()
+    threading.Thread(target=lambda: [hub.take(0.05) for _ in iter(stop.is_set, True)],
+                     daemon=True).start()
+    try:
+        cam.start()
+        assert wait_for(lambda: cam._read_started is not None, 5)
+        cam._read_started = (cam._read_started[0], time.monotonic() - 60)  # stuck long enough
+        cam.check()  # a new reader reads the whole file
+        assert wait_for(lambda: cam.finished, 5) and cam.frames_delivered == 3
+        gate.set()  # the abandoned one fails now
+        time.sleep(0.5)
+        cam.check()
+        time.sleep(0.3)
+        assert len(opens) == 2 and cam.frames_delivered == 3 and cam._failed_at is None
+    finally:
+        stop.set()
+        gate.set()
+        cam.stop()

@@ -257,6 +257,14 @@ class BatchRunner:
         self._runners: Dict[int, object] = {}
         if shape[0] >= 1:
             self._runners[int(shape[0])] = first
+        from edged.runtime import parse_settings
+
+        if getattr(parse_settings(accel, f"{name}.accelerator")[1], "strict", False):
+            # strict: a batch size the delegate refuses stops the start, not a frame later
+            n = 1
+            while n <= self.max_batch:
+                self.runner(n)
+                n *= 2
 
     def runner(self, n: int):
         r = self._runners.get(n)

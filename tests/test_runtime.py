@@ -141,3 +141,7 @@ def test_a_delegate_that_refuses_a_new_batch_size_falls_back_to_the_cpu(onet, tm
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and all("falling back to the CPU" in w for w in warnings), warnings
     assert br.runner(2).delegate.startswith("cpu")
+
+    # strict: every batch size is opened up front, so the refusal stops the start
+    with pytest.raises(DelegateError, match="strict: true"):
+        BatchRunner(data, dict(accel, strict=True), name="onet", max_batch=4)

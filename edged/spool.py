@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+#: a difference between the wall and the monotonic clocks taken as the wall clock being set
+CLOCK_JUMP_S = 60.0
+
+
 def _rollback(db) -> None:
     """End a failed transaction; a rollback that fails too (no transaction open, a damaged
     file) is left to the caller's own error handling."""
@@ -91,6 +95,10 @@ class Spool:
         self._bytes = 0
         self._last_expire = 0.0
         self._hi = 0  # highest row id handed out: a fresh database continues after it
+        # the wall clock against the monotonic one, to notice a jump (a board without a
+        # real-time clock sets its time from NTP after it started)
+        self._wall_ref, self._mono_ref = time.time(), time.monotonic()
+        self._first_new = None  # the first row id this process stored
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
 
@@ -210,6 +218,8 @@ class Spool:
                              "VALUES (?, ?, ?, ?)", (event_id, camera, float(created), payload))
             rowid = cur.lastrowid
             self._hi = max(self._hi, rowid)
+            if self._first_new is None:
+                self._first_new = rowid
             self._depth += 1
             self._bytes += len(payload)
             dropped = self._enforce_bounds(db, time.time())
@@ -268,7 +278,23 @@ class Spool:
                         self.max_bytes, self.max_age_s, dropped, self.dropped)
         return dropped
 
+    def _follow_clock(self, db) -> None:
+        """When the wall clock jumped (by more than CLOCK_JUMP_S against the monotonic one),
+        move the times of the events this process stored by the same amount: their age is
+        what it was, so a clock set forward by days at NTP sync does not expire them."""
+        wall, mono = time.time(), time.monotonic()
+        jump = (wall - self._wall_ref) - (mono - self._mono_ref)
+        self._wall_ref, self._mono_ref = wall, mono
+        if abs(jump) > CLOCK_JUMP_S and self._first_new is not None:
+            n = db.execute("UPDATE events SET created = created + ? WHERE id >= ?",
+                           (jump, self._first_new)).rowcount
+            if n:
+                log.warning("spool %s: the wall clock moved by %+.0f s; the times of %d "
+                            "event(s) stored since start move with it (they keep their age)",
+                            self.path, jump, n)
+
     def _expire_rows(self, db, now: float) -> int:
+        self._follow_clock(db)
         self._last_expire = now
         row = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events "
                          "WHERE created < ?", (now - self.max_age_s,)).fetchone()

@@ -170,3 +170,25 @@ def test_the_dropped_count_survives_a_recovery(tmp_path):
         assert again.dropped == 3
     finally:
         again.close()
+
+
+def test_a_wall_clock_set_forward_does_not_expire_the_new_events(tmp_path, monkeypatch, caplog):
+    """A board without a real-time clock starts with an old time and NTP sets it days ahead:
+    the events stored before that keep their age instead of all expiring at once. Events
+    from before the start are aged by the wall clock as before."""
+    import edged.spool as S
+
+    sp = Spool(tmp_path / "s.db", max_age_s=3600)
+    try:
+        fill(sp, 1, created=time.time() - 7200)  # (as if stored before a restart: too old)
+        sp._first_new = None
+        fill(sp, 2, start=1)
+        real = time.time
+        monkeypatch.setattr(S.time, "time", lambda: real() + 10 * 86400)  # NTP: 10 days on
+        with caplog.at_level(logging.WARNING, logger="edged.spool"):
+            sp._expire(S.time.time(), force=True)
+        assert "the wall clock moved by +864000 s" in caplog.text
+        assert [r.event_id for r in sp.fetch(0, 10)] == ["e1", "e2"]
+        assert sp.dropped == 1
+    finally:
+        sp.close()

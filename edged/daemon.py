@@ -915,32 +915,18 @@ class Daemon:
         evs, todo = tracker.update(frame, faces)
         events += evs
         t2 = time.perf_counter()
+        t4, failed = t2, False
         if todo:
-            svc.pipeline.embed_faces([f for _, f in todo], only_passing=False)
-            t3 = time.perf_counter()
-            self.stage["embed"].add(t3 - t2)
-            self.faces_embedded += len(todo)
-            svc.embeds += 1
-            bad = [f for _, f in todo if f.embedding is not None
-                   and not np.isfinite(f.embedding).all()]
-            if bad:  # a broken embedder: these faces are not matched; the set is failing
-                for f in bad:
-                    f.embedding = None
+            try:  # (a failure here loses no event of the tracker's update above)
+                t4 = self._embed_and_match(frame, tracker, todo, svc, t2, events)
+            except Exception as exc:
+                failed = True
+                self.errors += 1
                 svc.failures += 1
-                svc.last_failure = (f"embedder {str(svc.versions.get('embedder'))[:12]} gave "
-                                    f"non-finite embeddings for {len(bad)} face(s)")
-                log.error("camera %s frame %d: %s", frame.camera, frame.index,
-                          svc.last_failure, extra=fields(camera=frame.camera))
-            todo = [(tr, f) for tr, f in todo if f.embedding is not None]
-            if todo:
-                matches = svc.gallery.match(np.stack([f.embedding for _, f in todo]))
+                svc.last_failure = f"embed/match: {type(exc).__name__}: {exc}"
+                log.exception("camera %s frame %d: embedding or matching failed", frame.camera,
+                              frame.index, extra=fields(camera=frame.camera))
                 t4 = time.perf_counter()
-                self.stage["match"].add(t4 - t3)
-                events += tracker.observe(frame, todo, matches)
-            else:
-                t4 = t3
-        else:
-            t4 = t2
         t5 = time.perf_counter()
         self.stage["track"].add((t2 - t1) + (t5 - t4))
         now = time.monotonic()
@@ -950,13 +936,41 @@ class Daemon:
         self.last_done_monotonic = now
         if self.first_done_monotonic is None:
             self.first_done_monotonic = now
-        self.progress += 1
+        if not failed:  # (the watchdog's measure: a pipeline that fails every frame is stuck)
+            self.progress += 1
         for ev in events:
             ev.versions = dict(svc.versions)
             if self.cfg.mqtt.snapshots and ev.type in ("recognized", "unknown"):
                 ev.snapshot = _snapshot(frame.image, ev.box)
             self._events.put((ev, frame.monotonic, frame.index))
         return events
+
+    def _embed_and_match(self, frame, tracker, todo, svc, t2: float, events: list) -> float:
+        """Embed the faces the tracker asked for, match them, add the tracker's events to
+        ``events``; return the time it ended."""
+        svc.pipeline.embed_faces([f for _, f in todo], only_passing=False)
+        t3 = time.perf_counter()
+        self.stage["embed"].add(t3 - t2)
+        self.faces_embedded += len(todo)
+        svc.embeds += 1
+        bad = [f for _, f in todo if f.embedding is not None
+               and not (np.isfinite(f.embedding).all() and np.any(f.embedding))]
+        if bad:  # a broken embedder: these faces are not matched; the set is failing
+            for f in bad:
+                f.embedding = None
+            svc.failures += 1
+            svc.last_failure = (f"embedder {str(svc.versions.get('embedder'))[:12]} gave "
+                                f"non-finite or zero embeddings for {len(bad)} face(s)")
+            log.error("camera %s frame %d: %s", frame.camera, frame.index,
+                      svc.last_failure, extra=fields(camera=frame.camera))
+        todo = [(tr, f) for tr, f in todo if f.embedding is not None]
+        if not todo:
+            return t3
+        matches = svc.gallery.match(np.stack([f.embedding for _, f in todo]))
+        t4 = time.perf_counter()
+        self.stage["match"].add(t4 - t3)
+        events += tracker.observe(frame, todo, matches)
+        return t4
 
     # ------------------------------------------------------------------ the events thread
 

@@ -203,3 +203,62 @@ def test_the_watchdog_is_fed_during_a_slow_reload(shared_dir, tmp_path):
     finally:
         d.stop()
         listener.close()
+
+
+def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, caplog):
+    """The tracker updates its tracks before the faces are embedded and matched: when that
+    part fails (here a zero embedding, then a gallery that raises), the frame's events
+    (face_appeared, track_ended) still go out, the failure is counted against the set, and the
+    frame does not count as progress for the watchdog."""
+    import numpy as np
+
+    from edged.daemon import RollingStats, ServiceSet
+    from edged.track import Tracker
+    from edged.types import Face, Frame, Quality
+
+    cfg = load_doc(tmp_path, {"cameras": [{"name": "c", "source": "/dev/video9"}],
+                              "paths": {"state_dir": str(tmp_path / "state")},
+                              "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
+    d = Daemon(cfg, notifier=Notifier(address=""))
+    d.trackers["c"] = Tracker("c", cfg.tracking, match_threshold=cfg.match.threshold)
+    d._reconnects_seen["c"] = 0
+    d.fps_done["c"] = RollingStats()
+
+    class Pipe:
+        zero = False
+
+        def embed_faces(self, faces, only_passing=True):
+            for f in faces:
+                f.embedding = np.zeros(192, np.float32) if self.zero else \
+                    np.full(192, 192 ** -0.5, np.float32)
+            return faces
+
+    class Broken:
+        def match(self, q):
+            raise RuntimeError("the gallery broke")
+
+    def face(x):
+        box = np.array([x, 10, x + 40, 50], np.float32)
+        return Face(box=box, score=0.99, landmarks=np.zeros((5, 2), np.float32),
+                    quality=Quality(size_px=40.0, sharpness=200.0, frontal=0.9, score=0.9,
+                                    passed=True))
+
+    pipe = Pipe()
+    svc = ServiceSet(pipelines=[pipe], gallery=Broken(), versions={"embedder": "x"},
+                     accelerators={})
+    image = np.full((90, 160, 3), 120, np.uint8)
+    types = []
+    with caplog.at_level(logging.ERROR, logger="edged.daemon"):
+        for i in range(3):
+            evs = d.process(Frame("c", i, 1000 + i / 25, image, monotonic=10 + i / 25),
+                            [face(10)], svc)
+            types += [e.type for e in evs]
+        pipe.zero = True
+        for i in range(3, 4 + cfg.tracking.max_missed):
+            evs = d.process(Frame("c", i, 1000 + i / 25, image, monotonic=10 + i / 25),
+                            [face(100)], svc)
+            types += [e.type for e in evs]
+    assert types.count("face_appeared") == 2 and types.count("track_ended") == 1, types
+    assert svc.failures >= 3 and "the gallery broke" in caplog.text
+    assert "non-finite or zero embeddings" in caplog.text
+    assert d.progress < d.frames_done_total

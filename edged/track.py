@@ -177,6 +177,8 @@ class Track:
     mean: Optional[np.ndarray] = None  # quality-weighted sum of agreeing embeddings
     disagree: int = 0
     best_score: Optional[float] = None
+    # the best match that named nobody, as (score, margin) of that one match: the unknown event's
+    best_miss: Optional[tuple] = None
     best_quality: float = 0.0
     # monotonic clock of the first and last sighting: durations and gaps, immune to clock steps
     first_mono: float = 0.0
@@ -419,13 +421,16 @@ class Tracker:
             best = tr.best.get(m.identity)
             if best is None or m.score > best[0]:
                 tr.best[m.identity] = (float(m.score), float(m.margin))
-        elif self.unknown_below is not None and m.score >= self.unknown_below:
-            # a near miss: neither this person nor surely a stranger; it holds back "unknown"
-            self.ambiguous += 1
-            tr.ambiguous_weight += w
         else:
-            tr.unknown_weight += w
-            tr.unknown_count += 1
+            if tr.best_miss is None or m.score > tr.best_miss[0]:
+                tr.best_miss = (float(m.score), None if m.margin is None else float(m.margin))
+            if self.unknown_below is not None and m.score >= self.unknown_below:
+                # a near miss: neither this person nor surely a stranger; it holds back "unknown"
+                self.ambiguous += 1
+                tr.ambiguous_weight += w
+            else:
+                tr.unknown_weight += w
+                tr.unknown_count += 1
         return self._decide(tr, t, m)
 
     def _decide(self, tr: Track, t: float, m: Match) -> List[Event]:
@@ -450,6 +455,8 @@ class Tracker:
             tr.state = "unknown"
             tr.unknown_sent = True
             pre = self._appear(tr, t)
-            return pre + [self._event("unknown", tr, t, score=round(float(tr.best_score or m.score), 4),
-                                margin=round(float(m.margin), 4) if m.margin is not None else None)]
+            # the score and margin of the same match: the best of those that named nobody
+            score, margin = tr.best_miss if tr.best_miss is not None else (m.score, m.margin)
+            return pre + [self._event("unknown", tr, t, score=round(float(score), 4),
+                                margin=round(float(margin), 4) if margin is not None else None)]
         return []

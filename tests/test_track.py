@@ -357,3 +357,23 @@ def test_wall_clock_steps_neither_end_tracks_nor_give_negative_durations():
     end = events[-1]
     assert end.duration == pytest.approx(89 / 30, abs=1e-3)
     assert end.frame_time == wall[-1]  # event times stay wall-clock
+
+
+def test_unknown_reports_the_score_and_margin_of_one_match_that_named_nobody():
+    """One frame scored 0.70 for Alice, the next ones clear misses: the track ends up unknown,
+    and its event reports the best of the misses with that same match's margin, not the
+    0.70 of a match that did name somebody beside the margin of another."""
+    t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
+    seq = iter([Match("Alice", "alice", 0.70, 0.30)] + [Match(None, None, 0.20, 0.02),
+                                                          Match(None, None, 0.25, 0.05),
+                                                          Match(None, None, 0.10, 0.01)] * 3)
+    events = []
+    for i in range(10):
+        fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30, image=np.full(
+            (90, 160, 3), 120, np.uint8), monotonic=50.0 + i / 30)
+        evs, todo = t.update(fr, [face([10, 10, 50, 50])])
+        for _, f in todo:
+            f.embedding = unit(np.ones(192))
+        events += evs + t.observe(fr, todo, [next(seq) for _ in todo])
+    unknown = [e for e in events if e.type == "unknown"]
+    assert len(unknown) == 1 and (unknown[0].score, unknown[0].margin) == (0.25, 0.05)

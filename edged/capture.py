@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import cv2
+import numpy as np
 
+from edged.imageio import to_bgr8
 from edged.logs import fields
 from edged.types import Frame
 
@@ -517,6 +519,8 @@ class Camera:
             if min_gap and now - last_accepted < min_gap:
                 continue
             last_accepted = now
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                image = to_bgr8(image, f"camera {self.name}")  # GRAY8, BGRA, 16-bit sources
             frame = Frame(camera=self.name, index=self.frames_read - 1, timestamp=time.time(),
                           image=image, monotonic=now, connection=self.reconnects)
             if self.hub.put(frame, wait=wait, stop=self._stop):

@@ -326,3 +326,34 @@ def test_a_failure_of_an_abandoned_reader_does_not_restart_the_camera(monkeypatc
         stop.set()
         gate.set()
         cam.stop()
+
+
+def test_gray_frames_are_handed_on_as_bgr():
+    """A GRAY8 source (a GStreamer or V4L2 mono camera): the pipeline after the hub (the scene
+    cut detector of the tracker converts to HSV) wants 3-channel BGR, as the detector does."""
+    class Cap:
+        n = 2
+
+        def get(self, prop):
+            return 0.0
+
+        def read(self):
+            if self.n == 0:
+                return False, None
+            self.n -= 1
+            return True, np.full((20, 30), 77, np.uint8)
+
+        def release(self):
+            pass
+
+    hub = FrameHub()
+    cam = Camera(CameraSettings(name="mono", source="/tmp/x.mp4", kind="file", realtime=False),
+                 hub)
+    cam._open = Cap
+    cam.start()
+    try:
+        fr = hub.take(timeout=5)
+        assert fr is not None and fr.image.shape == (20, 30, 3) and fr.image.dtype == np.uint8
+        assert (fr.image == 77).all()
+    finally:
+        cam.stop()

@@ -29,6 +29,7 @@ import base64
 import copy
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -58,12 +59,14 @@ def iso_utc(t: float) -> str:
 
 
 def _num(v):
+    """A number for JSON (4 decimals), or None: never NaN or infinity, which are not JSON."""
     if v is None:
         return None
     try:
-        return round(float(v), 4)
+        f = float(v)
     except (TypeError, ValueError):
         return None
+    return round(f, 4) if math.isfinite(f) else None
 
 
 def event_payload(event: Event, device: str, publish_time: float) -> dict:
@@ -81,7 +84,9 @@ def event_payload(event: Event, device: str, publish_time: float) -> dict:
         "identity": event.identity,
         "score": _num(event.score),
         "margin": _num(event.margin),
-        "box": [round(float(v), 1) for v in event.box] if event.box is not None else None,
+        "box": ([round(float(v), 1) for v in event.box]
+                if event.box is not None and all(math.isfinite(float(v)) for v in event.box)
+                else None),
         "quality": _num(event.quality),
         "duration": _num(event.duration),
         "best_score": _num(event.best_score),

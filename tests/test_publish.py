@@ -560,3 +560,17 @@ def test_a_person_removed_and_back_keeps_the_retained_presence(tmp_path, caplog)
         assert "share the presence topic edged/testcam/person/Bob_Smith" in caplog.text
     finally:
         p.spool.close()
+
+
+def test_non_finite_numbers_become_null_in_the_payload():
+    """NaN and infinity are not JSON: a quality or box that somehow is not finite goes out as
+    null, and the payload stays parseable by any subscriber."""
+    e = ev()
+    e.quality = float("nan")
+    e.box = [1.0, float("nan"), 3.0, 4.0]
+    e.score = float("inf")
+    doc = event_payload(e, "testcam", time.time())
+    text = json.dumps(doc, allow_nan=False)
+    back = json.loads(text)
+    assert back["quality"] is None and back["box"] is None and back["score"] is None
+    assert back["margin"] == 0.2

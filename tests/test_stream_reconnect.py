@@ -155,9 +155,15 @@ def test_stalled_source_stops_the_watchdog(stream, tmp_path):
         mark = len(d.log())
         d.wait_log("camera net: source lost (stalled: no frame for", timeout=20, after=mark)
         t_detected = time.monotonic()
-        # a few frames may still be buffered; after that no ping until frames flow again
-        quiet = pings_between(notify, t_stall + 1.5, t_detected)
+        # a few frames may still be buffered; after that no ping until frames flow again.
+        # (FFmpeg may hand out a frame it had buffered when its read time-out fires, at about
+        # stall_timeout = 4 s after the stall: the window ends before that, and a second one
+        # starts once the loss is known.)
+        quiet = pings_between(notify, t_stall + 1.5, t_stall + 3.5)
         assert not quiet, [round(t - t_stall, 2) for t in quiet]
+        time.sleep(3)
+        quiet = pings_between(notify, t_detected + 1.0, time.monotonic())
+        assert not quiet, [round(t - t_detected, 2) for t in quiet]
         assert d.proc.poll() is None
         server.kill()
         mark = len(d.log())

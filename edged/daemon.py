@@ -672,10 +672,10 @@ class Daemon:
                 waiting = self.ota.restore_pending()
             except Exception:
                 log.exception("drops: restoring the drops in progress failed")
-        self.ota.start(since=since)
+        todo = waiting + ([self.ota.gallery_path] if gallery_waits else [])
+        self.ota.start(since=since, skip=todo)  # (those are handled once, below)
         self.update_status(_replace=("held_back",), drop_dir=drop_dir,
                            held_back=self.ota.held_status() or {})
-        todo = waiting + ([self.ota.gallery_path] if gallery_waits else [])
         if todo:  # after the status: the drops' own reports come last
             ota = self.ota
             threading.Thread(target=lambda: [ota._on_file(p) for p in todo],

@@ -432,10 +432,10 @@ class DropManager:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def start(self, since: Optional[float] = None) -> None:
+    def start(self, since: Optional[float] = None, skip=()) -> None:
         """Watch the drop directory and the gallery's; then, with ``since`` (epoch seconds, when
         the daemon began loading what it runs), handle the files that arrived since then but
-        before the watchers started (they would not be reported)."""
+        before the watchers started (they would not be reported), but those in ``skip``."""
         watch_from = time.time()  # a file changed from now on is reported by the watchers
         dirs = {}
         if self.drop_dir is not None:
@@ -459,7 +459,8 @@ class DropManager:
             self.watchers.append(w)
         log.info("watching for drops in %s", ", ".join(str(w.directory) for w in self.watchers))
         if since is not None:
-            found = self.arrived_since(since, watch_from)
+            skip = {Path(p) for p in skip}  # (the caller handles those itself)
+            found = [p for p in self.arrived_since(since, watch_from) if p not in skip]
             if found:
                 threading.Thread(target=lambda: [self._on_file(p) for p in found],
                                  name="drops-scan", daemon=True).start()

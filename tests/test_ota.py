@@ -1222,3 +1222,24 @@ def test_a_drop_directory_that_does_not_exist_yet_is_created(installed, tmp_path
             {str(drops), str(tmp_path / "g")}
     finally:
         dm.stop()
+
+
+def test_files_the_caller_handles_itself_are_not_taken_twice_at_start(installed, tmp_path):
+    """A manifest restored as waiting after a restart, and also changed since the start began,
+    is handled once (by the daemon's restore), not a second time by the start's scan."""
+    fake = _FakeDaemon(installed)
+    dm, drops = _drop_manager(fake, tmp_path)
+    (tmp_path / "g").mkdir()
+    since = time.time() - 1.0
+    m, _ = _rnet_drop(drops, installed, "r", 41)
+    dm.start(since=since, skip=[m])
+    try:
+        deadline = time.monotonic() + 5
+        while not fake.reports and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # only the model file was taken up by the scan (it waits for a manifest that the
+        # caller will hand over); the manifest itself was not handled
+        assert not fake.swaps and all(r["file"] != str(m) for r in fake.reports), fake.reports
+    finally:
+        dm.stop()

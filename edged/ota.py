@@ -369,13 +369,18 @@ def iso(t: float) -> str:
 STALE_WAIT_S = 60.0
 
 
+def _arrival_ns(st: os.stat_result) -> int:
+    """When a file arrived, written or renamed into place: the later of its mtime and ctime (a
+    rename, by mv or rsync, keeps the file's old mtime but sets its ctime)."""
+    return max(st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _older(a: Path, b: Path) -> bool:
-    """Whether file ``a`` arrived (was written or renamed into place) before file ``b``."""
+    """Whether file ``a`` arrived before file ``b``."""
     try:
-        sa, sb = os.stat(a), os.stat(b)
+        return _arrival_ns(os.stat(a)) < _arrival_ns(os.stat(b))
     except OSError:
         return False
-    return max(sa.st_mtime_ns, sa.st_ctime_ns) < max(sb.st_mtime_ns, sb.st_ctime_ns)
 
 
 def _regular_or_missing(path: Path) -> None:
@@ -483,8 +488,7 @@ class DropManager:
                     st = os.stat(p)
                 except OSError:
                     continue
-                # a rename (mv, rsync) keeps the file's old mtime but sets its ctime
-                arrived = max(st.st_mtime, st.st_ctime)
+                arrived = _arrival_ns(st) / 1e9
                 if stat.S_ISREG(st.st_mode) and since <= arrived \
                         and (until is None or arrived < until):
                     found.append(Path(p))
@@ -577,25 +581,34 @@ class DropManager:
             if self._stopping.is_set():
                 return
             t0 = time.monotonic()
-            try:
-                _regular_or_missing(path)
-                if path == self.gallery_path:
-                    self.handle_gallery(path, t0)
-                elif path.suffix == GALLERY_SUFFIX:
-                    raise DropRejected(f"{path}: a gallery is taken only at the gallery path "
-                                       f"{self.gallery_path}: drop it there under that name")
-                elif path.suffix == MANIFEST_SUFFIX:
-                    self.handle_manifest(path, t0)
-                else:
-                    self.handle_model(path, t0)
-            except DropRejected as exc:
-                self._report("rejected", self._kind_of(path), path, t0, why=exc.reason)
-            except Exception as exc:  # never let a drop take the watcher down
-                log.exception("drop %s: unexpected failure", path)
-                self._report("rejected", self._kind_of(path), path, t0,
-                             why=f"{path}: unexpected failure: {exc}")
-            finally:
-                self._keep_pending()
+            self._outcome(path, t0, lambda: self._dispatch(path, t0))
+
+    def _dispatch(self, path: Path, t0: float) -> None:
+        _regular_or_missing(path)
+        if path == self.gallery_path:
+            self.handle_gallery(path, t0)
+        elif path.suffix == GALLERY_SUFFIX:
+            raise DropRejected(f"{path}: a gallery is taken only at the gallery path "
+                               f"{self.gallery_path}: drop it there under that name")
+        elif path.suffix == MANIFEST_SUFFIX:
+            self.handle_manifest(path, t0)
+        else:
+            self.handle_model(path, t0)
+
+    def _outcome(self, path: Path, t0: float, step) -> None:
+        """Run ``step()`` for the drop ``path``: a refusal, or any other failure, is reported,
+        never raised (a drop never takes a watcher or the main loop down); the list of
+        waiting manifests is kept on disk whatever happened."""
+        try:
+            step()
+        except DropRejected as exc:
+            self._report("rejected", self._kind_of(path), path, t0, why=exc.reason)
+        except Exception as exc:
+            log.exception("drop %s: unexpected failure", path)
+            self._report("rejected", self._kind_of(path), path, t0,
+                         why=f"{path}: unexpected failure: {exc}")
+        finally:
+            self._keep_pending()
 
     def _pending_doc(self) -> Optional[Path]:
         state = self._state_dir()
@@ -708,16 +721,16 @@ class DropManager:
                 del self.pending[path]
                 self.stale.pop(path, None)
                 raise DropRejected(f"{f}: cannot read: {exc.strerror or exc}") from None
-            if modelstore.sha256_bytes(data) != e.sha256 and _older(f, path) \
-                    and time.monotonic() - self.stale.setdefault(path, (time.monotonic(), t0))[0] \
-                    < STALE_WAIT_S:
+            if _older(f, path) and modelstore.sha256_bytes(data) != e.sha256:
                 # the file of that name from before the manifest (a new version of a model
                 # often has the same size): its replacement may still be coming
-                self._keep_pending()
-                self._report("waiting", "models", path, t0, why=(
-                    f"waiting for {e.file} named by the manifest (the one there is older than "
-                    f"the manifest and is not the file it names)"))
-                return False
+                since, _ = self.stale.setdefault(path, (time.monotonic(), t0))
+                if time.monotonic() - since < STALE_WAIT_S:
+                    self._keep_pending()
+                    self._report("waiting", "models", path, t0, why=(
+                        f"waiting for {e.file} named by the manifest (the one there is older "
+                        f"than the manifest and is not the file it names)"))
+                    return False
             blobs[e.role] = (e, f, data)
         del self.pending[path]
         self.stale.pop(path, None)
@@ -880,16 +893,8 @@ class DropManager:
                 if self.probation is not None:
                     break  # (handled at a later tick: never a swap during a probation)
                 if now - seen >= STALE_WAIT_S and path in self.pending:
-                    try:  # refused now with the file's own reason (its sha256 mismatch)
-                        self._try_manifest(path, t0)
-                    except DropRejected as exc:
-                        self._report("rejected", "models", path, t0, why=exc.reason)
-                    except Exception as exc:
-                        log.exception("drop %s: unexpected failure", path)
-                        self._report("rejected", "models", path, t0,
-                                     why=f"{path}: unexpected failure: {exc}")
-                    finally:
-                        self._keep_pending()
+                    # refused now with the file's own reason (its sha256 mismatch)
+                    self._outcome(path, t0, lambda: self._try_manifest(path, t0))
                 elif path not in self.pending:
                     del self.stale[path]
             for path, (seen, t0, sha, size) in list(self.orphans.items()):

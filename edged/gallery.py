@@ -257,22 +257,8 @@ class Gallery:
 
     def _parse(self, size: int, expect_dim, expect_embedder) -> None:
         mm, path = self._mm, self.path
-        magic = bytes(mm[:len(MAGIC)])
-        if magic != MAGIC:
-            raise GalleryError(path, f"wrong magic {magic!r} (expected {MAGIC!r}): "
-                                     f"not an edged gallery")
         (_, version, header_size, dtype_code, dim, rows, idents, created, file_size,
-         so_off, rs_off, ri_off, s_off, s_size, m_off, emb_sha, body_sha) = _HEAD.unpack_from(mm, 0)
-        if version > FORMAT_VERSION:
-            raise GalleryError(path, f"format version {version} is newer than this edged "
-                                     f"supports ({FORMAT_VERSION}); upgrade edged")
-        if version < 1:
-            raise GalleryError(path, f"invalid format version {version}")
-        (crc,) = _CRC.unpack_from(mm, _CRC_AT)
-        actual_crc = zlib.crc32(mm[:_CRC_AT])
-        if crc != actual_crc:
-            raise GalleryError(path, f"header checksum mismatch (crc32 {actual_crc:08x}, "
-                                     f"header says {crc:08x}): corrupt header")
+         so_off, rs_off, ri_off, s_off, s_size, m_off, emb_sha, body_sha) = _header(mm, path)
         if header_size != HEADER_SIZE:
             raise GalleryError(path, f"header size {header_size}, expected {HEADER_SIZE}")
         if dtype_code not in DTYPES:
@@ -774,6 +760,28 @@ def write_gallery(path, identities: Sequence[Tuple[str, str]], row_identity, emb
     return h.hexdigest()
 
 
+def _header(buf, path: Path) -> tuple:
+    """The header fields of ``buf`` (a gallery's bytes from the start, at least HEADER_SIZE
+    of them once the magic is right), its magic, format version and checksum checked."""
+    magic = bytes(buf[:len(MAGIC)])
+    if magic != MAGIC:
+        raise GalleryError(path, f"wrong magic {magic!r} (expected {MAGIC!r}): "
+                                 f"not an edged gallery")
+    fields = _HEAD.unpack_from(buf, 0)
+    version = fields[1]
+    if version > FORMAT_VERSION:
+        raise GalleryError(path, f"format version {version} is newer than this edged "
+                                 f"supports ({FORMAT_VERSION}); upgrade edged")
+    if version < 1:
+        raise GalleryError(path, f"invalid format version {version}")
+    (crc,) = _CRC.unpack_from(buf, _CRC_AT)
+    actual_crc = zlib.crc32(buf[:_CRC_AT])
+    if crc != actual_crc:
+        raise GalleryError(path, f"header checksum mismatch (crc32 {actual_crc:08x}, "
+                                 f"header says {crc:08x}): corrupt header")
+    return fields
+
+
 def _check_regular(path: Path) -> None:
     """Raise :class:`GalleryError` unless ``path`` is a regular file (opening a FIFO would
     block until a writer comes)."""
@@ -801,15 +809,9 @@ def peek_embedder(path) -> str:
             head = f.read(HEADER_SIZE)
     except OSError as exc:
         raise GalleryError(path, f"cannot read: {exc.strerror or exc}") from None
-    if head[:len(MAGIC)] != MAGIC:
-        raise GalleryError(path, f"wrong magic {head[:len(MAGIC)]!r} (expected {MAGIC!r}): "
-                                 f"not an edged gallery")
-    if len(head) < HEADER_SIZE:
+    if len(head) < HEADER_SIZE and head.startswith(MAGIC):
         raise GalleryError(path, f"truncated header: {len(head)} bytes, a header is {HEADER_SIZE}")
-    (crc,) = _CRC.unpack_from(head, _CRC_AT)
-    if crc != zlib.crc32(head[:_CRC_AT]):
-        raise GalleryError(path, "header checksum mismatch: corrupt header")
-    return _HEAD.unpack_from(head, 0)[15].hex()
+    return _header(head, path)[15].hex()  # (index 15: the embedder sha256)
 
 
 def read_entries(path) -> tuple:
@@ -897,16 +899,9 @@ class GalleryHolder:
                             raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
                         if not chunk:
                             break
-                        try:
-                            fdst.write(chunk)
-                        except OSError as exc:  # disk full: nothing of it is left behind
-                            raise GalleryError(src, f"cannot copy it to {dest}: "
-                                                    f"{exc.strerror or exc}") from None
+                        fdst.write(chunk)
                 os.chmod(dest, 0o444)
-            except GalleryError:
-                _unlink(dest)
-                raise
-            except OSError as exc:
+            except OSError as exc:  # writing (a full disk): nothing of the copy is left behind
                 _unlink(dest)
                 raise GalleryError(src, f"cannot copy it to {dest}: {exc.strerror or exc}") from None
             except BaseException:

@@ -27,7 +27,6 @@ stalled camera or a stuck pipeline stops the pings and systemd restarts the serv
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -191,7 +190,7 @@ class Daemon:
         self.latency = RollingStats()  # capture -> event handed to the publisher
         # the last capture-to-event latencies (tools/bench_daemon.py); bounded: the daemon
         # runs for months
-        self.latencies_all: "collections.deque[float]" = collections.deque(maxlen=100_000)
+        self.latencies_all: "deque[float]" = deque(maxlen=100_000)
         self.faces_embedded = 0
         self.frames_done_total = 0
 

@@ -272,7 +272,7 @@ def _npm_fetch(manifest: Manifest, workdir: Path) -> Path:
         # absolute name or one climbing out with '..': extractall would follow them)
         for m in tar.getmembers():
             name = posixpath.normpath(m.name)
-            if not m.isfile() or name.startswith(("/", "..")) or os.path.isabs(name):
+            if not m.isfile() or name.startswith("..") or posixpath.isabs(name):
                 continue
             dest = out / name
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -4,23 +4,20 @@ import argparse as _argparse
 import math as _math
 
 
-def similarity(text: str) -> float:
-    """An argparse type: a cosine-similarity threshold, a finite number in [-1, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise _argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (_math.isfinite(v) and -1.0 <= v <= 1.0):
-        raise _argparse.ArgumentTypeError(f"must be a cosine similarity in [-1, 1], got {text}")
-    return v
+def _finite_in(lo: float, hi: float, what: str):
+    """An argparse type: a finite number in [lo, hi] (``what`` says which, in the error)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise _argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (_math.isfinite(v) and lo <= v <= hi):
+            raise _argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return parse
 
 
-def margin(text: str) -> float:
-    """An argparse type: a margin between two cosine similarities, a finite number in [0, 2]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise _argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (_math.isfinite(v) and 0.0 <= v <= 2.0):
-        raise _argparse.ArgumentTypeError(f"must be in [0, 2], got {text}")
-    return v
+#: a cosine-similarity threshold
+similarity = _finite_in(-1.0, 1.0, "a cosine similarity in [-1, 1]")
+#: a margin between two cosine similarities
+margin = _finite_in(0.0, 2.0, "in [0, 2]")

@@ -481,9 +481,9 @@ class MtcnnDetector:
 
     def _pnet_for(self, shape: tuple):
         """The P-Net interpreter for one pyramid level.  Levels are kept (LRU, within
-        PNET_CACHE and PNET_CACHE_PIXELS), but a level used within the last K frames, K the
-        number of frame sizes coming in (cameras of different resolutions take turns; at least
-        2), is never evicted: when their pyramids do not fit, the levels that fit stay cached
+        PNET_CACHE and PNET_CACHE_PIXELS), but a level used within the last K + 1 frames, K
+        the number of frame sizes coming in (cameras of different resolutions take turns; at
+        least 1), is never evicted: when their pyramids do not fit, the levels that fit stay cached
         and the rest are opened for each frame alone (a plain LRU would evict each level just
         before its turn came again, and reopen every level every frame)."""
         r = self._pnet_cache.get(shape)

@@ -34,6 +34,10 @@
  * (docs/benchmarks.md). */
 #define EDGED_GROUP 4
 #define EDGED_PREFETCH 4096
+/* 0 gives one query the buffer too: only tools/bench_scan_ab.py builds that, to compare */
+#ifndef EDGED_ONE_QUERY_IN_REGISTERS
+#define EDGED_ONE_QUERY_IN_REGISTERS 1
+#endif
 /* widest row the vector kernels take (the group's widened rows live on the stack) */
 #define EDGED_MAX_DIM 1024
 
@@ -150,7 +154,8 @@ edged_scan_f16_avx2_dim(const uint16_t *m, ptrdiff_t rows, ptrdiff_t dim, const 
 {
     float w[EDGED_GROUP * EDGED_MAX_DIM];
     ptrdiff_t d8 = dim & ~(ptrdiff_t)7;
-    ptrdiff_t r = nq == 1 ? edged_scan_f16_avx2_one(m, rows, dim, q, out) : 0;
+    ptrdiff_t r = EDGED_ONE_QUERY_IN_REGISTERS && nq == 1
+        ? edged_scan_f16_avx2_one(m, rows, dim, q, out) : 0;
     for (; r + EDGED_GROUP <= rows; r += EDGED_GROUP) {
         edged_prefetch_group(m, r, rows, dim);
         edged_widen_avx2(m + r * dim, EDGED_GROUP, dim, w);

@@ -75,6 +75,15 @@ class DropSettings:
         "min": 0.0, "max": 3600.0,
         "help": "how long a model file that no manifest names waits for one (copied before "
                 "its manifest) before it is refused as unknown (seconds)"})
+    max_bytes: int = field(default=256 * 1024 * 1024, metadata={
+        "min": 4096, "max": 1 << 40,
+        "help": "largest file taken as a drop (a model, a manifest, the gallery), in bytes; a "
+                "bigger one is refused by its size before it is read (the largest published "
+                "model is about 39 MB)"})
+    manifest_deadline_s: float = field(default=3600.0, metadata={
+        "min": 1.0, "max": 7 * 86400.0,
+        "help": "how long a drop manifest waits for the files it names (not there, or not "
+                "whole yet) before it is refused (seconds; counted across restarts)"})
     probation_frames: int = field(default=5, metadata={
         "min": 1, "max": 10000,
         "help": "a new model set is confirmed after this many good frames (and one embedding "

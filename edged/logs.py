@@ -21,6 +21,8 @@ import os
 import socket
 import struct
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,6 +50,52 @@ def fields(camera=None, person=None, event=None, track=None, **more) -> dict:
         if value is not None:
             out["EDGED_" + key.upper()] = str(value)
     return out
+
+
+class Throttle:
+    """Log a lasting condition (a full disk, say) without a line per occurrence: one line when
+    it starts, then at most one every ``every`` seconds while it lasts (saying how many were
+    held back), and one when it ends."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0, clock=time.monotonic):
+        self.logger = logger
+        self.every = float(every)
+        self.clock = clock
+        self.since: Optional[float] = None  # when the condition started (None: it is not on)
+        self._last = 0.0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def problem(self, level: int, msg: str, *args) -> bool:
+        """The condition is on: log ``msg`` if it just started or ``every`` s have passed;
+        returns whether a line was written."""
+        now = self.clock()
+        with self._lock:
+            first = self.since is None
+            if not first and now - self._last < self.every:
+                self._held += 1
+                return False
+            if first:
+                self.since = now
+            held, self._held, self._last = self._held, 0, now
+        if held:
+            msg += " (%d similar line(s) held back)"
+            args += (held,)
+        self.logger.log(level, msg, *args)
+        return True
+
+    def resolved(self, msg: str, *args) -> bool:
+        """The condition is over: log ``msg`` (once) if it was on; returns whether it was."""
+        with self._lock:
+            if self.since is None:
+                return False
+            self.since, self._held = None, 0
+        self.logger.info(msg, *args)
+        return True
 
 
 def _record_fields(record) -> dict:

@@ -20,8 +20,19 @@ oldest rows are deleted and counted in :attr:`Spool.dropped` (kept across restar
 Damage is never fatal: a row whose payload is not a JSON object carrying its event id (a torn
 record) is deleted and skipped with a log line (:attr:`Spool.corrupt`); a database file SQLite
 cannot read is moved aside (``spool.db.corrupt-<time>``) with a log line and a fresh spool is
-started.  If the disk refuses writes (full, read-only), :meth:`Spool.put` returns None after a
-log line and the caller publishes from memory.
+started.
+
+A disk that refuses writes (full, read-only, an I/O error) is not fatal either: the spool goes
+*degraded* (:attr:`Spool.problem` says why).  New events are held in memory, in order, with the
+row ids they will have on disk, and are handed out by :meth:`Spool.fetch` like the others;
+acknowledged rows that cannot be deleted are hidden from :meth:`Spool.fetch` (never sent again)
+and their deletion waits.  :meth:`Spool.retry` (called by every operation and by the daemon's
+main loop, with a back-off from 1 s to a minute) deletes those, then writes the held events to
+disk; the first success ends the degraded state.  Held events count in the bounds; those still
+held at :meth:`Spool.close` are lost and the log says how many.  The log says when writes start
+failing (one ERROR), at most once a minute while they do, and when they work again.
+
+An empty spool whose file grew (a long outage) is vacuumed back to a few pages.
 """
 from __future__ import annotations
 
@@ -31,9 +42,12 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional
+
+from edged.logs import Throttle
 
 log = logging.getLogger("edged.spool")
 
@@ -53,6 +67,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 #: a difference between the wall and the monotonic clocks taken as the wall clock being set
 CLOCK_JUMP_S = 60.0
+#: back-off between two tries of a disk that refused writes (seconds, doubling)
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
+#: an empty spool is vacuumed when its free pages take at least this much
+VACUUM_MIN_BYTES = 1 << 20
+#: the WAL file is truncated to this size after a checkpoint (it never keeps its peak size)
+WAL_LIMIT_BYTES = 4 << 20
 
 
 def _rollback(db) -> None:
@@ -99,6 +119,14 @@ class Spool:
         # real-time clock sets its time from NTP after it started)
         self._wall_ref, self._mono_ref = time.time(), time.monotonic()
         self._first_new = None  # the first row id this process stored
+        # degraded: the disk refuses writes (see the module's docstring)
+        self.problem: Optional[str] = None
+        self._held: "OrderedDict[int, SpoolRecord]" = OrderedDict()
+        self._held_bytes = 0
+        self._acked: set = set()  # acknowledged rows whose deletion the disk refused
+        self._retry_at = 0.0
+        self._backoff = RETRY_MIN_S
+        self._throttle = Throttle(log)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
 
@@ -116,6 +144,7 @@ class Spool:
             if str(mode).lower() != "wal" and target is None:
                 log.warning("spool %s: SQLite refused WAL mode (journal_mode=%s)", self.path, mode)
             db.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             db.executescript(_SCHEMA)
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
@@ -124,6 +153,8 @@ class Spool:
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events").fetchone()
             row = db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
             self.dropped = int(row[0]) if row else 0
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+            self._hi = max(self._hi, int(row[0]) if row else 0)
         except BaseException:
             db.close()
             raise
@@ -145,6 +176,7 @@ class Spool:
             log.info("spool %s: %d event(s) waiting from before (%d bytes)",
                      self.path, self._depth, self._bytes)
         self._expire(time.time(), force=True)
+        self._vacuum_if_empty()
 
     def _move_aside(self, err: Exception) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -198,17 +230,101 @@ class Spool:
             if self._db is None:
                 log.error("spool %s is closed; event %s not stored", self.path, event_id)
                 return None
-            for attempt in (0, 1):
-                try:
-                    return self._put(event_id, camera, created, payload)
-                except sqlite3.DatabaseError as e:
-                    if attempt == 0 and self._is_damage(e):
-                        self._recover(e)
-                        continue
-                    log.error("spool %s: cannot store event %s (%s); it is sent from memory "
-                              "only", self.path, event_id, e)
-                    return None
-        return None
+            self.retry()
+            if self.problem is None:
+                for attempt in (0, 1):
+                    try:
+                        return self._put(event_id, camera, created, payload)
+                    except sqlite3.DatabaseError as e:
+                        if attempt == 0 and self._is_damage(e):
+                            self._recover(e)
+                            continue
+                        self._refused(e)
+                        break
+            return self._hold(SpoolRecord(self._hi + 1, event_id, camera, float(created),
+                                          payload))
+
+    # -- degraded: the disk refuses writes ----------------------------------------------------
+    def _refused(self, err: Exception) -> None:
+        """A write failed (not damage): go degraded, try again after the back-off."""
+        first = self.problem is None
+        self.problem = f"cannot write {self.path}: {err}"
+        now = time.monotonic()
+        if first:
+            self._backoff = RETRY_MIN_S
+        else:
+            self._backoff = min(self._backoff * 2, RETRY_MAX_S)
+        self._retry_at = now + self._backoff
+        if first:
+            self._throttle.problem(logging.ERROR, "spool %s: the disk refuses writes (%s): new "
+                                   "events are held in memory and acknowledged ones wait for "
+                                   "deletion until it takes writes again (tried again with a "
+                                   "back-off up to %.0f s)", self.path, err, RETRY_MAX_S)
+        else:
+            self._throttle.problem(logging.WARNING, "spool %s: still cannot write (%s): %d "
+                                   "event(s) held in memory, %d acknowledged waiting for "
+                                   "deletion", self.path, err, len(self._held), len(self._acked))
+
+    def _hold(self, rec: SpoolRecord) -> int:
+        """Keep ``rec`` in memory (in order, with the row id it gets on disk), in the bounds."""
+        self._hi = rec.rowid
+        if self._first_new is None:
+            self._first_new = rec.rowid
+        self._held[rec.rowid] = rec
+        self._held_bytes += len(rec.payload)
+        dropped = 0
+        while self._held and (self.depth > self.max_events
+                              or self._bytes + self._held_bytes > self.max_bytes):
+            _, old = self._held.popitem(last=False)
+            self._held_bytes -= len(old.payload)
+            dropped += 1
+        if dropped:
+            self.dropped += dropped
+            log.warning("spool %s full (max %d events, %d bytes) while the disk refuses writes: "
+                        "dropped the %d oldest event(s) held in memory, %d dropped in all",
+                        self.path, self.max_events, self.max_bytes, dropped, self.dropped)
+        return rec.rowid
+
+    def retry(self, force: bool = False) -> bool:
+        """Degraded: when the back-off has passed (or ``force``), delete the acknowledged rows
+        and write the held events; returns whether the spool takes writes again."""
+        with self._lock:
+            if self.problem is None:
+                return True
+            if self._db is None or (not force and time.monotonic() < self._retry_at):
+                return False
+            held = len(self._held)
+            try:
+                self._flush_degraded()
+            except sqlite3.DatabaseError as e:
+                _rollback(self._db)
+                self._refused(e)
+                return False
+            took = time.monotonic() - (self._throttle.since or time.monotonic())
+            self.problem = None
+            self._throttle.resolved("spool %s: the disk takes writes again after %.0f s: %d "
+                                    "event(s) held in memory are stored", self.path, took, held)
+            return True
+
+    def _flush_degraded(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        acked = sorted(self._acked)
+        for i in range(0, len(acked), 500):
+            chunk = acked[i:i + 500]
+            db.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        db.executemany("INSERT INTO events (id, event_id, camera, created, payload) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       [(r.rowid, r.event_id, r.camera, r.created, r.payload)
+                        for r in self._held.values()])
+        if self.dropped:
+            self._save_dropped(db)
+        db.execute("COMMIT")
+        self._depth, self._bytes = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events").fetchone()
+        self._held.clear()
+        self._held_bytes = 0
+        self._acked.clear()
 
     def _put(self, event_id, camera, created, payload) -> int:
         db = self._db
@@ -306,9 +422,11 @@ class Spool:
         return row[0]
 
     def _expire(self, now: float, force: bool = False) -> int:
-        """Drop rows older than max_age_s (at most every 10 s unless forced)."""
+        """Drop rows older than max_age_s (at most every 10 s unless forced; not while the disk
+        refuses writes)."""
         with self._lock:
-            if self._db is None or (not force and now - self._last_expire < 10.0):
+            if self._db is None or self.problem is not None \
+                    or (not force and now - self._last_expire < 10.0):
                 return 0
             try:
                 db = self._db
@@ -323,7 +441,7 @@ class Spool:
                 return n
             except sqlite3.DatabaseError as e:
                 _rollback(self._db)
-                log.error("spool %s: cannot expire old events: %s", self.path, e)
+                self._refused(e)
                 return 0
 
     def fetch(self, after: int = 0, limit: int = 100) -> List[SpoolRecord]:
@@ -334,10 +452,12 @@ class Spool:
         with self._lock:
             if self._db is None:
                 return out
+            self.retry()
             try:
                 rows = self._db.execute(
                     "SELECT id, event_id, camera, created, payload FROM events WHERE id > ? "
-                    "ORDER BY id LIMIT ?", (int(after), int(limit))).fetchall()
+                    "ORDER BY id LIMIT ?", (int(after), int(limit) + len(self._acked))
+                ).fetchall()
             except sqlite3.DatabaseError as e:
                 if self._is_damage(e):
                     self._recover(e)
@@ -347,6 +467,8 @@ class Spool:
             torn = []
             for rowid, event_id, camera, created, payload in rows:
                 self._hi = max(self._hi, rowid)
+                if rowid in self._acked or len(out) >= limit:
+                    continue
                 rec = SpoolRecord(rowid, event_id, camera, created,
                                   bytes(payload) if payload is not None else b"")
                 why = self._check(rec)
@@ -359,6 +481,7 @@ class Spool:
             if torn:
                 self.corrupt += len(torn)
                 self.delete(torn)
+            out += [r for r in self._held.values() if r.rowid > after][:limit - len(out)]
         return out
 
     @staticmethod
@@ -379,6 +502,15 @@ class Spool:
         with self._lock:
             if self._db is None:
                 return 0
+            held = [i for i in ids if i in self._held]
+            for i in held:
+                self._held_bytes -= len(self._held.pop(i).payload)
+            ids = [i for i in ids if i not in self._acked and i not in held]
+            if self.problem is not None and not self.retry():
+                self._acked.update(ids)  # deleted once the disk takes writes again
+                return len(held) + len(ids)
+            if not ids:
+                return len(held)
             try:
                 db = self._db
                 db.execute("BEGIN IMMEDIATE")
@@ -394,32 +526,55 @@ class Spool:
                 db.execute("COMMIT")
                 self._depth -= n
                 self._bytes -= size
-                return n
             except sqlite3.DatabaseError as e:
                 _rollback(self._db)
                 if self._is_damage(e):
                     self._recover(e)
-                else:
-                    log.error("spool %s: cannot delete acknowledged events: %s", self.path, e)
-                return 0
+                    return len(held)
+                self._refused(e)
+                self._acked.update(ids)
+                return len(held) + len(ids)
+            self._vacuum_if_empty()
+            return len(held) + n
+
+    def _vacuum_if_empty(self) -> None:
+        """An empty spool whose file grew gives the space back (VACUUM, then the WAL truncated)."""
+        if self._depth or self._held or self._db is None:
+            return
+        try:
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            if free * page < VACUUM_MIN_BYTES:
+                return
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            log.info("spool %s: empty; vacuumed (%d free page(s) given back)", self.path, free)
+        except sqlite3.DatabaseError as e:  # (no room for it: tried again when next empty)
+            log.debug("spool %s: cannot vacuum: %s", self.path, e)
 
     # -- state ------------------------------------------------------------------------------
     @property
     def depth(self) -> int:
-        return self._depth
+        """Events waiting for their acknowledgement (on disk or held in memory)."""
+        return self._depth - len(self._acked) + len(self._held)
 
     @property
     def size_bytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._held_bytes
 
     def stats(self) -> dict:
-        return {"depth": self._depth, "bytes": self._bytes, "dropped": self.dropped,
+        return {"depth": self.depth, "bytes": self.size_bytes, "dropped": self.dropped,
                 "corrupt": self.corrupt, "in_memory": self.in_memory,
+                "held_in_memory": len(self._held), "problem": self.problem,
                 "max_events": self.max_events,
                 "max_bytes": self.max_bytes, "fsync": self.fsync}
 
     def close(self) -> None:
         with self._lock:
+            if not self.retry(force=True) and (self._held or self._acked):
+                log.error("spool %s: the disk still refuses writes at close: %d event(s) held "
+                          "in memory are lost, %d acknowledged one(s) will be sent again",
+                          self.path, len(self._held), len(self._acked))
             if self._db is not None:
                 try:
                     self._db.close()

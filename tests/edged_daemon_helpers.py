@@ -1,6 +1,7 @@
 """Helpers for the tests that run ``edged run`` as a real process (e2e, stream reconnect)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -193,3 +194,42 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` (``mount -t tmpfs``) at ``path``, unmounted afterwards whatever
+    happens; the test is skipped (with the reason) when it cannot be mounted."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for a full disk needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                        str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path}: {r.stderr.strip() or r.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_up(path: Path) -> Path:
+    """Write ``path`` (a file on a small file system) until the file system is full."""
+    import errno
+
+    block = b"\0" * 65536
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if len(block) == 1:
+                    return path
+                block = block[:len(block) // 16 or 1]
+    finally:
+        os.close(fd)

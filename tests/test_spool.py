@@ -192,3 +192,85 @@ def test_a_wall_clock_set_forward_does_not_expire_the_new_events(tmp_path, monke
         assert sp.dropped == 1
     finally:
         sp.close()
+
+
+# -- a full disk (a real tmpfs, mounted when root) ---------------------------------------------
+
+@pytest.fixture
+def full_disk(tmp_path):
+    from edged_daemon_helpers import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "2m") as d:
+        yield d
+
+
+def test_a_full_disk_holds_events_in_memory_then_stores_them_in_order(full_disk, caplog):
+    from edged_daemon_helpers import fill_up
+
+    sp = Spool(full_disk / "s.db", fsync="full")
+    before = fill(sp, 5)
+    filler = fill_up(full_disk / "filler")
+    with caplog.at_level(logging.INFO, logger="edged.spool"):
+        during = fill(sp, 200, start=5, pad=2000)
+        assert sp.problem and "full" in sp.problem
+        assert None not in during and during == sorted(during) and during[0] > before[-1]
+        assert sp.depth == 205 and sp.stats()["held_in_memory"] == 200
+        got = sp.fetch(0, 1000)
+        assert [r.event_id for r in got] == [f"e{i}" for i in range(205)]
+        # acknowledged while the disk is full: never handed out again, deleted later
+        assert sp.delete(before[:3] + during[:2]) == 5
+        assert [r.event_id for r in sp.fetch(0, 1000)][:2] == ["e3", "e4"]
+        assert sp.depth == 200
+        filler.unlink()
+        assert sp.retry(force=True) and sp.problem is None
+    lines = [r for r in caplog.records if r.name == "edged.spool"]
+    assert len(lines) <= 3, [r.getMessage() for r in lines]  # not one line per event
+    assert sum(r.levelno == logging.ERROR for r in lines) == 1
+    assert "takes writes again" in lines[-1].getMessage()
+    sp.close()
+    sp = Spool(full_disk / "s.db")  # all on disk now: a restart loses nothing
+    assert [r.event_id for r in sp.fetch(0, 1000)] == [f"e{i}" for i in range(3, 5)] + \
+        [f"e{i}" for i in range(7, 205)]
+    assert [r.rowid for r in sp.fetch(0, 1000)][2:] == during[2:]
+    sp.close()
+
+
+def test_a_disk_still_full_is_tried_again_with_a_back_off(full_disk, monkeypatch):
+    from edged import spool as spoolmod
+    from edged_daemon_helpers import fill_up
+
+    clock = [1000.0]
+    monkeypatch.setattr(spoolmod.time, "monotonic", lambda: clock[0])
+    sp = Spool(full_disk / "s.db")
+    fill(sp, 2)
+    filler = fill_up(full_disk / "filler")
+    fill(sp, 20, start=2, pad=4000)
+    assert sp.problem
+    waits = []
+    for _ in range(8):
+        due = sp._retry_at
+        assert not sp.retry()  # not due yet: not even tried
+        clock[0] = due
+        assert not sp.retry()
+        waits.append(sp._retry_at - clock[0])
+    assert waits == sorted(waits) and waits[0] >= 2 and waits[-1] == spoolmod.RETRY_MAX_S
+    filler.unlink()
+    clock[0] = sp._retry_at
+    assert sp.retry() and sp.depth == 22
+    sp.close()
+
+
+def test_an_emptied_spool_gives_its_space_back(tmp_path):
+    path = tmp_path / "s.db"
+    sp = Spool(path, max_bytes=64 << 20)
+    rows = fill(sp, 3000, pad=2000)
+    big = path.stat().st_size
+    assert big > 5 << 20
+    sp.delete(rows[:2999])
+    assert path.stat().st_size > big // 2  # not empty yet: no vacuum
+    sp.delete(rows[2999:])
+    assert path.stat().st_size < 64 << 10, path.stat().st_size
+    wal = tmp_path / "s.db-wal"
+    assert not wal.exists() or wal.stat().st_size <= 4 << 20
+    assert fill(sp, 1)[0] > rows[-1]  # row ids go on increasing after the vacuum
+    sp.close()

@@ -14,7 +14,9 @@ per track) once an identity has at least ``recognize_evidence`` of it from at le
 misses included: a look-alike who scores just under the threshold for minutes is not named by
 the two frames that happened to pass it).  Embeddings that match nobody by a clear distance
 (best score below the match threshold minus ``unknown_margin``) add to the *unknown* evidence;
-near misses add to neither, but weigh against both decisions.
+near misses add to neither, but weigh against both decisions.  An embedding compared with
+nobody (a :class:`Match` without candidates: no gallery in service, or an empty one) is
+evidence of an unknown face with no score: its events carry ``score``/``margin`` None.
 ``unknown_evidence`` of it from at least ``min_unknown`` embeddings, and at least
 ``min_agreement`` of all the track's evidence (near misses included), confirms the track as
 ``unknown`` (once).  Faces whose quality does not pass the minimums are tracked and
@@ -104,6 +106,10 @@ class TrackingSettings:
     max_tracks: int = field(default=32, metadata={
         "min": 1, "max": 1000, "help": "most tracks per camera (the smallest faces are ignored "
                                        "beyond it)"})
+
+
+def _round(v: Optional[float]) -> Optional[float]:
+    return None if v is None else round(float(v), 4)
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -235,7 +241,7 @@ class Tracker:
         return [self._event("track_ended", track, track.last_time,
                             name=track.name, identity=track.identity,
                             duration=round(max(0.0, track.last_mono - track.first_mono), 3),
-                            best_score=None if track.best_score is None else round(track.best_score, 4),
+                            best_score=_round(track.best_score),
                             quality=round(track.best_quality, 4))]
 
     def _appear(self, tr: Track, t: float) -> List[Event]:
@@ -392,7 +398,7 @@ class Tracker:
                 disagrees = True
             if tr.state == "recognized" and (
                     (m.identity is not None and m.identity != tr.identity)
-                    or (m.identity is None and self.unknown_below is not None
+                    or (m.identity is None and m.candidates and self.unknown_below is not None
                         and m.score < self.unknown_below)):
                 disagrees = True  # someone else, or clearly nobody enrolled, in its place
         if disagrees:
@@ -412,6 +418,12 @@ class Tracker:
             return events + self._observe_one(new, face, m, t)
         tr.disagree = 0
         tr.mean = e * w if tr.mean is None else tr.mean + e * w
+        if m.identity is None and not m.candidates:
+            # compared with nobody (no gallery in service, or an empty one): a stranger by
+            # definition, with no score to report (null, not 0.0)
+            tr.unknown_weight += w
+            tr.unknown_count += 1
+            return self._decide(tr, t)
         if tr.best_score is None or m.score > tr.best_score:
             tr.best_score = float(m.score)
         if m.identity is not None:
@@ -431,9 +443,9 @@ class Tracker:
             else:
                 tr.unknown_weight += w
                 tr.unknown_count += 1
-        return self._decide(tr, t, m)
+        return self._decide(tr, t)
 
-    def _decide(self, tr: Track, t: float, m: Match) -> List[Event]:
+    def _decide(self, tr: Track, t: float) -> List[Event]:
         s = self.s
         if tr.state == "recognized":
             return []
@@ -456,7 +468,8 @@ class Tracker:
             tr.unknown_sent = True
             pre = self._appear(tr, t)
             # the score and margin of the same match: the best of those that named nobody
-            score, margin = tr.best_miss if tr.best_miss is not None else (m.score, m.margin)
-            return pre + [self._event("unknown", tr, t, score=round(float(score), 4),
-                                margin=round(float(margin), 4) if margin is not None else None)]
+            # (none when the track was compared with nobody)
+            score, margin = tr.best_miss or (None, None)
+            return pre + [self._event("unknown", tr, t, score=_round(score),
+                                      margin=_round(margin))]
         return []

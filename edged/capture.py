@@ -25,6 +25,7 @@ backoff that doubles from ``reconnect_min`` up to ``reconnect_max`` seconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -45,6 +46,12 @@ log = logging.getLogger("edged.capture")
 KINDS = ["auto", "v4l2", "gstreamer", "url", "file"]
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "tcp://", "udp://",
                "rtp://", "srt://")
+#: names that say "a video file" whatever the directory (a source that is clearly a file)
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts",
+                    ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".mjpeg", ".mjpg", ".h264",
+                    ".264", ".h265", ".265", ".hevc", ".y4m")
+#: settings only a V4L2 device takes (the other kinds ignore them)
+V4L2_ONLY = ("width", "height", "fourcc")
 
 
 @dataclass
@@ -93,7 +100,34 @@ class CameraSettings:
                                           f"got {self.reconnect_max}"))
         if self.kind == "v4l2" and not _v4l2_target(self.source):
             errs.append(("source", f"kind v4l2 needs /dev/videoN or an index, got {self.source!r}"))
+        missing = self._missing_file()
+        if missing:
+            errs.append(("source", missing))
         return errs
+
+    def config_warnings(self):
+        """Valid settings this camera ignores: the V4L2 mode on a file, URL or pipeline."""
+        kind = self.resolved_kind()
+        if kind == "v4l2":
+            return []
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [(key, f"applies to V4L2 devices only; this {kind} source ignores it")
+                for key in V4L2_ONLY if getattr(self, key) != defaults[key]]
+
+    def _missing_file(self) -> Optional[str]:
+        """Why the source is a video file that does not exist, when it clearly is one (kind
+        file, or a path with a directory or a video extension; never a device under /dev/, a
+        URL, a pipeline or an index), else None."""
+        if (self.resolved_kind() != "file" or not self.source.strip()
+                or self.source.startswith("/dev/")):
+            return None
+        if not (self.kind == "file" or "/" in self.source
+                or self.source.lower().endswith(VIDEO_EXTENSIONS)):
+            return None
+        if os.path.exists(self.source):
+            return None
+        rel = "" if os.path.isabs(self.source) else f" (relative to {os.getcwd()})"
+        return f"video file {self.source!r} does not exist{rel}"
 
 
 def guess_kind(source: str) -> str:

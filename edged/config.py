@@ -35,7 +35,8 @@ import yaml
 
 log = logging.getLogger("edged.config")
 
-__all__ = ["Config", "ConfigError", "load", "loads", "build", "check_file", "defaults_yaml",
+__all__ = ["Config", "ConfigError", "Document", "load", "loads", "parse", "read", "build",
+           "check_file", "default_notes", "defaults_yaml",
            "reference_markdown", "DeviceSettings", "ModelsSettings", "PathsSettings",
            "PipelineOptions",
            "to_dict"]
@@ -78,6 +79,11 @@ class ModelsSettings:
                                                        "edgetpu, external and their keys)"})
     embedder: Dict[str, Any] = field(default_factory=lambda: {"type": "cpu", "num_threads": 1},
                                      metadata={"help": "accelerator for MobileFaceNet"})
+    max_memory_mb: int = field(default=512, metadata={
+        "min": 16, "max": 1048576,
+        "help": "a dropped model needing more memory than this at an input size it runs at "
+                "is refused (docs/models.md, memory check)"})
+
     def config_errors(self):
         from edged.runtime import SettingsError, parse_settings
 
@@ -228,15 +234,16 @@ def _hints(cls) -> dict:
 class _Builder:
     def __init__(self, lines: Optional[dict] = None, source: str = ""):
         self.errors: List[Tuple[str, str]] = []
+        self.warnings: List[Tuple[str, str]] = []
         self.lines = lines or {}
         self.source = source
 
     def error(self, path: str, msg: str) -> None:
         self.errors.append((path, msg))
 
-    def messages(self) -> List[str]:
+    def messages(self, entries=None) -> List[str]:
         out = []
-        for path, msg in self.errors:
+        for path, msg in self.errors if entries is None else entries:
             line = self._line_of(path)
             where = (f"{self.source}:{line}: " if line else f"{self.source}: ") if self.source else ""
             out.append(f"{where}{path or '(top level)'}: {msg}")
@@ -396,15 +403,8 @@ class _Builder:
         except (TypeError, ValueError) as exc:
             self.error(path, str(exc))
             return _BAD
-        check = getattr(obj, "config_errors", None)
-        if callable(check):
-            try:
-                found = check() or []
-            except Exception as exc:  # a check that trips on an odd value still names the key
-                found = [("", f"cannot be checked: {type(exc).__name__}: {exc}")]
-            for sub, msg in found:
-                full = ".".join(p for p in (path, sub) if p).replace(".[", "[")
-                self.error(full, msg)
+        self._hook(obj, "config_errors", path, self.errors)
+        self._hook(obj, "config_warnings", path, self.warnings)
         check = getattr(obj, "check", None)  # a stage module's own checks, when it has no
         if callable(check) and not callable(getattr(obj, "config_errors", None)):  # config_errors
             try:
@@ -412,6 +412,19 @@ class _Builder:
             except (TypeError, ValueError) as exc:
                 self._check_error(path, str(exc))
         return obj
+
+    @staticmethod
+    def _hook(obj, name: str, path: str, into: list) -> None:
+        """Add what ``obj.<name>()`` returns, ``[(subkey, message)]``, to ``into``."""
+        check = getattr(obj, name, None)
+        if not callable(check):
+            return
+        try:
+            found = check() or []
+        except Exception as exc:  # a check that trips on an odd value still names the key
+            found = [("", f"cannot be checked: {type(exc).__name__}: {exc}")]
+        for sub, msg in found:
+            into.append((".".join(p for p in (path, sub) if p).replace(".[", "["), msg))
 
     def _check_error(self, path: str, msg: str) -> None:
         """A ``check()`` message, which names its key from the section (``detection.x: ...``)."""
@@ -464,39 +477,146 @@ def _contains_bad(v) -> bool:
 
 def build(cls, data, source: str = "", lines: Optional[dict] = None):
     """Build ``cls`` from ``data``; raise :class:`ConfigError` listing every problem."""
+    return _build(cls, data, source, lines)[0]
+
+
+def _build(cls, data, source: str = "", lines: Optional[dict] = None):
+    """``(obj, warnings)``: :func:`build` with the ``config_warnings`` of every section."""
     b = _Builder(lines, source)
     obj = b.build(cls, data, "")
     if b.errors or obj is _BAD:
         raise ConfigError(b.messages() or ["invalid configuration"], source or "config")
-    return obj
+    return obj, b.messages(b.warnings)
 
 
 # ---------------------------------------------------------------------------- YAML
 
 
-def _line_map(node, path: str = "", out: Optional[dict] = None) -> dict:
-    """``{key path: 1-based line}`` for every node of a composed YAML document."""
+#: Bounds on a configuration document, checked while PyYAML composes it (before anything is
+#: built): a real file has a few hundred values, a handful of levels and a few KB.
+MAX_BYTES = 1 << 20
+MAX_VALUES = 20_000  # values once every alias is expanded (a "billion laughs" has 10**9)
+MAX_DEPTH = 32  # nested mappings and lists, aliases expanded
+MAX_INT_DIGITS = 20  # a 64-bit integer; longer ones are refused before Python converts them
+
+
+class _Refused(Exception):
+    """A document the bounded loader will not build: at ``mark`` (composing) or ``node``."""
+
+    def __init__(self, message: str, mark=None, node=None):
+        super().__init__(message)
+        self.mark = mark if node is None else node.start_mark
+        self.node = node
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses, while composing, a document nested deeper than
+    :data:`MAX_DEPTH`, an alias inside its own anchor, and one whose aliases expand to more
+    than :data:`MAX_VALUES` values; constructing, an integer longer than
+    :data:`MAX_INT_DIGITS` digits and a scalar its constructor cannot convert (a
+    ``2001-13-45`` date) raise :class:`_Refused` with the node instead of a traceback."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0  # values composed so far, an alias counting what it expands to
+        self._done = {}  # id(node) -> (values, levels) of a finished node, aliases expanded
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            node = super().compose_node(parent, index)
+            if id(node) not in self._done:  # its anchor is still open: `a: &x [*x]`
+                raise _Refused("a YAML alias refers to the value that contains it (a structure "
+                               "without end)", mark)
+            self._count(*self._done[id(node)], mark)
+            return node
+        mark = self.peek_event().start_mark
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"YAML nested deeper than {MAX_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        values = 1 + sum(self._done[id(c)][0] for c in children)
+        levels = 1 + max((self._done[id(c)][1] for c in children), default=0)
+        self._done[id(node)] = (values, levels)
+        self._count(1, levels, mark)
+        return node
+
+    def _count(self, values: int, levels: int, mark) -> None:
+        self._values += values
+        if self._values > MAX_VALUES:
+            raise _Refused(f"YAML aliases expand to more than {MAX_VALUES} values (a "
+                           f"configuration has a few hundred)", mark)
+        if self._depth + levels > MAX_DEPTH:
+            raise _Refused(f"YAML nested deeper than {MAX_DEPTH} levels once its aliases are "
+                           f"expanded", mark)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # a scalar its constructor cannot convert
+            raise _Refused(f"cannot read {_short(node.value)}: {exc}", node=node) from None
+
+    def construct_yaml_int(self, node):
+        digits = len(node.value.lstrip("+-").replace("_", ""))
+        if digits > MAX_INT_DIGITS:
+            raise _Refused(f"an integer of {digits} digits is too large for any setting (at "
+                           f"most {MAX_INT_DIGITS} digits)", node=node)
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _line_map(node, path: str = "", out: Optional[dict] = None,
+              paths: Optional[dict] = None) -> dict:
+    """``{key path: 1-based line}`` for every node of a composed YAML document; ``paths``
+    gets ``{id(node): key path}`` (the first path of a node reached through aliases)."""
     out = {} if out is None else out
     if node is None:
         return out
+    if paths is not None:
+        paths.setdefault(id(node), path)
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = str(k.value)
             sub = f"{path}.{key}" if path else key
             out[sub] = k.start_mark.line + 1
-            _line_map(v, sub, out)
+            if paths is not None:
+                paths.setdefault(id(k), path)
+            _line_map(v, sub, out, paths)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             sub = f"{path}[{i}]"
             out[sub] = v.start_mark.line + 1
-            _line_map(v, sub, out)
+            _line_map(v, sub, out, paths)
     return out
 
 
+def _refusal(exc: _Refused, source: str, paths: dict) -> ConfigError:
+    mark = exc.mark
+    if exc.node is not None:  # constructing: the key is known
+        where = f"{source}:{mark.line + 1}: {paths.get(id(exc.node)) or '(top level)'}"
+    else:
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}"
+    return ConfigError([f"{where}: {exc}"], source)
+
+
 def _parse_yaml(text: str, source: str):
+    """``(data, {key path: line})`` of a YAML document, within the bounds above."""
+    loader = _BoundedLoader(text)
+    paths: dict = {}
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        lines = _line_map(node, paths=paths)
+        data = loader.construct_document(node) if node is not None else None
+    except _Refused as exc:
+        raise _refusal(exc, source, paths) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -504,35 +624,60 @@ def _parse_yaml(text: str, source: str):
         raise ConfigError([f"{where}: YAML syntax error: {problem}"], source) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: YAML error: {exc}"], source) from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}:1: the file must be a mapping of sections "
                            f"(device, cameras, ...), got {type(data).__name__}"], source)
-    return data, _line_map(node)
+    return data, lines
+
+
+@dataclass
+class Document:
+    """A configuration file read and checked: the configuration, the mapping the file holds
+    (which keys it sets) and its warnings (valid settings that have no effect)."""
+
+    config: Config
+    data: dict
+    warnings: List[str]
+
+
+def parse(text: str, source: str = "<string>") -> Document:
+    """Check a configuration text; raise :class:`ConfigError` when it is not usable."""
+    data, lines = _parse_yaml(text, source)
+    cfg, warnings = _build(Config, data, source, lines)
+    return Document(cfg, data, warnings)
 
 
 def loads(text: str, source: str = "<string>") -> Config:
-    try:
-        data, lines = _parse_yaml(text, source)
-        return build(Config, data, source, lines)
-    except RecursionError:  # an alias inside its own anchor: `a: &x [*x]`
-        raise ConfigError([f"{source}: a YAML alias refers to the value that contains it "
-                           f"(a structure without end)"], source) from None
+    return parse(text, source).config
 
 
-def load(path) -> Config:
-    """Read and check a configuration file; raise :class:`ConfigError` when it is not usable."""
+def read(path) -> Document:
+    """Read and check a configuration file; raise :class:`ConfigError` when it is not usable
+    (missing, unreadable, larger than :data:`MAX_BYTES`, or invalid)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"], str(path)) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: is a directory, not a configuration file"], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"], str(path)) from None
-    return loads(text, str(path))
+    if len(raw) > MAX_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_BYTES} bytes; a configuration file has "
+                           f"a few KB"], str(path))
+    return parse(text, str(path))
+
+
+def load(path) -> Config:
+    """Read and check a configuration file; raise :class:`ConfigError` when it is not usable."""
+    return read(path).config
 
 
 def check_file(path) -> List[str]:
@@ -542,6 +687,21 @@ def check_file(path) -> List[str]:
     except ConfigError as exc:
         return exc.errors
     return []
+
+
+def default_notes(data: dict) -> List[str]:
+    """What a file leaves to the defaults that reach outside the board: the cameras read and
+    the MQTT broker published to (``edged check-config`` says it, for an empty file above all)."""
+    notes = []
+    if data.get("cameras") is None:
+        cams = ", ".join(f"{c.name} on {c.source}" for c in _example_cameras())
+        notes.append(f"cameras: not set; edged reads the default camera {cams}")
+    mqtt = data.get("mqtt") or {}
+    d = MqttSettings()
+    if mqtt.get("enabled", d.enabled) and not {"host", "port"} & set(mqtt):
+        notes.append(f"mqtt.host, mqtt.port: not set; edged publishes to the default broker "
+                     f"{d.host}:{d.port}")
+    return notes
 
 
 def to_dict(obj):

@@ -62,7 +62,12 @@ FRAME_LOG_ENV = "EDGED_FRAME_LOG"
 
 
 class StartupError(RuntimeError):
-    """The daemon cannot start as configured; the message says why."""
+    """The daemon cannot start as configured; the message says why.  ``config``: a setting
+    that can never work here, which restarting does not change (``edged run`` exits 78)."""
+
+    def __init__(self, message: str, config: bool = False):
+        super().__init__(message)
+        self.config = config
 
 
 @dataclasses.dataclass
@@ -577,7 +582,7 @@ class Daemon:
         md = modelstore.resolve_models_dir(self.models_arg or cfg.paths.models_dir or None)
         why = check_paths(cfg.paths.state_dir, md, cfg.paths.drop_dir or md)
         if why:
-            raise StartupError(why)
+            raise StartupError(why, config=True)
 
     def start(self, camera_wait: float = 20.0) -> None:
         cfg = self.cfg
@@ -586,7 +591,7 @@ class Daemon:
         for cam in cfg.cameras:
             why = preflight(cam)
             if why:
-                raise StartupError(why)
+                raise StartupError(why, config=True)
         state = Path(cfg.paths.state_dir)
         try:
             state.mkdir(parents=True, exist_ok=True)
@@ -616,7 +621,7 @@ class Daemon:
             self.publisher = Publisher(cfg.mqtt, self.device, state, people=self.people())
         except (ValueError, OSError) as exc:  # a setting that can never work (names the key)
             self.service.gallery.stop()
-            raise StartupError(str(exc)) from exc
+            raise StartupError(str(exc), config=isinstance(exc, ValueError)) from exc
         self.update_status(versions=self.service.versions,
                            accelerators=self.service.accelerators,
                            cameras={c.name: {"connected": False} for c in cfg.cameras},

@@ -33,6 +33,43 @@ def test_guess_kind(source, kind):
     assert guess_kind(source) == kind
 
 
+
+@pytest.mark.parametrize("source,kind,missing", [
+    ("/srv/none/door.mp4", "auto", True),  # an absolute path
+    ("clips/door", "auto", True),  # a relative path (from the working directory)
+    ("door.MKV", "auto", True),  # a video extension
+    ("door", "file", True),  # kind file says so
+    ("door", "auto", False),  # a bare word is not clearly a file (check-config warns)
+    ("/dev/video7", "auto", False), ("/dev/v4l/by-id/usb-x-video-index0", "auto", False),
+    ("/dev/video7", "file", False), ("3", "auto", False),
+    ("rtsp://cam.lan/live.mp4", "auto", False), ("http://cam/video.mjpg", "auto", False),
+    ("filesrc location=/srv/none/door.mp4 ! decodebin ! videoconvert ! appsink", "auto", False),
+])
+def test_a_video_file_that_does_not_exist_is_a_config_error(source, kind, missing):
+    errs = CameraSettings(name="c", source=source, kind=kind).config_errors()
+    found = [m for key, m in errs if key == "source" and "does not exist" in m]
+    assert bool(found) == missing, errs
+    if missing:
+        assert found[0].startswith(f"video file {source!r} does not exist")
+        assert ("relative to" in found[0]) == (not source.startswith("/"))
+
+
+def test_an_existing_video_file_passes_the_check(tmp_path):
+    clip = tmp_path / "door.mp4"
+    clip.write_bytes(b"")
+    assert CameraSettings(name="c", source=str(clip)).config_errors() == []
+
+
+def test_v4l2_settings_on_other_sources_are_warnings():
+    assert CameraSettings(source="/dev/video0", width=640, height=480,
+                          fourcc="MJPG").config_warnings() == []
+    assert CameraSettings(source="rtsp://h/s").config_warnings() == []
+    assert CameraSettings(source="rtsp://h/s", height=480, fourcc="YUYV").config_warnings() == [
+        ("height", "applies to V4L2 devices only; this url source ignores it"),
+        ("fourcc", "applies to V4L2 devices only; this url source ignores it")]
+    assert [k for k, _ in CameraSettings(source="videotestsrc ! appsink",
+                                         width=640).config_warnings()] == ["width"]
+
 def test_hub_newest_frame_wins_and_counts_drops():
     hub = FrameHub()
     for i in range(5):

@@ -154,8 +154,8 @@ def test_odd_values_are_config_errors_not_tracebacks():
     assert errs == ["cfg.yaml:2: models.detector.type: expected the name of an accelerator, "
                     "got ['cpu']"]
     errs = errors_of("tracking: &a [*a]\n")
-    assert errs == ["cfg.yaml: a YAML alias refers to the value that contains it (a structure "
-                    "without end)"]
+    assert errs == ["cfg.yaml:1:15: a YAML alias refers to the value that contains it (a "
+                    "structure without end)"]
     errs = errors_of("mqtt:\n  host: broker..lan\n")
     assert len(errs) == 1 and errs[0].startswith(
         "cfg.yaml:2: mqtt.host: 'broker..lan' is not a valid host name"), errs
@@ -224,7 +224,7 @@ def test_check_config_command(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("cameras:\n  - {name: a, source: /dev/video0, fps_limit: -1}\n")
     r = subprocess.run(EDGED + ["check-config", str(bad)], capture_output=True, text=True)
-    assert r.returncode == 1
+    assert r.returncode == 78  # EX_CONFIG, as edged run
     assert f"{bad}:2: cameras[0].fps_limit: expected a number in [0.0, 1000.0], got -1.0" in r.stderr
     r = subprocess.run(EDGED + ["check-config", "--defaults"], capture_output=True, text=True)
     assert r.returncode == 0 and config.loads(r.stdout) == Config()
@@ -252,3 +252,170 @@ def test_update_doc(tmp_path):
     r = subprocess.run(EDGED + ["check-config", "--update-doc", str(md)], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "markers" in r.stderr
+
+
+# ---------------------------------------------------------------------------- hostile files
+
+EDGED_EXE = str(Path(sys.executable).parent / "edged")  # the installed entry point
+
+
+def _bounded():
+    """The child's address space is capped at 1 GiB: a file that makes the loader expand
+    without bound ends in MemoryError (a failed test), not in the machine swapping."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def edged(*args, timeout=60):
+    """``edged ARGS`` in a child bounded in time (the test fails, never hangs) and memory."""
+    return subprocess.run([EDGED_EXE, *args], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_bounded)
+
+
+def _alias_bomb() -> str:
+    """A "billion laughs": 9 levels of 9 aliases, 9**9 (387 million) strings once expanded."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    # (text, what the one error says)
+    "alias-bomb": (_alias_bomb(), "YAML aliases expand to more than 20000 values"),
+    "deep-list": ("tracking: " + "[" * 2000 + "]" * 2000 + "\n",
+                  "bad.yaml:1:42: YAML nested deeper than 32 levels"),
+    "int-400": ("tracking:\n  detect_every: " + "9" * 400 + "\n",
+                "bad.yaml:2: tracking.detect_every: an integer of 400 digits is too large for "
+                "any setting (at most 20 digits)"),
+    "int-5000": ("tracking:\n  detect_every: " + "9" * 5000 + "\n",
+                 "bad.yaml:2: tracking.detect_every: an integer of 5000 digits is too large"),
+    "int-400-in-a-float": ("cameras:\n  - {name: a, source: '0', fps_limit: " + "9" * 400 + "}\n",
+                           "bad.yaml:2: cameras[0].fps_limit: an integer of 400 digits"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_file_is_one_clear_error_fast_exit_78(tmp_path, case):
+    """An alias bomb (a few hundred bytes that took over 4 GB and 300 s), a 2000-level nested
+    list (9 s, and named an alias that does not exist), integers of 400 and 5000 digits (a
+    traceback): each one is refused at once, in bounded memory, with one error naming where,
+    by ``check-config`` and by ``edged run``, both with exit status 78 (EX_CONFIG)."""
+    text, expected = HOSTILE[case]
+    assert len(text.encode()) < 12_000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    for args in (["check-config", str(bad)], ["run", "--config", str(bad)]):
+        r = edged(*args)
+        assert r.returncode == 78, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "alias" not in r.stderr.replace(
+            "YAML aliases", ""), r.stderr[-2000:]
+        errors = [ln for ln in r.stderr.splitlines() if re.search(r"bad\.yaml:\d", ln)]
+        assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+
+
+def test_values_the_constructor_cannot_convert_name_their_key():
+    assert errors_of("device:\n  name: 2001-13-45\n") == [
+        "cfg.yaml:2: device.name: cannot read '2001-13-45': month must be in 1..12"]
+    assert errors_of("models:\n  detector: {type: cpu, num_threads: -" + "1" * 30 + "}\n") == [
+        "cfg.yaml:2: models.detector.num_threads: an integer of 30 digits is too large for any "
+        "setting (at most 20 digits)"]
+    # an alias that expands deeper than the bound, each level through another alias
+    text = "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 40))
+    errs = errors_of(text)
+    assert len(errs) == 1 and "YAML nested deeper than 32 levels once its aliases are expanded" \
+        in errs[0], errs
+    # what a real file does with anchors (a merge key shared by two cameras) still works
+    cfg = config.loads("""
+cameras:
+  - &first {name: a, source: "rtsp://h/1", fps_limit: 5}
+  - {<<: *first, name: b, source: "rtsp://h/2"}
+""")
+    assert [(c.name, c.fps_limit) for c in cfg.cameras] == [("a", 5.0), ("b", 5.0)]
+
+
+def test_config_file_errors_exit_78(tmp_path):
+    """No such file, a directory, an unreadable or oversized file, and a camera reading a
+    video file that does not exist: ``edged run`` exits 78 and says what and where."""
+    clip = tmp_path / "videos" / "door.mp4"
+    missing_clip = tmp_path / "missing-clip.yaml"
+    missing_clip.write_text(f"cameras:\n  - {{name: door, source: {clip}}}\n"
+                            "mqtt: {enabled: false}\n")
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (config.MAX_BYTES + 10) + "\n")
+    cases = [
+        (tmp_path / "nope.yaml", f"{tmp_path / 'nope.yaml'}: no such file"),
+        (tmp_path, "is a directory, not a configuration file"),
+        (huge, f"larger than {config.MAX_BYTES} bytes"),
+        (missing_clip, f"{missing_clip}:2: cameras[0].source: video file '{clip}' does not exist"),
+    ]
+    for path, expected in cases:
+        r = edged("run", "--config", str(path))
+        assert r.returncode == 78, (path, r.stderr[-2000:])
+        assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        r = edged("check-config", str(path))
+        assert r.returncode == 78 and expected in r.stderr, (path, r.stderr[-2000:])
+    clip.parent.mkdir()
+    clip.write_bytes(b"")  # the file exists: the configuration is valid
+    r = edged("check-config", str(missing_clip))
+    assert r.returncode == 0 and r.stdout.strip() == f"{missing_clip}: OK", r.stderr
+
+
+def test_unreadable_config_file_exits_78(tmp_path):
+    import os
+
+    p = tmp_path / "secret.yaml"
+    p.write_text("device: {name: x}\n")
+    p.chmod(0)
+    drop = [] if os.geteuid() else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if drop:  # root reads any file: run the child as nobody
+        tmp_path.chmod(0o755)
+    r = subprocess.run(drop + [EDGED_EXE, "run", "--config", str(p)], capture_output=True,
+                       text=True, timeout=60, preexec_fn=_bounded)
+    assert r.returncode == 78, r.stderr[-2000:]
+    assert f"{p}: cannot read: [Errno 13] Permission denied" in r.stderr, r.stderr[-2000:]
+
+
+def test_empty_file_says_which_defaults_it_runs_on(tmp_path):
+    """An empty file is valid (every key has its default), and check-config says what that
+    means outside the board: the camera it reads and the broker it publishes to."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n")
+    r = edged("check-config", str(empty))
+    assert r.returncode == 0 and r.stdout.strip() == f"{empty}: OK"
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note: ")]
+    assert notes == [
+        f"note: {empty}: cameras: not set; edged reads the default camera cam0 on /dev/video0",
+        f"note: {empty}: mqtt.host, mqtt.port: not set; edged publishes to the default broker "
+        f"127.0.0.1:1883"], r.stderr
+    set_ = tmp_path / "set.yaml"
+    set_.write_text("cameras: [{name: a, source: '0'}]\nmqtt: {host: broker.lan}\n")
+    r = edged("check-config", str(set_))
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
+    assert config.default_notes({"mqtt": {"enabled": False}, "cameras": [{}]}) == []
+
+
+def test_v4l2_settings_on_another_kind_of_source_are_a_warning(tmp_path):
+    """width, height and fourcc only reach a V4L2 device: set on an RTSP, file or GStreamer
+    camera they do nothing, which check-config says (the file stays valid, exit 0)."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    p = tmp_path / "cams.yaml"
+    p.write_text(f"""cameras:
+  - {{name: ip, source: "rtsp://cam.lan/s", width: 1280, fourcc: MJPG}}
+  - {{name: usb, source: /dev/video0, width: 1280, height: 720, fourcc: MJPG}}
+  - {{name: clip, source: {clip}, height: 720, width: 0}}
+""")
+    r = edged("check-config", str(p))
+    assert r.returncode == 0 and r.stdout.strip() == f"{p}: OK", r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "V4L2" in ln]
+    assert warnings == [
+        f"warning: {p}:2: cameras[0].width: applies to V4L2 devices only; this url source "
+        f"ignores it",
+        f"warning: {p}:2: cameras[0].fourcc: applies to V4L2 devices only; this url source "
+        f"ignores it",
+        f"warning: {p}:4: cameras[2].height: applies to V4L2 devices only; this file source "
+        f"ignores it"], r.stderr
+    assert config.parse(p.read_text(), "c.yaml").warnings == [
+        w.replace(f"warning: {p}", "c.yaml") for w in warnings]

@@ -219,8 +219,9 @@ def test_startup_failure_is_clear(tmp_path):
 
     d = run_to_exit(cameras=[{"name": "c", "source": str(tmp_path / "missing.mp4")}],
                     mqtt={"enabled": False}, logging={"target": "stderr"})
-    assert d.proc.returncode == 1
-    assert f"edged run: camera c: video file {tmp_path / 'missing.mp4'} does not exist" in d.log()
+    assert d.proc.returncode == 78  # a configuration error (EX_CONFIG): not restarted
+    assert (f"cameras[0].source: video file '{tmp_path / 'missing.mp4'}' does not exist"
+            in d.log())
     d = run_to_exit(cameras=[{"name": "c", "source": "/dev/video9"}],
                     paths={"models_dir": str(tmp_path / "no-models"),
                            "state_dir": str(tmp_path / "state")},
@@ -274,6 +275,6 @@ def test_unusable_mqtt_password_file_is_a_clear_startup_error(tmp_path):
         d.proc.wait(60)
     finally:
         d.kill()
-    assert d.proc.returncode == 1
+    assert d.proc.returncode == 78  # a setting that can never work (EX_CONFIG)
     assert f"edged run: mqtt.password_file: cannot read '{tmp_path / 'nope'}'" in d.log()
     assert "Traceback" not in d.log()

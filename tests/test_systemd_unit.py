@@ -85,3 +85,14 @@ def test_security_exposure_matches_the_docs(unit_copy):
     assert float(score) <= 2.0
     doc = (ROOT / "docs" / "systemd.md").read_text()
     assert f"exposure level {score}" in doc, f"docs/systemd.md should state the score {score}"
+
+
+def test_a_bad_configuration_is_not_restarted():
+    """edged exits 78 (EX_CONFIG) on every configuration error; the unit names that status in
+    RestartPreventExitStatus, so systemd stops there instead of restarting five times."""
+    from edged.commands.run import EX_CONFIG
+
+    d = directives()
+    assert EX_CONFIG == 78
+    assert d.get(("Service", "RestartPreventExitStatus")) == [str(EX_CONFIG)]
+    assert d[("Service", "Restart")] == ["on-failure"]  # (which would restart on 78 otherwise)

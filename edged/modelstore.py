@@ -6,11 +6,13 @@ bytes, never from the path again.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import posixpath
+import secrets
 import shutil
 import subprocess
 import sys
@@ -54,23 +56,85 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path, data, mode: int = 0o644) -> None:
+#: free space that a file the daemon keeps for itself (a snapshot, a copy of a model) must
+#: leave on its filesystem besides itself, at the least: room for the event spool
+#: (``mqtt.spool.max_bytes``, 64 MiB by default) and the status files
+MIN_FREE_MARGIN = 64 * 1024 * 1024
+
+
+class NoRoom(OSError):
+    """Not enough free space for a kept file and its margin (errno ENOSPC); ``strerror`` says
+    how much is free and how much is needed."""
+
+
+def room_margin(size: int) -> int:
+    """The free space a kept file of ``size`` bytes must leave beside itself: the larger of
+    :data:`MIN_FREE_MARGIN` and its own size (a second copy, as during a swap)."""
+    return max(MIN_FREE_MARGIN, int(size))
+
+
+def free_bytes(directory) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``directory``."""
+    st = os.statvfs(str(directory))
+    return st.f_bavail * st.f_frsize
+
+
+def check_room(directory, size: int, what: str = "the file") -> None:
+    """Raise :class:`NoRoom` unless ``directory`` has room for ``size`` bytes plus
+    :func:`room_margin`; call it before writing a file the daemon keeps (os.statvfs)."""
+    need = int(size) + room_margin(size)
+    free = free_bytes(directory)
+    if free < need:
+        raise NoRoom(errno.ENOSPC, f"not enough free space in {directory} for {what} "
+                                   f"({human_size(size)}): {human_size(free)} free, {human_size(need)} needed "
+                                   f"with the margin left for the event spool")
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes in words: ``512 bytes``, ``16.0 KiB``, ``64.0 MiB``, ``1.5 GiB``."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+
+
+def _create_temp(path: Path, mode: int) -> tuple:
+    """A new hidden temporary file beside ``path``, created with ``mode`` less the umask (by
+    the kernel, as any file): ``(fd, tmp_path)``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(str(tmp), flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
+def atomic_write(path, data, mode: int = 0o644, room_for: Optional[int] = None) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
 
     ``data`` is bytes-like, or an iterable of bytes-like chunks (streamed, never joined).
-    Temporary file in the same directory, fsync, rename, fsync of the directory.
+    Temporary file in the same directory, fsync, rename, fsync of the directory; on any
+    failure (a full disk) the temporary file is removed, so nothing partial is left.
+    The file gets ``mode`` less the process umask: a stricter umask is honoured, never
+    loosened.  With ``room_for`` (the size to be written), :func:`check_room` first: a file
+    the daemon keeps for itself is written only when it fits with the margin.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if room_for is not None:
+        check_room(path.parent, room_for, str(path.name))
     chunks = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = _create_temp(path, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

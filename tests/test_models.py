@@ -1,6 +1,7 @@
 """Model install and verification on the real model files (issue: foundation)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -241,3 +242,62 @@ def test_npm_tarball_members_cannot_write_outside(tmp_path, monkeypatch):
     assert (root / "models" / "a.tflite").read_bytes() == b"model bytes"
     assert not outside.exists() and not (tmp_path / "escaped.txt").exists()
     assert not (work / "escaped.txt").exists() and not (root / "link").exists()
+
+
+# --------------------------------------------------------------------------- atomic_write
+
+
+def _mode(p) -> int:
+    return os.stat(p).st_mode & 0o777
+
+
+def test_atomic_write_honours_a_stricter_umask(tmp_path):
+    """The file gets the mode asked less the umask (it was chmod'ed 0644 whatever the umask:
+    a gallery of faces readable by every user)."""
+    old = os.umask(0o027)
+    try:
+        modelstore.atomic_write(tmp_path / "a", b"x")
+        modelstore.atomic_write(tmp_path / "b", b"x", mode=0o600)
+        os.umask(0o077)
+        modelstore.atomic_write(tmp_path / "c", [b"x", b"y"], mode=0o640)
+        os.umask(0o022)
+        modelstore.atomic_write(tmp_path / "d", b"x", mode=0o640)  # never loosened
+    finally:
+        os.umask(old)
+    assert [_mode(tmp_path / n) for n in "abcd"] == [0o640, 0o600, 0o600, 0o640]
+    assert sorted(p.name for p in tmp_path.iterdir()) == list("abcd")  # no temporary left
+
+
+def test_atomic_write_on_a_full_filesystem_leaves_nothing_partial(tmp_path):
+    from gallery_craft import tmpfs
+
+    with tmpfs(tmp_path / "small", "1m") as d:
+        modelstore.atomic_write(d / "kept", b"old")
+        with pytest.raises(OSError) as ei:
+            modelstore.atomic_write(d / "kept", iter([b"\1" * (1 << 19)] * 4))  # 2 MiB
+        assert ei.value.errno == errno.ENOSPC
+        assert [p.name for p in d.iterdir()] == ["kept"]  # no partial temporary file
+        assert (d / "kept").read_bytes() == b"old"  # the old file as it was
+
+
+def test_kept_files_are_written_only_with_room_to_spare(tmp_path):
+    """check_room (os.statvfs) asks for the file and a margin for the event spool:
+    64 MiB, or the file's own size when larger."""
+    from gallery_craft import tmpfs
+
+    assert modelstore.room_margin(10) == modelstore.MIN_FREE_MARGIN == 64 << 20
+    assert modelstore.room_margin(1 << 30) == 1 << 30
+    with tmpfs(tmp_path / "small", "8m") as d:
+        assert 7 << 20 < modelstore.free_bytes(d) <= 8 << 20
+        with pytest.raises(modelstore.NoRoom) as ei:
+            modelstore.check_room(d, 1000, "a copy")
+        assert ei.value.errno == errno.ENOSPC
+        assert ei.value.strerror.startswith(f"not enough free space in {d} for a copy "
+                                            f"(1000 bytes): 8.0 MiB free, 64.0 MiB needed")
+        with pytest.raises(modelstore.NoRoom):
+            modelstore.atomic_write(d / "kept", b"x" * 1000, room_for=1000)
+        assert list(d.iterdir()) == []
+    with tmpfs(tmp_path / "big", "80m") as d:
+        modelstore.check_room(d, 1 << 20)
+        modelstore.atomic_write(d / "kept", b"x" * 1000, room_for=1000)
+        assert (d / "kept").stat().st_size == 1000

@@ -14,6 +14,9 @@ Availability follows ``<prefix>/availability`` (``online``; ``offline`` and ``st
 mean unavailable).  A person removed from the gallery is removed from Home Assistant by
 republishing the device with that component reduced to its ``platform`` key; what was
 announced is kept in ``<state_dir>/hass-discovery.json``, so that this holds across restarts.
+The publisher clears that person's retained topic only after the broker acknowledged the
+removal (an empty payload on a live entity is a template error in Home Assistant).
+Device-based discovery needs Home Assistant 2024.11 or newer.
 """
 from __future__ import annotations
 

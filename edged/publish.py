@@ -22,6 +22,9 @@ arrives.  paho itself resends the unacknowledged ones after a reconnect; new eve
 those are acknowledged, so the order per camera holds.  Events still in the spool when edged
 starts (after a crash or a power cut) are sent first.  A subscriber may see an event twice
 (the PUBACK was lost): both copies carry the same ``id``.
+
+A clean :meth:`Publisher.stop` leaves no stale retained state: everyone absent, the status
+``state: stopped`` with its cameras not connected, then availability ``stopped``.
 """
 from __future__ import annotations
 

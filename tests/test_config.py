@@ -368,9 +368,8 @@ def test_unreadable_config_file_exits_78(tmp_path):
     p = tmp_path / "secret.yaml"
     p.write_text("device: {name: x}\n")
     p.chmod(0)
+    # root reads any file: run the child as nobody
     drop = [] if os.geteuid() else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    if drop:  # root reads any file: run the child as nobody
-        tmp_path.chmod(0o755)
     r = subprocess.run(drop + [EDGED_EXE, "run", "--config", str(p)], capture_output=True,
                        text=True, timeout=60, preexec_fn=_bounded)
     assert r.returncode == 78, r.stderr[-2000:]

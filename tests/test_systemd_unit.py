@@ -96,3 +96,11 @@ def test_a_bad_configuration_is_not_restarted():
     assert EX_CONFIG == 78
     assert d.get(("Service", "RestartPreventExitStatus")) == [str(EX_CONFIG)]
     assert d[("Service", "Restart")] == ["on-failure"]  # (which would restart on 78 otherwise)
+    from edged import config
+
+    doc = (ROOT / "docs" / "systemd.md").read_text()
+    exits = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    assert "`RestartPreventExitStatus=78`" in exits
+    for bound in (f"over {config.MAX_BYTES >> 20} MiB", f"over {config.MAX_DEPTH} levels",
+                  f"past {config.MAX_VALUES} values", f"longer than {config.MAX_INT_DIGITS} digits"):
+        assert bound in exits, bound

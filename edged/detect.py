@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -40,7 +39,7 @@ import cv2
 import numpy as np
 
 from edged.imageio import MAX_SIDE, ImageError, to_bgr8
-from edged.tflitefile import tensor_shapes
+from edged.tflitefile import pnet_model_for  # noqa: F401  (re-exported: edged.ota uses it)
 from edged.types import Face
 
 log = logging.getLogger("edged.detect")
@@ -50,6 +49,8 @@ __all__ = ["DetectionSettings", "MtcnnDetector", "BatchRunner", "nms", "soft_nms
 
 PNET_CACHE = 24  # at most this many P-Net interpreters kept, one per pyramid level size
 PNET_CACHE_PIXELS = 2_000_000  # ... and at most this many input pixels over all of them
+RNET_MAX_BATCH = 16  # the largest R-Net batch (one interpreter per power of two up to it)
+ONET_MAX_BATCH = 4  # ... and O-Net's
 _NORM_SCALE = np.float32(1.0 / 128.0)
 _NORM_SHIFT = np.float32(127.5)
 
@@ -229,6 +230,18 @@ def pyramid_scales(height: int, width: int, min_face: int, factor: float) -> Lis
     return scales
 
 
+def pnet_levels(height: int, width: int, min_face: int, factor: float) -> list:
+    """``[(scale, P-Net input shape)]`` of the pyramid of a ``height`` x ``width`` frame; the
+    shape is ``[1, W, H, 3]`` (width and height swapped, as P-Net wants them)."""
+    levels = []
+    for scale in pyramid_scales(height, width, min_face, factor):
+        ws, hs = int(math.ceil(width * scale)), int(math.ceil(height * scale))
+        if ws < 12 or hs < 12:
+            break
+        levels.append((scale, (1, ws, hs, 3)))
+    return levels
+
+
 # ---------------------------------------------------------------------------- runners
 
 
@@ -292,42 +305,6 @@ class BatchRunner:
         if len(outs) == 1:
             return outs[0]
         return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
-
-
-def pnet_model_for(model: bytes, shape) -> bytes:
-    """A copy of the P-Net model declared for input ``shape`` ([1, W, H, 3], swapped).
-
-    P-Net is published for a 1280 x 960 input, and its activation tensors are declared at the
-    matching sizes; XNNPACK plans (and keeps) memory for the declared sizes when an interpreter
-    is opened, about 150 MB each, whatever size it is resized to later.  So the input and every
-    activation's declared shape are rewritten in place (int32 values only, same rank) to what
-    the level needs: 3 x 3 valid convolution (-2), 2 x 2 max-pool with SAME padding (ceil of
-    half), two more 3 x 3 convolutions (-2, -2), then 1 x 1 convolutions.  A shape this misses
-    is only a hint: the interpreter recomputes every shape when it allocates.
-    """
-    buf = bytearray(model)
-    tensors, first = tensor_shapes(buf)
-    pos, rank = tensors[first]
-    if rank != 4 or len(shape) != 4:
-        raise ValueError(f"P-Net input has rank {rank}, asked for shape {tuple(shape)}")
-    declared = struct.unpack_from("<4i", buf, pos)
-
-    def chain(s0: int, s: int) -> dict:
-        half0, half = (s0 - 2 + 1) // 2, (s - 2 + 1) // 2
-        return {s0: s, s0 - 2: s - 2, half0: half, half0 - 2: half - 2, half0 - 4: half - 4}
-
-    maps = {1: chain(declared[1], int(shape[1])), 2: chain(declared[2], int(shape[2]))}
-    struct.pack_into("<4i", buf, pos, *(int(v) for v in shape))
-    for i, (p, r) in enumerate(tensors):
-        if i == first or r != 4:
-            continue
-        dims = list(struct.unpack_from("<4i", buf, p))
-        if dims[0] != 1:
-            continue  # weights, not activations
-        new = [dims[0], maps[1].get(dims[1], dims[1]), maps[2].get(dims[2], dims[2]), dims[3]]
-        if new != dims:
-            struct.pack_into("<4i", buf, p, *new)
-    return bytes(buf)
 
 
 class NonFiniteOutput(RuntimeError):
@@ -461,8 +438,10 @@ class MtcnnDetector:
         first = self._open_pnet((1, 24, 24, 3))  # checks the model and the accelerator now
         self.delegate = first.delegate
         self.fallback_reason = first.fallback_reason
-        self.rnet = BatchRunner(rnet, accel, name="rnet", sha256=self.sha256s["rnet"], max_batch=16)
-        self.onet = BatchRunner(onet, accel, name="onet", sha256=self.sha256s["onet"], max_batch=4)
+        self.rnet = BatchRunner(rnet, accel, name="rnet", sha256=self.sha256s["rnet"],
+                                max_batch=RNET_MAX_BATCH)
+        self.onet = BatchRunner(onet, accel, name="onet", sha256=self.sha256s["onet"],
+                                max_batch=ONET_MAX_BATCH)
 
     @classmethod
     def from_models(cls, models_dir=None, settings: Optional[DetectionSettings] = None,
@@ -535,10 +514,7 @@ class MtcnnDetector:
         t_p, nms_level, nms_all = s.thresholds[0], s.nms_thresholds[0], s.nms_thresholds[1]
         found = []
         prev = None
-        for scale in pyramid_scales(H, W, s.min_face, s.scale_factor):
-            ws, hs = int(math.ceil(W * scale)), int(math.ceil(H * scale))
-            if ws < 12 or hs < 12:
-                break
+        for scale, (_, ws, hs, _) in pnet_levels(H, W, s.min_face, s.scale_factor):
             if prev is None:
                 level = img.resize(hs, ws)
             else:
@@ -555,10 +531,10 @@ class MtcnnDetector:
             score = prob[xi, yi]
             r = reg[0, xi, yi, :]
             b = np.empty((xi.size, 9), dtype=np.float64)
-            b[:, 0] = np.fix((2.0 * xi) / scale)
-            b[:, 1] = np.fix((2.0 * yi) / scale)
-            b[:, 2] = np.fix((2.0 * xi + 11.0) / scale)
-            b[:, 3] = np.fix((2.0 * yi + 11.0) / scale)
+            b[:, 0] = np.trunc((2.0 * xi) / scale)
+            b[:, 1] = np.trunc((2.0 * yi) / scale)
+            b[:, 2] = np.trunc((2.0 * xi + 11.0) / scale)
+            b[:, 3] = np.trunc((2.0 * yi + 11.0) / scale)
             b[:, 4] = score
             b[:, 5:9] = r
             keep = nms_union(b[:, :4], b[:, 4], nms_level)
@@ -569,7 +545,7 @@ class MtcnnDetector:
         keep = nms_union(b[:, :4], b[:, 4], nms_all)
         b = b[keep]
         boxes = _regress(b[:, :4], b[:, 5:9], plus_one=False)
-        boxes = np.fix(_square(boxes))
+        boxes = np.trunc(_square(boxes))
         return np.hstack([boxes, b[:, 4:5]])
 
     def _stage_rnet(self, img: "_Octaves", cand: np.ndarray) -> np.ndarray:
@@ -587,7 +563,7 @@ class MtcnnDetector:
         boxes, score, reg = cand[ok, :4], score[ok], reg[ok]
         keep = nms_union(boxes, score, s.nms_thresholds[2])
         boxes = _regress(boxes[keep], reg[keep])
-        boxes = np.fix(_square(boxes))
+        boxes = np.trunc(_square(boxes))
         return np.hstack([boxes, score[keep, None].astype(np.float64)])
 
     def _stage_onet(self, img: "_Octaves", cand: np.ndarray) -> List[Face]:

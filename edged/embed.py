@@ -17,6 +17,7 @@ from edged.detect import BatchRunner
 __all__ = ["Embedder", "EMBEDDING_DIM"]
 
 EMBEDDING_DIM = 192
+MAX_BATCH = 8  # the largest batch (one interpreter per power of two up to it)
 _SCALE = np.float32(1.0 / 128.0)
 _SHIFT = np.float32(127.5)
 
@@ -27,7 +28,7 @@ class Embedder:
     dim: int = EMBEDDING_DIM
     size: int = 112
 
-    def __init__(self, model: bytes, sha256: str, accel=None, max_batch: int = 8):
+    def __init__(self, model: bytes, sha256: str, accel=None, max_batch: int = MAX_BATCH):
         self.sha256 = sha256
         self.runner = BatchRunner(model, accel, name="embedder", sha256=sha256, max_batch=max_batch)
         shape = self.runner.sample_shape

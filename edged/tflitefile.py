@@ -2,8 +2,10 @@
 
 Only the few tables edged needs are walked (Model, SubGraph, Tensor, Operator,
 OperatorCode, Buffer, ReshapeOptions), by their field numbers in TFLite's
-``schema.fbs``.  Used to check that a file is a TFLite model at all, and to rewrite
-MobileFaceNet's baked batch of 2 into a dynamic batch.
+``schema.fbs``.  Used to check that a file is a TFLite model at all, to list the tensors it
+declares and their sizes (the memory check, :mod:`edged.runtime.limits`), to rewrite
+MobileFaceNet's baked batch of 2 into a dynamic batch, and to declare P-Net for one pyramid
+level.
 """
 from __future__ import annotations
 
@@ -136,6 +138,53 @@ def tensor_shapes(buf) -> tuple:
         raise ModelFormatError(f"not a readable TFLite model: {exc}") from exc
 
 
+#: bytes per element of each TensorType (schema.fbs); a type not listed counts 8 bytes
+_TYPE_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 8: 8, 9: 1, 10: 8, 11: 16, 12: 8,
+               15: 4, 16: 2, 17: 1, 18: 2}
+
+
+@dataclass
+class TensorInfo:
+    """One tensor as the file declares it."""
+
+    index: int
+    name: str
+    shape: tuple  # declared dims (-1: dynamic)
+    itemsize: int  # bytes per element
+    constant: bool  # its data is in the file (weights, shape constants)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the declared shape takes (a dynamic dim counts 1)."""
+        n = self.itemsize
+        for d in self.shape:
+            n *= max(int(d), 1)
+        return n
+
+
+def tensor_infos(buf) -> list:
+    """:class:`TensorInfo` for every tensor of every subgraph, in file order."""
+    model = _root(buf)
+    try:
+        buffers = _table_vector(model, 4)  # Model.buffers
+        out = []
+        for sg in _table_vector(model, 2):
+            for i, t in enumerate(_table_vector(sg, 0)):
+                start, rank = _vector(t, 0)  # Tensor.shape
+                shape = struct.unpack_from(f"<{rank}i", buf, start) if rank else ()
+                kind = _scalar(t, 1, flatbuffers.number_types.Int8Flags, 0)
+                b = _scalar(t, 2, flatbuffers.number_types.Uint32Flags, 0)
+                const = 0 < b < len(buffers) and (
+                    _vector(buffers[b], 0)[1] > 0  # Buffer.data, or Buffer.size (large models)
+                    or _scalar(buffers[b], 2, flatbuffers.number_types.Uint64Flags, 0) > 0)
+                name_off = _field(t, 3)
+                name = t.String(t.Pos + name_off).decode("utf-8", "replace") if name_off else ""
+                out.append(TensorInfo(i, name, tuple(shape), _TYPE_BYTES.get(kind, 8), const))
+        return out
+    except _UNREADABLE as exc:
+        raise ModelFormatError(f"not a readable TFLite model: {exc}") from exc
+
+
 def check_model_bytes(buf) -> None:
     """Raise :class:`ModelFormatError` unless ``buf`` parses as a TFLite model."""
     _reshapes(buf)
@@ -161,3 +210,39 @@ def make_batch_dynamic(buf: bytes, batch: int = 2, width: int = 192) -> bytes:
     if not patched:
         raise ModelFormatError(f"no RESHAPE to {list(target)} found: is this the MobileFaceNet model?")
     return bytes(out)
+
+
+def pnet_model_for(model: bytes, shape) -> bytes:
+    """A copy of the P-Net model declared for input ``shape`` ([1, W, H, 3], swapped).
+
+    P-Net is published for a 1280 x 960 input, and its activation tensors are declared at the
+    matching sizes; XNNPACK plans (and keeps) memory for the declared sizes when an interpreter
+    is opened, about 150 MB each, whatever size it is resized to later.  So the input and every
+    activation's declared shape are rewritten in place (int32 values only, same rank) to what
+    the level needs: 3 x 3 valid convolution (-2), 2 x 2 max-pool with SAME padding (ceil of
+    half), two more 3 x 3 convolutions (-2, -2), then 1 x 1 convolutions.  A shape this misses
+    is only a hint: the interpreter recomputes every shape when it allocates.
+    """
+    buf = bytearray(model)
+    tensors, first = tensor_shapes(buf)
+    pos, rank = tensors[first]
+    if rank != 4 or len(shape) != 4:
+        raise ValueError(f"P-Net input has rank {rank}, asked for shape {tuple(shape)}")
+    declared = struct.unpack_from("<4i", buf, pos)
+
+    def chain(s0: int, s: int) -> dict:
+        half0, half = (s0 - 2 + 1) // 2, (s - 2 + 1) // 2
+        return {s0: s, s0 - 2: s - 2, half0: half, half0 - 2: half - 2, half0 - 4: half - 4}
+
+    maps = {1: chain(declared[1], int(shape[1])), 2: chain(declared[2], int(shape[2]))}
+    struct.pack_into("<4i", buf, pos, *(int(v) for v in shape))
+    for i, (p, r) in enumerate(tensors):
+        if i == first or r != 4:
+            continue
+        dims = list(struct.unpack_from("<4i", buf, p))
+        if dims[0] != 1:
+            continue  # weights, not activations
+        new = [dims[0], maps[1].get(dims[1], dims[1]), maps[2].get(dims[2], dims[2]), dims[3]]
+        if new != dims:
+            struct.pack_into("<4i", buf, p, *new)
+    return bytes(buf)

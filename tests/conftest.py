@@ -66,6 +66,18 @@ def public_clip(public_photos) -> Path:
 
 
 @pytest.fixture(scope="session")
+def public_head_clip(public_photos) -> Path:
+    """A 20 fps 512x512 H.264 clip of one talking head (Barack Obama) with no cut, 80 frames
+    that loop without a jump."""
+    try:
+        return publicdata.make_clip(publicdata.cache_dir() / "clips" / "head-v1.mp4",
+                                    segments=publicdata.HEAD, size=(512, 512), fps=20,
+                                    photos=public_photos)
+    except publicdata.DataError as exc:
+        pytest.fail(f"core tier: {exc}")
+
+
+@pytest.fixture(scope="session")
 def public_enrol(public_photos, tmp_path_factory) -> Path:
     """An enrolment folder: Barack_Obama (obama2.jpg, obama3.jpg; not the clip's photo) and
     Joe_Biden (biden.jpg, the only public photo of him, seen in the clip under another crop)."""

@@ -140,6 +140,14 @@ VISITS: Tuple[Segment, ...] = (
 )
 
 
+# One talking head throughout, no cut: Barack Obama zooming in and out again, so that a clip
+# played in a loop never jumps (someone is always being tracked).
+HEAD: Tuple[Segment, ...] = (
+    ("obama.jpg", 40, 1.0, 1.2, 0.0, 0.27),
+    ("obama.jpg", 40, 1.2, 1.0, 0.0, 0.27),
+)
+
+
 def _frames(photos: Path, segments: Iterable[Segment], size: Tuple[int, int]):
     import cv2
     import numpy as np

@@ -1,4 +1,4 @@
-"""A live stream over loopback (ffmpeg serving MPEG-TS over TCP from a real clip).
+"""A live stream over loopback (ffmpeg serving MPEG-TS over TCP from a clip of real photos).
 
 - The server is killed and restarted: edged logs the outage, keeps reconnecting with backoff,
   and goes on with the new stream; no crash.
@@ -16,9 +16,10 @@ import pytest
 
 from edged_daemon_helpers import DaemonProcess, NotifyListener, write_config
 
-CLIP = "videos/facerec_short_hamilton_clip.mp4"
-# one talking head throughout (no cuts): someone is always being tracked
-HEAD = "videos/sadtalker_WDA_AlexandriaOcasioCortez_000.mp4"
+# the public clips of conftest (core tier): two visitors with a cut, and one talking head
+# throughout (no cut: someone is always being tracked)
+CLIP = "public_clip"
+HEAD = "public_head_clip"
 
 
 def free_port() -> int:
@@ -56,11 +57,11 @@ class StreamServer:
 
 
 @pytest.fixture
-def stream(shared_dir, tmp_path):
+def stream(request, tmp_path):
     servers = []
 
     def make(port, clip=CLIP):
-        s = StreamServer(shared_dir / clip, port, tmp_path / "ffmpeg.log").start()
+        s = StreamServer(request.getfixturevalue(clip), port, tmp_path / "ffmpeg.log").start()
         servers.append(s)
         return s
 

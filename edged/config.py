@@ -13,7 +13,13 @@ of the YAML file when the mapping came from one.
 
 A dataclass may add checks that involve several fields with a ``config_errors(self)`` method
 returning ``[(subkey or "", message)]`` (``subkey`` relative to the dataclass), or else a
-``check(self)`` method raising ``ValueError("section.key: message")``.
+``check(self)`` method raising ``ValueError("section.key: message")``; ``config_warnings(self)``
+(same shape) names valid settings that have no effect (:attr:`Document.warnings`).
+
+The YAML is read by a bounded SafeLoader: a file over :data:`MAX_BYTES`, nested deeper than
+:data:`MAX_DEPTH`, whose aliases expand past :data:`MAX_VALUES` values, or with an integer of
+more than :data:`MAX_INT_DIGITS` digits is refused with one error (file, line, key) before
+anything is built, in time and memory proportional to the file.
 
 :func:`defaults_yaml` prints the full default configuration and :func:`reference_markdown` the
 reference table kept in docs/configuration.md (``edged check-config --defaults``,

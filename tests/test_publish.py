@@ -652,3 +652,29 @@ def test_a_clean_stop_leaves_everyone_absent_and_the_status_stopped(broker, pub_
         assert late.json(status)[-1]["state"] == "stopped"
     finally:
         late.close()
+
+
+def test_presence_timing_ignores_wall_clock_steps(broker, pub_factory):
+    """NTP steps the clock of a board without a real-time clock: frame times jump a day
+    forward, then an hour back. Presence still follows the tracks and the monotonic timeout;
+    last_seen stays the frame's wall-clock time."""
+    sub = Subscriber(broker.port, f"{PREFIX}/person/#")
+    p = pub_factory(broker.port, presence_timeout_s=1.0)
+    topic = f"{PREFIX}/person/alice"
+    try:
+        assert sub.wait_for(lambda s: s.json(topic), 10)
+        now = time.time()
+        first = ev("recognized", track=9)
+        first.frame_time = now + 86400.0
+        p.publish_event(first)
+        assert sub.wait_for(lambda s: s.json(topic)[-1]["present"], 10)
+        assert sub.json(topic)[-1]["last_seen"] == iso_utc(now + 86400.0)
+        end = ev("track_ended", track=9, duration=2.0)
+        end.frame_time = now - 3600.0
+        t0 = time.monotonic()
+        p.publish_event(end)
+        assert sub.wait_for(lambda s: not s.json(topic)[-1]["present"], 10)
+        assert time.monotonic() - t0 >= 0.9  # the timeout, on the monotonic clock
+        assert sub.json(topic)[-1]["last_seen"] == iso_utc(now - 3600.0)
+    finally:
+        sub.close()

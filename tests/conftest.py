@@ -66,6 +66,19 @@ def public_clip(public_photos) -> Path:
 
 
 @pytest.fixture(scope="session")
+def public_two_people(public_photos):
+    """One BGR image of two sharp frontal faces: obama.jpg beside the top of biden.jpg."""
+    import cv2
+    import numpy as np
+
+    a = cv2.imread(str(public_photos / "obama.jpg"))
+    b = cv2.imread(str(public_photos / "biden.jpg"))
+    b = b[: b.shape[1] * a.shape[0] // a.shape[1]]  # his upper part, in obama.jpg's aspect
+    b = cv2.resize(b, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(np.hstack([a, b]))
+
+
+@pytest.fixture(scope="session")
 def public_head_clip(public_photos) -> Path:
     """A 20 fps 512x512 H.264 clip of one talking head (Barack Obama) with no cut, 80 frames
     that loop without a jump."""

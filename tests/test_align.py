@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from edged.align import ARCFACE_TEMPLATE, align_face, similarity_transform
-from edged.imageio import load_image
 
 
 def _similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:
@@ -90,12 +89,12 @@ def test_warp_puts_known_landmarks_on_the_template():
     assert big.shape == (224, 224, 3)
 
 
-def test_real_face_is_upright_and_centred(shared_dir, models_dir):
+def test_real_face_is_upright_and_centred(public_two_people, models_dir):
     """On a real tilted face, the aligned eyes are level and at the template's height."""
     from edged.detect import MtcnnDetector
 
     det = MtcnnDetector.from_models(models_dir, accel={"type": "cpu", "num_threads": 1})
-    img = load_image(shared_dir / "faces" / "multi_face" / "facerec_two_people.jpg")
+    img = public_two_people
     face = det.detect(img)[0]
     h, w = img.shape[:2]
     rot = cv2.getRotationMatrix2D(face.center, 30, 1.0)  # tilt the whole photo by 30 degrees

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from edged.align import ARCFACE_TEMPLATE
-from edged.imageio import load_image
 from edged.pipeline import FacePipeline, PipelineSettings
 from edged.quality import QualitySettings, assess, frontal_score, sharpness
 from edged.types import Face
@@ -20,8 +19,8 @@ def pipe(models_dir):
 
 
 @pytest.fixture(scope="module")
-def photo(shared_dir):
-    return load_image(shared_dir / "faces" / "multi_face" / "facerec_two_people.jpg")
+def photo(public_two_people):
+    return public_two_people
 
 
 def test_sharp_faces_pass(pipe, photo):
@@ -78,7 +77,7 @@ def test_small_face_fails_size(models_dir, photo):
     settings = PipelineSettings()
     settings.detection.min_face = 12
     pipe = FacePipeline.from_models(models_dir, settings, accel=ACCEL)
-    small = cv2.resize(photo, None, fx=0.12, fy=0.12, interpolation=cv2.INTER_AREA)  # faces ~18 px
+    small = cv2.resize(photo, None, fx=0.07, fy=0.07, interpolation=cv2.INTER_AREA)  # faces ~18 px
     faces = pipe.process(small)
     assert faces, "small faces are still detected"
     for f in faces:

@@ -252,7 +252,7 @@ class Publisher:
                     p.dirty = True
             parts: dict = {"state": "stopped"}
             if self._status.get("cameras"):
-                parts["cameras"] = {c: {"connected": False, "fps": 0.0}
+                parts["cameras"] = {c: {"connected": False, "fps": None}  # None: no fps
                                     for c in self._status["cameras"]}
             _merge(self._status, parts)
             self._status_due = True

@@ -642,7 +642,7 @@ def test_a_clean_stop_leaves_everyone_absent_and_the_status_stopped(broker, pub_
         last = {t: json.loads(pl) for t, pl in before if pl and t != f"{PREFIX}/availability"}
         assert last[alice]["present"] is False and last[alice]["name"] == "alice"
         assert last[status]["state"] == "stopped"
-        assert last[status]["cameras"]["door"] == {"connected": False, "fps": 0.0, "dropped": 2}
+        assert last[status]["cameras"]["door"] == {"connected": False, "dropped": 2}
     finally:
         sub.close()
     late = Subscriber(broker.port, [alice, status])  # what stays retained

@@ -47,7 +47,8 @@ import numpy as np
 from edged import __version__, config as configmod, modelstore
 from edged.hotswap import SwapHolder
 from edged.capture import Camera, FrameHub, preflight, quiet_opencv
-from edged.logs import fields
+from edged.health import Health
+from edged.logs import Throttle, fields
 from edged.sdnotify import Notifier
 from edged.track import Tracker
 from edged.types import Event
@@ -55,8 +56,11 @@ from edged.types import Event
 log = logging.getLogger("edged.daemon")
 
 STATUS_EVERY_S = 5.0
+STATE_DIR_MODE = 0o750  # paths.state_dir when edged creates it (less a stricter umask)
+HEALTH_EVERY_S = 1.0  # how often the main loop looks at the spool and the status file
 EVENT_QUEUE = 10000
 STATUS_FILE = "status.json"
+STATUS_SLACK = 1024  # room kept in status.json's blocks for a longer document (a full disk)
 #: test hook: append one line per frame tracked ("camera index monotonic") to this file
 FRAME_LOG_ENV = "EDGED_FRAME_LOG"
 
@@ -155,6 +159,9 @@ class Daemon:
         self._status_doc: dict = {}  # what the daemon put in the status (mirrors the publisher)
         self._status_dirty = False
         self._status_lock = threading.Lock()
+        self.health = Health()
+        self._status_file_problem: Optional[str] = None
+        self._status_file_log = Throttle(log)
         self.drop_counts = {"handled": 0, "swapped": 0, "held_back": 0, "rejected": 0,
                             "rolled_back": 0, "unchanged": 0, "waiting": 0}
         self._frame_log = None
@@ -296,7 +303,8 @@ class Daemon:
         cfg = cfg or self.cfg
         return GalleryHolder(Path(cfg.paths.gallery), expect_embedder=embedder_sha256,
                              settings=cfg.match, on_event=None, watch=False,
-                             snapshot_dir=str(Path(cfg.paths.state_dir) / "gallery-snapshots"))
+                             snapshot_dir=str(Path(cfg.paths.state_dir) / "gallery-snapshots"),
+                             max_bytes=cfg.drops.max_bytes)
 
     def make_set(self, changed: dict, gallery_holder=None) -> ServiceSet:
         """A new set: the set in service with the models in ``changed`` (role -> ModelBlob)
@@ -418,7 +426,8 @@ class Daemon:
         parts = {}
         if result in ("rolled_back", "waiting"):
             self.drop_counts[result] += 1
-        elif record.get("trigger") == "drop" and result in self.drop_counts:
+        elif record.get("trigger") in ("drop", "start") and result in self.drop_counts:
+            # (a gallery refused at start is a refused drop too: the file someone put there)
             self.drop_counts[result] += 1
             self.drop_counts["handled"] += 1  # one per drop: its final outcome
         parts["drops"] = dict(self.drop_counts)
@@ -470,15 +479,56 @@ class Daemon:
         return doc
 
     def write_status_file(self) -> None:
-        """``<state_dir>/status.json``, written atomically (``edged status`` reads it)."""
+        """``<state_dir>/status.json``, written atomically (``edged status`` reads it).
+
+        The file is padded with spaces to whole 4 KiB blocks, at least STATUS_SLACK bytes to
+        spare: when the disk is full and the
+        atomic replacement fails, the document is written over the old one in place, in the
+        blocks the file already has (``edged status`` reads again a document caught half
+        written).  Only when both fail is the status file out of date (and the health says
+        so on MQTT)."""
         with self._status_lock:
             self._status_dirty = False
         path = Path(self.cfg.paths.state_dir) / STATUS_FILE
+        data = (json.dumps(self.status_document(), indent=2, default=str) + "\n").encode()
+        size = -(-(len(data) + STATUS_SLACK) // 4096) * 4096  # whole blocks, some to spare
+        data = data[:-1] + b" " * (size - len(data)) + b"\n"
+        why = None
         try:
-            modelstore.atomic_write(path, (json.dumps(self.status_document(), indent=2,
-                                                      default=str) + "\n").encode())
+            modelstore.atomic_write(path, data)
         except OSError as exc:
-            log.warning("cannot write %s: %s", path, exc)
+            why = f"cannot replace {path}: {exc}"
+            try:
+                _write_in_place(path, data)
+                why += " (written in place)"
+            except OSError as exc2:
+                why += f"; nor write it in place: {exc2}"
+        self._status_file_problem = why
+        if why:
+            self._status_file_log.problem(logging.WARNING, "status file: %s", why)
+        else:
+            self._status_file_log.resolved("status file: %s written again", path)
+
+    def check_health(self, force: bool = False) -> None:
+        """Look at what can go wrong while running (the spool's disk, the status file) and
+        publish the health when it changed (or ``force``); the spool tries its disk again (its
+        back-off)."""
+        pub = self.publisher
+        spool = getattr(pub, "spool", None) if pub is not None else None
+        changed = False
+        if spool is not None:
+            spool.retry()
+            changed |= self.health.problem("spool", spool.problem)
+        changed |= self.health.problem("status_file", self._status_file_problem)
+        if changed or force:
+            self.publish_health()
+
+    def publish_health(self) -> None:
+        """The health into the status (MQTT and status.json), and one journal line."""
+        self.update_status(_replace=("problems",), **self.health.document())
+        if self.health.phase == "running":
+            level = logging.WARNING if self.health.state == "degraded" else logging.INFO
+            log.log(level, "health: %s", self.health.describe(), extra=fields(event="health"))
 
     def swap_service(self, new: ServiceSet, record: Optional[dict] = None) -> ServiceSet:
         """Put ``new`` in service between two frames; return the old set.
@@ -544,7 +594,10 @@ class Daemon:
         with self._keep_lock:
             if self.service is not svc:
                 return
-            try:
+            try:  # only when it fits with the margin the spool needs
+                modelstore.check_room(self.cfg.paths.state_dir,
+                                      sum(len(b.data) for b in svc.models.values()),
+                                      "the models in service")
                 save_in_service(self.cfg.paths.state_dir, svc.models)
             except OSError as exc:
                 log.warning("cannot keep the models in service for the next start: %s", exc)
@@ -554,7 +607,9 @@ class Daemon:
         from edged.ota import save_installed_copy
 
         with self._keep_lock:
-            try:
+            try:  # only when it fits with the margin the spool needs
+                modelstore.check_room(self.cfg.paths.state_dir, sum(len(b.data) for b in blobs),
+                                      "a copy of the installed models")
                 save_installed_copy(self.cfg.paths.state_dir, blobs)
             except OSError as exc:
                 log.warning("cannot keep a copy of the installed models: %s", exc)
@@ -593,8 +648,9 @@ class Daemon:
             if why:
                 raise StartupError(why, config=True)
         state = Path(cfg.paths.state_dir)
-        try:
-            state.mkdir(parents=True, exist_ok=True)
+        _warn_if_root()
+        try:  # (galleries are biometric data: not for every user of the machine)
+            state.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
         except OSError as exc:
             raise StartupError(f"paths.state_dir: cannot create {state}: {exc}") from exc
         try:  # the spool, the status file and the kept models and galleries go there
@@ -608,7 +664,6 @@ class Daemon:
         if self.service.installed:  # off the start's path: it writes (and fsyncs) a few MB
             threading.Thread(target=self._keep_installed, args=(list(self.service.installed),),
                              name="keep-installed", daemon=True).start()
-        self._status_doc = {}
         g = self.service.gallery.current
         log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people, %s)",
                  time.monotonic() - t0, self.service.versions["embedder"][:12],
@@ -622,11 +677,16 @@ class Daemon:
         except (ValueError, OSError) as exc:  # a setting that can never work (names the key)
             self.service.gallery.stop()
             raise StartupError(str(exc), config=isinstance(exc, ValueError)) from exc
-        self.update_status(versions=self.service.versions,
-                           accelerators=self.service.accelerators,
-                           cameras={c.name: {"connected": False} for c in cfg.cameras},
-                           config=str(self.config_path) if self.config_path else None,
-                           drops=dict(self.drop_counts), state_dir=str(state))
+        # the whole first status in one update, with what the start reported so far (a
+        # gallery refused): the first status retained has all its parts
+        with self._status_lock:
+            first = dict(self._status_doc)
+        first.update(versions=self.service.versions, accelerators=self.service.accelerators,
+                     cameras={c.name: {"connected": False} for c in cfg.cameras},
+                     config=str(self.config_path) if self.config_path else None,
+                     drops=dict(self.drop_counts), state_dir=str(state),
+                     drop_dir=self._drop_dir(cfg), **self.health.document())
+        self.update_status(_replace=tuple(first), **first)
         self.publisher.start()
         for cs in cfg.cameras:
             self._add_camera(cs)
@@ -651,6 +711,8 @@ class Daemon:
             self._spawn(f"detect-{i}", lambda i=i: self._detect_loop(i))
         self._start_drops(since=getattr(self, "_loaded_since", None), restore=True)
         self.ready = True
+        self.health.phase = "running"
+        self.check_health(force=True)
         self.status_text = self._status_line()
         self.notifier.ready(self.status_text)
         log.info("edged %s ready: device %s, %d camera(s)", __version__, self.device,
@@ -1056,14 +1118,9 @@ class Daemon:
         """The main loop until SIGTERM (or, with exit_when_done, until every file ended)."""
         wd = self.notifier.watchdog_interval()
         ping_every = wd / 2.0 if wd else None
-        last_ping = time.monotonic()
-        last_progress = self.progress
-        last_status = 0.0
-        last_stats = time.monotonic()
-        stats_every = float(getattr(self.cfg.mqtt, "stats_interval_s", 30.0))
+        self.health.progressed(self.progress)
         try:
-            self._main_loop(ping_every, last_ping, last_progress, last_status, last_stats,
-                            stats_every)
+            self._main_loop(ping_every)
         except Exception:  # always end in stop(): the spool flushed, STOPPING sent
             log.exception("main loop failed; stopping")
             self.stop()
@@ -1073,8 +1130,10 @@ class Daemon:
             raise
         return self.stop()
 
-    def _main_loop(self, ping_every, last_ping, last_progress, last_status, last_stats,
-                   stats_every) -> None:
+    def _main_loop(self, ping_every) -> None:
+        last_ping = last_health = last_stats = time.monotonic()
+        last_status = 0.0
+        stats_every = float(getattr(self.cfg.mqtt, "stats_interval_s", 30.0))
         while not self._stop.wait(0.1):
             now = time.monotonic()
             if self._reload.is_set():
@@ -1083,10 +1142,12 @@ class Daemon:
             for cam in self.cameras.values():
                 cam.check()
             if ping_every and now - last_ping >= ping_every:
-                if self.progress != last_progress:
+                if self.health.progressed(self.progress):
                     self.notifier.watchdog()
-                    last_progress = self.progress
                 last_ping = now
+            if now - last_health >= HEALTH_EVERY_S:
+                last_health = now
+                self.check_health()
             if now - last_status >= STATUS_EVERY_S:
                 last_status = now
                 self.status_text = self._status_line()
@@ -1117,10 +1178,8 @@ class Daemon:
         done = threading.Event()
 
         def ping():
-            last = self.progress
             while not done.wait(ping_every):
-                if self.progress != last:
-                    last = self.progress
+                if self.health.progressed(self.progress):
                     self.notifier.watchdog()
 
         t = threading.Thread(target=ping, name="reload-watchdog", daemon=True)
@@ -1166,10 +1225,12 @@ class Daemon:
         for t in self._threads:
             if t.name == "events":
                 t.join(timeout)
+        self.health.phase = "stopped"
+        if self.service is not None:  # before the publisher's last (retained) status
+            self.update_status(_replace=("cameras", "problems"), **self.stopped_status())
         if self.publisher is not None:
             self.publisher.stop(clean=True)
         if self.service is not None:
-            self.update_status(stopped=True)
             self.write_status_file()
             self.models_holder.stop(close=True)
         alive = [t.name for t in threading.enumerate()
@@ -1279,6 +1340,17 @@ class Daemon:
             out[name] = st
         return out
 
+    def stopped_status(self) -> dict:
+        """The status parts that say the daemon stopped: no camera connected, no fps."""
+        from edged.publish import iso_utc
+
+        cams = {}
+        for name, cam in self.cameras.items():
+            st = {k: v for k, v in cam.status().items() if v is not None}
+            cams[name] = dict(st, connected=False, stopped=True)
+        return dict(self.health.document(), stopped=True, stopped_at=iso_utc(time.time()),
+                    cameras=cams)
+
     def _status_line(self) -> str:
         parts = []
         now = time.monotonic()
@@ -1298,6 +1370,8 @@ class Daemon:
             parts.append("no event yet")
         if self.publisher is not None and self.publisher.enabled:
             parts.append("mqtt " + ("up" if self.publisher.connected else "down"))
+        if self.health.state == "degraded":
+            parts.insert(0, self.health.describe())
         return "; ".join(parts)
 
     def _read_rate(self, name: str, now: float) -> float:
@@ -1333,6 +1407,27 @@ class Daemon:
             "cpu_percent": self._cpu_percent(now),
             "rss_mb": _rss_mb(),
         }
+
+
+def _warn_if_root() -> None:
+    """Once per process: edged does not need root (the unit runs it as the edged user)."""
+    if os.geteuid() == 0 and not getattr(_warn_if_root, "said", False):
+        _warn_if_root.said = True
+        log.warning("running as root: edged needs no privileges; run it as its own user "
+                    "(the systemd unit does: User=edged), which keeps the galleries and the "
+                    "state directory out of reach of other services")
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite ``path`` with ``data`` in the blocks it already has (no new space needed):
+    only when ``data`` is not longer than the file."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if len(data) > size:
+            raise OSError(f"{len(data)} bytes do not fit in the {size} the file has")
+        f.write(data + b" " * (size - len(data)))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _set_version(svc: ServiceSet) -> str:

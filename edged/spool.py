@@ -293,7 +293,7 @@ class Spool:
                 return True
             if self._db is None or (not force and time.monotonic() < self._retry_at):
                 return False
-            held = len(self._held)
+            held, acked = len(self._held), len(self._acked)
             try:
                 self._flush_degraded()
             except sqlite3.DatabaseError as e:
@@ -303,7 +303,8 @@ class Spool:
             took = time.monotonic() - (self._throttle.since or time.monotonic())
             self.problem = None
             self._throttle.resolved("spool %s: the disk takes writes again after %.0f s: %d "
-                                    "event(s) held in memory are stored", self.path, took, held)
+                                    "event(s) held in memory stored, %d acknowledged deleted",
+                                    self.path, took, held, acked)
             return True
 
     def _flush_degraded(self) -> None:

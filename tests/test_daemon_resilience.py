@@ -5,6 +5,7 @@ the point (the frames are real: the Hamilton clip through OpenCV)."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -262,3 +263,90 @@ def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, cap
     assert svc.failures >= 3 and "the gallery broke" in caplog.text
     assert "non-finite or zero embeddings" in caplog.text
     assert d.progress < d.frames_done_total
+
+
+def _status_file(tmp_path) -> dict:
+    from edged.commands.status import read_status
+
+    try:
+        return read_status(tmp_path / "state" / "status.json")
+    except FileNotFoundError:
+        return {}
+
+
+def _edged_status(state_dir):
+    import subprocess
+
+    from edged_daemon_helpers import EDGED
+
+    return subprocess.run([EDGED, "status", "--state-dir", str(state_dir)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_clean_stop_says_stopped_everywhere(shared_dir, broker, tmp_path, caplog,
+                                              monkeypatch):
+    """After a clean stop the retained status and status.json say stopped (no camera
+    connected) and ``edged status`` says the daemon is not running, with no fps of its last
+    run; the state directory it created is 0750, and running as root is said once."""
+    import json
+
+    from edged import daemon as daemonmod
+    from edged_daemon_helpers import Subscriber
+
+    monkeypatch.setattr(daemonmod._warn_if_root, "said", False, raising=False)  # (once a process)
+    doc = base_doc(shared_dir, tmp_path, mqtt={"host": "127.0.0.1", "port": broker.port,
+                                               "reconnect_min_s": 0.2},
+                   device={"name": "stopper"})
+    d = fake_daemon(load_doc(tmp_path, doc))
+    with caplog.at_level(logging.WARNING, logger="edged.daemon"):
+        d.start(camera_wait=30)
+    runner = threading.Thread(target=d.run, daemon=True)
+    runner.start()
+    try:
+        assert wait_for(lambda: _status_file(tmp_path).get("cameras", {}).get("cam", {}).get("fps"), 30)
+        assert _status_file(tmp_path)["state"] == "healthy"
+        r = _edged_status(tmp_path / "state")
+        assert r.returncode == 0 and "running" in r.stdout and "health     healthy" in r.stdout
+    finally:
+        d.request_stop()
+        runner.join(30)
+    st = _status_file(tmp_path)
+    assert st["stopped"] is True and st["state"] == "stopped", st
+    assert st["cameras"]["cam"]["connected"] is False and "fps" not in st["cameras"]["cam"]
+    r = _edged_status(tmp_path / "state")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "not running (stopped at" in r.stdout and "fps" not in r.stdout, r.stdout
+    assert "camera cam: not running" in r.stdout and "health     stopped" in r.stdout
+    sub = Subscriber(broker.port, "edged/stopper/status")
+    try:
+        assert wait_for(lambda: sub.messages, 10)
+        retained = json.loads(sub.messages[-1][1])
+    finally:
+        sub.close()
+    assert retained["state"] == "stopped" and retained["stopped"] is True, retained
+    assert retained["cameras"]["cam"]["connected"] is False and retained["versions"]
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o750
+    root = [r for r in caplog.records if "running as root" in r.getMessage()]
+    assert len(root) == (1 if os.geteuid() == 0 else 0)
+
+
+def test_a_gallery_refused_at_start_is_in_the_status_and_counted(shared_dir, models_dir,
+                                                                 tmp_path):
+    """A file at the gallery path that is not a gallery: the start goes on with no gallery,
+    and the refusal is what the status says (last refused drop, drops.rejected), not only a
+    log line."""
+    doc = base_doc(shared_dir, tmp_path)
+    (tmp_path / "g.edgal").write_bytes(b"this is not a gallery at all\n" * 10)
+    d = Daemon(load_doc(tmp_path, doc), models_dir=str(models_dir),
+               notifier=Notifier(address=""))
+    try:
+        d.start(camera_wait=30)
+        st = d.status_document()
+        assert st["drops"]["rejected"] == 1 and st["drops"]["handled"] == 1, st["drops"]
+        assert st["last_rejected_drop"]["file"] == str(tmp_path / "g.edgal")
+        assert st["last_rejected_drop"]["why"]
+        assert st["versions"]["gallery"] is None
+    finally:
+        d.stop()
+    st = _status_file(tmp_path)
+    assert st["drops"]["rejected"] == 1 and st["last_rejected_drop"]["why"]

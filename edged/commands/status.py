@@ -3,6 +3,12 @@
 Reads ``<state_dir>/status.json``, the status document the running daemon writes atomically
 whenever its status changes (the same document it publishes retained on
 ``<prefix>/status``, see docs/mqtt.md), and prints it for a person, or as JSON.
+
+The first line says whether the daemon runs and its health (:mod:`edged.health`: healthy,
+degraded with the problems named, stopped).  A daemon that is not running (stopped cleanly,
+or its pid gone) is said to be so, with no camera state or fps of its last run.  Exit status:
+0 running, 3 not running (as ``systemctl status``), 1 no readable status file, 2 a bad
+configuration.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from pathlib import Path
 
 DEFAULT_CONFIG = "/etc/edged/config.yaml"
 STALE_S = 30.0  # the daemon rewrites the file at least every 5 s while it runs
+NOT_RUNNING = 3
+READ_TRIES = 3  # a status written in place (a full disk) may be read half written
 
 
 def register(sub, common):
@@ -55,26 +63,40 @@ def _short(v) -> str:
     return str(v)[:12] if v else "none"
 
 
-def _running(doc: dict) -> str:
+def liveness(doc: dict) -> tuple:
+    """``(running, text)`` for the daemon whose status document is ``doc``."""
     if doc.get("stopped"):
-        return "stopped"
+        return False, f"not running (stopped at {doc.get('stopped_at') or doc.get('time')})"
     pid = doc.get("pid")
     if pid:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            return "not running (pid %s is gone)" % pid
+            return False, f"not running (pid {pid} is gone: it did not stop cleanly)"
         except (PermissionError, ValueError, OSError):
             pass
     age = _age(doc.get("time", ""))
     if age > STALE_S:
-        return f"no update for {age:.0f} s (is it running?)"
-    return "running"
+        return True, f"no update for {age:.0f} s (is it running?)"
+    return True, "running"
+
+
+def _health(doc: dict, running: bool) -> str:
+    from edged.health import state_of
+
+    state = state_of(doc, running)
+    problems = doc.get("problems") or {}
+    if state != "degraded":
+        return state
+    return "degraded: " + "; ".join(f"{k}: {p.get('why')} (since {p.get('since')})"
+                                    for k, p in sorted(problems.items()))
 
 
 def render(doc: dict) -> str:
+    running, text = liveness(doc)
     lines = [f"device {doc.get('device')}: edged {doc.get('edged_version')}, "
-             f"{_running(doc)}, started {doc.get('started')}, as of {doc.get('time')}"]
+             f"{text}, started {doc.get('started')}, as of {doc.get('time')}",
+             f"  health     {_health(doc, running)}"]
     v = doc.get("versions") or {}
     det = v.get("detector") or {}
     acc = doc.get("accelerators") or {}
@@ -87,6 +109,9 @@ def render(doc: dict) -> str:
         lines.append(f"  held back: embedder {held['embedder']} ({held.get('file')}) since "
                      f"{held.get('since')}, waiting for {held.get('waiting_for')}")
     for name, cam in sorted((doc.get("cameras") or {}).items()):
+        if not running:  # (what its last run saw is no camera's state now)
+            lines.append(f"  camera {name}: not running")
+            continue
         state = "connected" if cam.get("connected") else "not connected"
         fps = cam.get("fps")
         lines.append(f"  camera {name}: {state}" + (f", {fps} fps" if fps is not None else ""))
@@ -106,7 +131,7 @@ def render(doc: dict) -> str:
     if doc.get("drop_dir"):
         lines.append(f"  drop directory: {doc['drop_dir']}")
     mq = doc.get("mqtt") or {}
-    if mq:
+    if mq and running:
         lines.append(f"  mqtt: {'connected' if mq.get('connected') else 'not connected'}"
                      + (f" ({mq['last_error']})" if mq.get("last_error") else ""))
     return "\n".join(lines)
@@ -120,7 +145,7 @@ def cmd_status(args) -> int:
         return 2
     path = state / "status.json"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_status(path)
     except FileNotFoundError:
         print(f"edged status: {path}: no status file (the daemon has not run with this "
               f"state directory, or cannot write it)", file=sys.stderr)
@@ -132,4 +157,15 @@ def cmd_status(args) -> int:
         print(f"edged status: {path}: not a status document", file=sys.stderr)
         return 1
     print(json.dumps(doc, indent=2) if args.json else render(doc))
-    return 0
+    return 0 if liveness(doc)[0] else NOT_RUNNING
+
+
+def read_status(path: Path):
+    """The status document in ``path``; read again when caught half written."""
+    for attempt in range(READ_TRIES):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            if attempt == READ_TRIES - 1:
+                raise
+            time.sleep(0.05)

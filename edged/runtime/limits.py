@@ -75,10 +75,10 @@ def run_shapes(role: str, frames: Iterable[Sequence[int]] = (), detection=None) 
 
 def camera_frames(daemon) -> List[tuple]:
     """``(width, height)`` of each camera of ``daemon``: its resolution once a frame came,
-    else the configured size, else :data:`DEFAULT_FRAME`."""
-    live = getattr(daemon, "cameras", {}) or {}
+    else the configured size, else :data:`DEFAULT_FRAME` (none without cameras)."""
+    live = getattr(daemon, "cameras", None) or {}
     frames = set()
-    for cs in daemon.cfg.cameras:
+    for cs in getattr(daemon.cfg, "cameras", None) or []:
         cam = live.get(cs.name)
         res = getattr(cam, "resolution", None)
         if res:
@@ -169,7 +169,8 @@ def check_drop(role: str, data: bytes, where, daemon) -> dict:
     limit = getattr(cfg.models, "max_memory_mb", DEFAULT_MAX_MB)
     try:
         return check_model_memory(role, data, where,
-                                  run_shapes(role, camera_frames(daemon), cfg.detection), limit)
+                                  run_shapes(role, camera_frames(daemon),
+                                             getattr(cfg, "detection", None)), limit)
     except ModelMemoryError as exc:
         from edged.ota import DropRejected
 

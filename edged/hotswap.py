@@ -6,10 +6,13 @@ One mechanism for everything edged replaces while it runs (the gallery now, mode
     watches one directory with ``watchdog`` (an ``Observer`` thread and a worker thread, both
     named) and calls ``callback(path)`` once a matching file has *arrived*: renamed into place
     (``moved``), or created / modified and then closed after writing (``closed``), and in every
-    case quiet for ``debounce`` seconds with the same size and mtime on two looks in a row.  A
-    file that is modified but never reported closed (some filesystems, polling observers) is
-    taken once it has been quiet for ``settle`` seconds.  Hidden files and ``*.tmp`` /
-    ``*.part`` (the temporary names of atomic writers) are ignored by the default filter.
+    case quiet for ``debounce`` seconds with the same size and mtime on two looks in a row.
+    Where opens and closes are reported (inotify), a file some process opened is never taken
+    while it is still open, however long the writer pauses.  A file that changed with no open
+    or close reported (other observers; on inotify a hard link, or a writer that opened it
+    before the watch began) is taken once it has been quiet for ``settle`` seconds.  Hidden
+    files and ``*.tmp`` / ``*.part`` (the temporary names of atomic writers) are ignored by the
+    default filter.
 
 :class:`SwapHolder`
     holds the object in service.  ``reload()`` (the SIGHUP entry point, and what the watcher
@@ -56,13 +59,20 @@ def default_filter(path: str) -> bool:
 
 
 class _Pending:
-    __slots__ = ("last", "complete", "sig", "kinds")
+    __slots__ = ("last", "complete", "sig", "kinds", "opens", "changed")
 
     def __init__(self):
         self.last = 0.0
         self.complete = False
         self.sig = None
         self.kinds = []
+        self.opens = 0  # opens reported and not closed yet (a writer may be pausing)
+        self.changed = False  # written, created or renamed in (not only opened and read)
+
+
+#: a file reported open and never reported closed (a close lost in an event queue overflow)
+#: is taken after this long without change all the same
+OPEN_QUIET_S = 600.0
 
 
 class FileWatcher:
@@ -124,9 +134,9 @@ class FileWatcher:
         kind = event.event_type
         if kind == "moved":
             path = os.fsdecode(event.dest_path)
-        elif kind in ("created", "modified", "closed"):
+        elif kind in ("created", "modified", "closed", "opened", "closed_no_write"):
             path = os.fsdecode(event.src_path)
-        else:  # opened, closed_no_write, deleted, attrib: nothing arrived
+        else:  # deleted, attrib: nothing arrived
             return
         path = os.path.abspath(path)
         if os.path.dirname(path) != str(self.directory) or not self.match(path):
@@ -134,12 +144,31 @@ class FileWatcher:
         with self._cond:
             p = self._pending.get(path)
             if p is None:
+                if kind == "closed_no_write":
+                    return  # a reader done with a file that is not changing
                 p = self._pending[path] = _Pending()
+            if kind == "opened":
+                p.opens += 1
+            elif kind in ("closed", "closed_no_write"):
+                p.opens = max(0, p.opens - 1)
+            elif kind == "moved":
+                p.opens = 0  # another file (inode) under that name
             p.last = time.monotonic()
-            p.complete = kind in ("moved", "closed")
+            if kind not in ("opened", "closed_no_write"):
+                p.changed = True
+                p.complete = kind in ("moved", "closed")
             p.sig = None
             p.kinds.append(kind)
             self._cond.notify_all()
+
+    def _quiet_for(self, p: _Pending) -> Optional[float]:
+        """How long ``p`` must stay unchanged before it is taken; None: drop it (only opened
+        and read, never changed)."""
+        if p.opens:
+            return OPEN_QUIET_S  # still open: the close says when it is done
+        if not p.changed:
+            return None
+        return self.debounce if p.complete else self.settle
 
     def _run(self) -> None:
         while True:
@@ -150,7 +179,11 @@ class FileWatcher:
                 now = time.monotonic()
                 wait = None
                 for path, p in list(self._pending.items()):
-                    due = p.last + (self.debounce if p.complete else self.settle)
+                    quiet = self._quiet_for(p)
+                    if quiet is None:
+                        del self._pending[path]
+                        continue
+                    due = p.last + quiet
                     if now < due:
                         wait = due - now if wait is None else min(wait, due - now)
                         continue
@@ -168,7 +201,8 @@ class FileWatcher:
                         wait = self.debounce if wait is None else min(wait, self.debounce)
                         continue
                     del self._pending[path]
-                    ready.append((path, p.kinds))
+                    if p.changed:
+                        ready.append((path, p.kinds))
                 if not ready:
                     self._cond.wait(wait if wait is not None else 1.0)
                     continue

@@ -37,6 +37,8 @@ released.  Every outcome is reported through ``report(record)`` (journal and MQT
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -52,7 +54,7 @@ import numpy as np
 
 from edged import modelstore
 from edged.hotswap import FileWatcher, default_filter
-from edged.tflitefile import ModelFormatError, make_batch_dynamic
+from edged.tflitefile import FILE_IDENTIFIER, ModelFormatError, make_batch_dynamic
 
 log = logging.getLogger("edged.ota")
 
@@ -137,6 +139,7 @@ def prepare_model(role: str, data: bytes, where, expected_sha: Optional[str] = N
     if role not in ROLES:
         raise DropRejected(f"{where}: role {role!r} is not used by the daemon "
                            f"(roles: {', '.join(ROLES)})")
+    check_magic(where, data[:8])
     try:
         if expected_sha:
             modelstore.check_blob(data, expected_sha.lower(), where, expected_size)
@@ -387,23 +390,124 @@ def _arrival_ns(st: os.stat_result) -> int:
 def _older(a: Path, b: Path) -> bool:
     """Whether file ``a`` arrived before file ``b``."""
     try:
-        return _arrival_ns(os.stat(a)) < _arrival_ns(os.stat(b))
+        return _arrival_ns(os.lstat(a)) < _arrival_ns(os.lstat(b))
     except OSError:
         return False
 
 
-def _regular_or_missing(path: Path) -> None:
-    """Refuse anything but a regular file before it is opened: reading a FIFO would block the
-    drop handling (and a reload, which waits for it) until a writer comes."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return  # gone again: the handler says what that means
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if
-                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+# ---------------------------------------------------------------------------- reading drops
+
+#: a drop manifest names a few files: a bigger one is refused unread
+MANIFEST_MAX_BYTES = 1 << 20
+LIMIT_NAME = "drops.max_bytes"
+MANIFEST_LIMIT_NAME = "a drop manifest's limit"
+SYMLINK_REASON = ("is a symbolic link: drops are never followed (copy the file itself into "
+                  "the directory)")
+
+
+def check_file(path: Path, st: os.stat_result, limit: int, limit_name: str = LIMIT_NAME) -> None:
+    """Refuse, from its ``lstat`` (or ``fstat``) alone, what is never read as a drop: a
+    symbolic link (its target may be any file of the system), anything but a regular file
+    (reading a FIFO blocks until a writer comes), and a file over ``limit`` bytes."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        raise DropRejected(f"{path}: {SYMLINK_REASON}")
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
         raise DropRejected(f"{path}: is {kind}, not a regular file")
+    if st.st_size > limit:
+        raise DropRejected(f"{path}: {st.st_size} bytes, more than {limit_name} ({limit}); "
+                           f"refused unread")
+
+
+def open_drop(path: Path, limit: int, limit_name: str = LIMIT_NAME):
+    """The dropped file ``path`` open for reading (binary), after :func:`check_file` on its
+    ``lstat`` (nothing is opened that is not a regular file) and again on the open file; the
+    last path component is never followed (``O_NOFOLLOW``).  Raises DropRejected."""
+    try:
+        check_file(path, os.lstat(path), limit, limit_name)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise DropRejected(f"{path}: {SYMLINK_REASON}") from None
+        raise DropRejected(f"{path}: cannot read: {exc.strerror or exc}") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        check_file(path, os.fstat(fd), limit, limit_name)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def check_magic(where, head: bytes) -> None:
+    """Refuse what does not begin as a TFLite model does; the reason never quotes the bytes
+    (they may be anything, and reasons go onto MQTT)."""
+    if len(head) < 8:
+        raise DropRejected(f"{where}: {len(head)} bytes, too short for a TFLite model"
+                           if head else f"{where}: empty file, not a TFLite model")
+    if bytes(head[4:8]) != FILE_IDENTIFIER:
+        raise DropRejected(f"{where}: not a TFLite model (wrong magic)")
+
+
+def _signature(st: os.stat_result) -> tuple:
+    """Which version of a file this is (another write or rename changes it)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def read_model(path: Path, limit: int) -> tuple:
+    """``(bytes, signature)`` of a dropped model: checked by :func:`open_drop`, its magic read
+    before the rest, never more than ``limit`` bytes."""
+    with open_drop(path, limit) as f:
+        head = f.read(8)
+        check_magic(path, head)
+        data = head + f.read(limit + 1 - len(head))
+        sig = _signature(os.fstat(f.fileno()))
+    if len(data) > limit:  # it grew while it was read
+        raise DropRejected(f"{path}: more than {LIMIT_NAME} ({limit}) bytes; refused")
+    return data, sig
+
+
+def digest_model(path: Path, limit: int) -> tuple:
+    """``(sha256, size, signature)`` of a dropped model, hashed as it is read (never held in
+    memory whole), its magic checked first."""
+    with open_drop(path, limit) as f:
+        head = f.read(8)
+        check_magic(path, head)
+        h, n = hashlib.sha256(head), len(head)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            n += len(chunk)
+        return h.hexdigest(), n, _signature(os.fstat(f.fileno()))
+
+
+def digest_file(path: Path, limit: int = MANIFEST_MAX_BYTES) -> str:
+    """sha256 of a dropped file (a manifest), read through :func:`open_drop`, streamed."""
+    h = hashlib.sha256()
+    with open_drop(path, limit) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(path: Path) -> modelstore.Manifest:
+    """A drop manifest, read through :func:`open_drop` (at most MANIFEST_MAX_BYTES)."""
+    with open_drop(path, MANIFEST_MAX_BYTES, MANIFEST_LIMIT_NAME) as f:
+        raw = f.read(MANIFEST_MAX_BYTES + 1)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DropRejected(f"cannot read model manifest {path}: not UTF-8 text") from None
+    except RecursionError:
+        raise DropRejected(f"cannot read model manifest {path}: nested too deeply") from None
+    except ValueError as exc:
+        raise DropRejected(f"cannot read model manifest {path}: {exc}") from None
+    try:
+        return modelstore.Manifest(data, path)
+    except modelstore.ModelError as exc:
+        raise DropRejected(str(exc)) from None
 
 
 class DropManager:
@@ -418,7 +522,7 @@ class DropManager:
 
     def __init__(self, daemon, drop_dir, gallery_path, manifest: Optional[modelstore.Manifest],
                  settings: Optional[DropSettings] = None, debounce: float = 0.2,
-                 settle: float = 1.0):
+                 settle: float = 10.0):
         self.d = daemon
         self.settings = settings or DropSettings()
         self.drop_dir = Path(os.path.abspath(drop_dir)) if drop_dir else None
@@ -430,6 +534,14 @@ class DropManager:
         self.orphans: Dict[Path, tuple] = {}  # unknown model files waiting for a manifest
         # manifests whose file of that name is an older, other file: (since, t0)
         self.stale: Dict[Path, tuple] = {}
+        # when each waiting manifest began to wait (epoch seconds: kept across restarts)
+        self.waiting_since: Dict[Path, float] = {}
+        # files named by a waiting manifest whose own arrival was reported: the drop's files,
+        # not ones left by an earlier drop
+        self.fresh: set = set()
+        # file -> (signature, sha256, manifest or "" for a bare model): the version of each
+        # file already handled, so that one drop is not handled (and counted) twice
+        self.taken: Dict[Path, tuple] = {}
         self.held: Optional[_Held] = None
         self.probation: Optional[_Probation] = None
         self._lock = threading.RLock()  # one drop at a time (several watchers)
@@ -593,7 +705,10 @@ class DropManager:
             self._outcome(path, t0, lambda: self._dispatch(path, t0))
 
     def _dispatch(self, path: Path, t0: float) -> None:
-        _regular_or_missing(path)
+        try:
+            check_file(path, os.lstat(path), *self._limit(path))
+        except FileNotFoundError:
+            pass  # gone again: the handler says what that means
         if path == self.gallery_path:
             self.handle_gallery(path, t0)
         elif path.suffix == GALLERY_SUFFIX:
@@ -603,6 +718,12 @@ class DropManager:
             self.handle_manifest(path, t0)
         else:
             self.handle_model(path, t0)
+
+    def _limit(self, path: Path) -> tuple:
+        """The size limit for the file ``path`` and its name."""
+        if path.suffix == MANIFEST_SUFFIX and path != self.gallery_path:
+            return MANIFEST_MAX_BYTES, MANIFEST_LIMIT_NAME
+        return self.settings.max_bytes, LIMIT_NAME
 
     def _outcome(self, path: Path, t0: float, step) -> None:
         """Run ``step()`` for the drop ``path``: a refusal, or any other failure, is reported,
@@ -636,9 +757,9 @@ class DropManager:
                 entries = []
                 for p in want:
                     try:
-                        entries.append({"manifest": p,
-                                        "sha256": modelstore.sha256_file(Path(p))})
-                    except OSError:
+                        entries.append({"manifest": p, "sha256": digest_file(Path(p)),
+                                        "since": self.waiting_since.get(Path(p), time.time())})
+                    except DropRejected:
                         pass
                 modelstore.atomic_write(doc_path, (json.dumps({"waiting": entries}, indent=2)
                                                    + "\n").encode())
@@ -667,9 +788,10 @@ class DropManager:
         for e in entries:
             try:
                 p = Path(e["manifest"])
-                if modelstore.sha256_file(p) == e["sha256"] and self._match(str(p)):
+                if self._match(str(p)) and digest_file(p) == e["sha256"]:
                     out.append(p)
-            except (OSError, KeyError, TypeError):
+                    self.waiting_since[p] = float(e.get("since") or time.time())
+            except (DropRejected, KeyError, TypeError, ValueError):
                 continue
         if out:
             log.info("drops: %d manifest(s) were waiting for their files before the restart: "
@@ -683,16 +805,15 @@ class DropManager:
 
     def handle_manifest(self, path: Path, t0: float) -> None:
         # a manifest written over one that waits for its files replaces it, even a bad one
-        if self.pending.pop(path, None) is not None:
-            self.stale.pop(path, None)
+        if path in self.pending:
+            self._forget(path)
             log.info("drop %s: replaces the manifest of that name that waited for its files",
                      path)
-        try:
-            manifest = modelstore.Manifest.load(path)
-        except modelstore.ModelError as exc:
-            raise DropRejected(str(exc)) from None
+        since = self.waiting_since.pop(path, None)  # (restored: it waited before the restart)
+        manifest = load_manifest(path)
         if not manifest.entries:
             raise DropRejected(f"{path}: the manifest lists no model")
+        limit = self.settings.max_bytes
         for e in manifest.entries.values():
             if e.role not in ROLES:
                 raise DropRejected(f"{path}: role {e.role!r} is not used by the daemon "
@@ -700,78 +821,147 @@ class DropManager:
             if os.path.basename(e.file) != e.file:
                 raise DropRejected(f"{path}: file {e.file!r} must be a plain name next to "
                                    f"the manifest")
+            if e.size > limit:
+                raise DropRejected(f"{path}: {e.file} is {e.size} bytes, more than "
+                                   f"{LIMIT_NAME} ({limit})")
         for e in manifest.entries.values():
-            self.orphans.pop(path.parent / e.file, None)
+            if self.orphans.pop(path.parent / e.file, None) is not None:
+                self.fresh.add(path.parent / e.file)
         self.pending[path] = manifest
+        if since is not None:
+            self.waiting_since[path] = since
         self._try_manifest(path, t0)
 
-    def _try_manifest(self, path: Path, t0: float) -> bool:
-        manifest = self.pending[path]
-        missing = []  # not there yet, or not all there (a copy in progress: its size differs)
-        for e in manifest.entries.values():
-            try:
-                size = os.stat(path.parent / e.file).st_size
-            except OSError:
-                size = None
-            if size != e.size:
-                missing.append(e.file if size is None else
-                               f"{e.file} ({size} of {e.size} bytes)")
-        if missing:
-            self._keep_pending()  # on disk before it is reported waiting
-            self._report("waiting", "models", path, t0,
-                         why=f"waiting for {', '.join(missing)} named by the manifest")
-            return False
-        blobs = {}
+    def _forget(self, path: Path) -> None:
+        """The manifest ``path`` waits no more (handled, refused or replaced)."""
+        manifest = self.pending.pop(path, None)
+        self.stale.pop(path, None)
+        self.waiting_since.pop(path, None)
+        for e in (manifest.entries.values() if manifest is not None else ()):
+            self.fresh.discard(path.parent / e.file)
+
+    def _missing(self, path: Path, manifest) -> List[str]:
+        """The files the manifest names that are not there yet, or not all there (a copy in
+        progress: its size differs); refuses one that is no file to read (a link...)."""
+        missing = []
         for e in manifest.entries.values():
             f = path.parent / e.file
             try:
-                data = f.read_bytes()
-            except OSError as exc:
-                del self.pending[path]
-                self.stale.pop(path, None)
-                raise DropRejected(f"{f}: cannot read: {exc.strerror or exc}") from None
-            if _older(f, path) and modelstore.sha256_bytes(data) != e.sha256:
+                st = os.lstat(f)
+            except OSError:
+                missing.append(e.file)
+                continue
+            check_file(f, st, self.settings.max_bytes)
+            if st.st_size != e.size:
+                missing.append(f"{e.file} ({st.st_size} of {e.size} bytes)")
+        return missing
+
+    def _wait(self, path: Path, t0: float, why: str) -> bool:
+        self.waiting_since.setdefault(path, time.time())
+        self._keep_pending()  # on disk before it is reported waiting
+        self._report("waiting", "models", path, t0, why=why)
+        return False
+
+    def _try_manifest(self, path: Path, t0: float) -> bool:
+        try:
+            return self._attempt(path, t0)
+        except DropRejected:
+            self._forget(path)
+            raise
+
+    def _attempt(self, path: Path, t0: float) -> bool:
+        manifest = self.pending[path]
+        missing = self._missing(path, manifest)
+        if missing:
+            return self._wait(path, t0, f"waiting for {', '.join(missing)} named by the "
+                                        f"manifest")
+        if self._handled_bare(path, manifest):
+            return True
+        blobs = {}
+        for e in manifest.entries.values():
+            f = path.parent / e.file
+            data, sig = read_model(f, self.settings.max_bytes)
+            if f not in self.fresh and _older(f, path) \
+                    and modelstore.sha256_bytes(data) != e.sha256:
                 # the file of that name from before the manifest (a new version of a model
                 # often has the same size): its replacement may still be coming
                 since, _ = self.stale.setdefault(path, (time.monotonic(), t0))
                 if time.monotonic() - since < STALE_WAIT_S:
-                    self._keep_pending()
-                    self._report("waiting", "models", path, t0, why=(
+                    return self._wait(path, t0, (
                         f"waiting for {e.file} named by the manifest (the one there is older "
                         f"than the manifest and is not the file it names)"))
-                    return False
-            blobs[e.role] = (e, f, data)
-        del self.pending[path]
-        self.stale.pop(path, None)
+            blobs[e.role] = (e, f, data, sig)
+        self._forget(path)
         self._keep_pending()  # off the disk (if it was kept) before the swap is reported
+        for e, f, _, sig in blobs.values():  # (their own events, if still to come, are not
+            self._took(f, sig, e.sha256, str(path))  # another drop)
         blobs = {role: prepare_model(role, data, f, e.sha256, e.size, e.derived_sha256 or None)
-                 for role, (e, f, data) in blobs.items()}
+                 for role, (e, f, data, _) in blobs.items()}
         self._install(blobs, path, t0)
         self.learn(manifest)
         return True
 
+    def _handled_bare(self, path: Path, manifest) -> bool:
+        """Whether every file the manifest names was handled already, as it is now and with
+        the sha256 it names, as a model known without a manifest (dropped just before its
+        manifest): then the drop has had its outcome, and the manifest only teaches its
+        sha256s."""
+        for e in manifest.entries.values():
+            f = path.parent / e.file
+            t = self.taken.get(f)
+            try:
+                if t is None or t[1:] != (e.sha256, "") or t[0] != _signature(os.lstat(f)):
+                    return False
+            except OSError:
+                return False
+        self._forget(path)
+        self.learn(manifest)
+        log.info("drop %s: its files were handled already (%s): one drop, one outcome", path,
+                 ", ".join(e.file for e in manifest.entries.values()))
+        return True
+
+    def _took(self, f: Path, sig: tuple, sha: str, by: str) -> None:
+        """Remember that this version of ``f`` has had its outcome (``by``: the manifest, or
+        "" for a bare model)."""
+        if len(self.taken) >= 256:  # forget the files changed or gone since
+            for p, (old, _, _) in list(self.taken.items()):
+                try:
+                    if _signature(os.lstat(p)) != old:
+                        del self.taken[p]
+                except OSError:
+                    del self.taken[p]
+        self.taken[f] = (sig, sha, by)
+
     def handle_model(self, path: Path, t0: float) -> None:
         self.orphans.pop(path, None)
+        t = self.taken.get(path)
+        if t is not None:
+            try:
+                if _signature(os.lstat(path)) == t[0]:  # this very file had its outcome
+                    log.debug("drop %s: handled already (%s)", path, t[2] or "bare model")
+                    return
+            except OSError:
+                pass
         for mpath, manifest in list(self.pending.items()):
             if any(mpath.parent / e.file == path for e in manifest.entries.values()):
+                self.fresh.add(path)  # its arrival reported: the drop's own file
                 self._try_manifest(mpath, t0)
                 return
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DropRejected(f"{path}: cannot read: {exc.strerror or exc}") from None
-        sha = modelstore.sha256_bytes(data)
+        limit = self.settings.max_bytes
+        sha, size, sig = digest_model(path, limit)
         known = self.known.get(sha)
         if known is None:  # its manifest may follow: refused only if none comes in time
-            self.orphans[path] = (time.monotonic(), t0, sha, len(data))
+            self.orphans[path] = (time.monotonic(), t0, sha, size)
             log.debug("%s: unknown sha256 %s; waiting %.1f s for a manifest", path, sha,
                       self.settings.manifest_wait_s)
             return
+        self._took(path, sig, sha, "")
         role, derived_sha = known
         if role not in ROLES:
             self._report("unchanged", "models", path, t0,
                          why=f"role {role!r} is not used by the daemon")
             return
+        data, _ = read_model(path, limit)
         self._install({role: prepare_model(role, data, path, sha, 0, derived_sha or None)},
                       path, t0)
 
@@ -894,9 +1084,11 @@ class DropManager:
         p = self.probation
         if p is not None:
             self._decide(p)
-        if not (self.orphans or self.stale) or not self._lock.acquire(blocking=False):
+        if not (self.orphans or self.stale or self.waiting_since) \
+                or not self._lock.acquire(blocking=False):
             return
         try:
+            self._expire_waiting()
             now = time.monotonic()
             for path, (seen, t0) in list(self.stale.items()):
                 if self.probation is not None:
@@ -916,6 +1108,25 @@ class DropManager:
                     f"it with a manifest, or with 'edged drop')"))
         finally:
             self._lock.release()
+
+    def _expire_waiting(self) -> None:
+        """Refuse the manifests that waited for their files longer than
+        drops.manifest_deadline_s (from when they began to wait, restarts included)."""
+        limit = self.settings.manifest_deadline_s
+        for path, since in list(self.waiting_since.items()):
+            waited = time.time() - since
+            if path in self.pending and waited >= limit:  # (not yet pending: restored)
+                self._outcome(path, time.monotonic() - waited,
+                              lambda: self._refuse_late(path, limit))
+
+    def _refuse_late(self, path: Path, limit: float) -> None:
+        try:
+            missing = self._missing(path, self.pending[path]) or [
+                "the files there are not the ones it names"]
+        finally:
+            self._forget(path)
+        raise DropRejected(f"{path}: its files did not all arrive within "
+                           f"drops.manifest_deadline_s ({limit:g} s): {', '.join(missing)}")
 
     def _decide(self, p: _Probation) -> None:
         s = p.new

@@ -6,7 +6,10 @@ copied under a new name without a manifest (known by sha256; the batch-2 MobileF
 dynamic-batch copy), galleries for the embedder in service (renamed into place or copied in
 place), new embedders held back and then their galleries (swapped together), galleries made by
 an unknown embedder, corrupt files (sha256 not the manifest's, random bytes), half-copied models
-and galleries, a NaN model refused by the self-test.  The test keeps its own model of what must
+and galleries, a NaN model refused by the self-test.  Each drop's outcome is awaited on the
+status (events, not sleeps); a corrupt model renamed in just before its manifest is refused at
+once however the two renames fall on the clock (the cause of this test's failures on a loaded
+machine, fixed in edged.ota: tests/test_ota.py has the case alone).  The test keeps its own model of what must
 be in service and checks, after each drop, the outcome and the reason on the retained MQTT
 status; at the end: every valid drop went into service (and the last ones are in service),
 every invalid one was refused with its reason, no drop outcome and no recognition event was
@@ -118,9 +121,9 @@ def test_fifty_drops_while_frames_flow(shared_dir, models_dir, base_gallery, bro
                 os.replace(stage / f"{name}.tflite", mdir / f"{name}.tflite")
                 os.replace(stage / f"{name}.json", mdir / f"{name}.json")
                 expect, why = "rejected", "sha256 mismatch"
-            elif kind == "corrupt_unknown":
+            elif kind == "corrupt_unknown":  # not a model at all: refused by its magic
                 (mdir / f"{name}.tflite").write_bytes(rng.randbytes(40000))
-                expect, why = "rejected", "not a model of the manifest in force"
+                expect, why = "rejected", "not a TFLite model (wrong magic)"
             elif kind == "half_model":
                 role = rng.choice(["rnet", "onet"])
                 data = (models_dir / MODEL_FILES[role]).read_bytes()

@@ -13,6 +13,7 @@ Two tiers of real test data:
 """
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import socket
@@ -112,6 +113,20 @@ def models_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("models")
     modelstore.install(dest=d)
     return d
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per distinct reason for skipped tests (setup.cfg's -r leaves skips out), so
+    that the full tier's absence reads as one line, not one per test."""
+    reasons = collections.Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.replace("Skipped: ", "", 1)] += 1
+    if reasons:
+        terminalreporter.section("skipped", sep="-")
+    for reason, n in reasons.most_common():
+        terminalreporter.write_line(f"SKIPPED [{n}] {reason}")
 
 
 def free_port() -> int:

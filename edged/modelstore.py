@@ -74,8 +74,12 @@ def room_margin(size: int) -> int:
 
 
 def free_bytes(directory) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem of ``directory``."""
-    st = os.statvfs(str(directory))
+    """Bytes an unprivileged writer may still use on the filesystem of ``directory`` (of
+    its nearest existing parent while it is not made yet)."""
+    d = Path(os.path.abspath(directory))
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    st = os.statvfs(str(d))
     return st.f_bavail * st.f_frsize
 
 

@@ -301,3 +301,12 @@ def test_kept_files_are_written_only_with_room_to_spare(tmp_path):
         modelstore.check_room(d, 1 << 20)
         modelstore.atomic_write(d / "kept", b"x" * 1000, room_for=1000)
         assert (d / "kept").stat().st_size == 1000
+
+
+def test_room_is_measured_where_a_directory_not_made_yet_will_be(tmp_path):
+    from gallery_craft import tmpfs
+
+    with tmpfs(tmp_path / "small", "8m") as d:
+        assert modelstore.free_bytes(d / "not" / "yet") == modelstore.free_bytes(d)
+        with pytest.raises(modelstore.NoRoom):
+            modelstore.check_room(d / "not" / "yet", 1000)

@@ -23,10 +23,14 @@ not built by widening blocks of rows to float32 first.  Then the best row of eve
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import math
 import mmap
 import os
+import shutil
 import stat as _stat
 import struct
 import tempfile
@@ -40,7 +44,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edged.modelstore import atomic_write
+from edged.modelstore import NoRoom, atomic_write, check_room, human_size
 from edged.types import Match
 
 log = logging.getLogger("edged.gallery")
@@ -79,12 +83,24 @@ CHUNK_ROWS = 65536
 MIN_THREAD_ROWS = 32768
 
 
-class GalleryError(ValueError):
-    """A gallery file cannot be used; the message names the file and the exact reason."""
+#: largest embedding dimension a gallery may declare (MobileFaceNet gives 192)
+MAX_DIM = 4096
+#: gallery files are biometric data: readable by their owner and group only (less the umask)
+GALLERY_MODE = 0o640
+#: the private snapshots of the daemon, read-only
+SNAPSHOT_MODE = 0o440
 
-    def __init__(self, path, reason: str):
+
+class GalleryError(ValueError):
+    """A gallery file cannot be used; the message names the file and the exact reason.
+
+    ``transient`` is true when the file itself may be good (it could not be read, it changed
+    while being read, memory ran out): such a refusal is not remembered."""
+
+    def __init__(self, path, reason: str, transient: bool = False):
         self.path = str(path)
         self.reason = reason
+        self.transient = transient
         super().__init__(f"{path}: {reason}")
 
 
@@ -206,6 +222,10 @@ class Gallery:
         self.threads = 1
         self._names = {}
         self._identities = None
+        self._tables_ok = False
+        self.source = None  # (GalleryHolder) the file this gallery was taken from
+        self.snapshot = None  # (GalleryHolder) its private snapshot, mapped here
+        self.snapshot_error = None  # (GalleryHolder) why it is held in memory instead
 
     # -- opening -------------------------------------------------------------------------
 
@@ -220,33 +240,55 @@ class Gallery:
         ``threads`` > 1 splits each scan over that many threads (useful for float16).
         """
         path = Path(path)
-        g = cls()
-        g.path = path
-        _check_regular(path)
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            raise GalleryError(path, f"cannot open: {exc.strerror or exc}") from None
+        f = _open_regular(path)
         try:
             size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise GalleryError(path, "empty file (0 bytes)")
-            if size < HEADER_SIZE:
-                head = f.read(len(MAGIC))
-                if head != MAGIC[:len(head)]:
-                    raise GalleryError(path, f"wrong magic {head!r} (expected {MAGIC!r}): "
-                                             f"not an edged gallery")
-                raise GalleryError(path, f"truncated header: {size} bytes, a header is "
-                                         f"{HEADER_SIZE}")
+            _read_head(f, path, size)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except BaseException:
             f.close()
             raise
+        return cls._from_map(path, f, mm, size, expect_dim, expect_embedder, verify, threads)
+
+    @classmethod
+    def read_into_memory(cls, f, size: int, path, expect_dim: Optional[int] = 192,
+                         expect_embedder: Optional[str] = None, threads: int = 1) -> "Gallery":
+        """Read ``size`` bytes of the open gallery file ``f`` (from its start) into anonymous
+        memory and check them fully, as :meth:`open` with ``verify=True``: for when no private
+        copy of it can be written (a full disk).  The file may change afterwards: the gallery
+        does not depend on it."""
+        path = Path(path)
+        try:
+            mm = mmap.mmap(-1, size)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise GalleryError(path, f"cannot hold {size} bytes in memory: "
+                                     f"{getattr(exc, 'strerror', None) or exc}",
+                               transient=True) from None
+        try:
+            f.seek(0)
+            view, got = memoryview(mm), 0
+            with view:
+                while got < size:
+                    n = _read_into(f, view[got:got + (1 << 20)], path)
+                    if not n:
+                        raise GalleryError(path, f"truncated while being read: {got} of "
+                                                 f"{size} bytes", transient=True)
+                    got += n
+        except BaseException:
+            mm.close()
+            raise
+        return cls._from_map(path, None, mm, size, expect_dim, expect_embedder, True, threads)
+
+    @classmethod
+    def _from_map(cls, path: Path, f, mm, size: int, expect_dim, expect_embedder,
+                  verify: bool, threads: int, body_sha256: Optional[str] = None) -> "Gallery":
+        g = cls()
+        g.path = path
         g._file, g._mm = f, mm
         try:
             g._parse(size, expect_dim, expect_embedder)
             if verify:
-                g.verify()
+                g.verify(body_sha256)
         except BaseException:
             g.close()
             raise
@@ -258,34 +300,9 @@ class Gallery:
     def _parse(self, size: int, expect_dim, expect_embedder) -> None:
         mm, path = self._mm, self.path
         (_, version, header_size, dtype_code, dim, rows, idents, created, file_size,
-         so_off, rs_off, ri_off, s_off, s_size, m_off, emb_sha, body_sha) = _header(mm, path)
-        if header_size != HEADER_SIZE:
-            raise GalleryError(path, f"header size {header_size}, expected {HEADER_SIZE}")
-        if dtype_code not in DTYPES:
-            raise GalleryError(path, f"unknown storage dtype code {dtype_code} "
-                                     f"(1 = float32, 2 = float16)")
-        if file_size != size:
-            what = "truncated" if size < file_size else "trailing bytes"
-            raise GalleryError(path, f"{what}: file is {size} bytes, header says {file_size}")
-        if dim < 1:
-            raise GalleryError(path, f"invalid embedding dimension {dim}")
+         so_off, rs_off, ri_off, s_off, s_size, m_off, emb_sha, body_sha) = \
+            _checked_header(mm, path, size, expect_dim)
         dt = DTYPES[dtype_code]
-        # the section table must be exactly the canonical one for these counts
-        want_so = HEADER_SIZE
-        want_rs = _align(want_so + (2 * idents + 1) * 8)
-        want_ri = _align(want_rs + (idents + 1) * 8)
-        want_s = _align(want_ri + rows * 4)
-        want_m = _align(want_s + s_size)
-        want_end = want_m + rows * dim * dt.itemsize
-        if (so_off, rs_off, ri_off, s_off, m_off) != (want_so, want_rs, want_ri, want_s, want_m):
-            raise GalleryError(path, "section offsets inconsistent with the row and identity "
-                                     f"counts ({rows} rows, {idents} identities)")
-        if want_end != file_size:
-            raise GalleryError(path, f"sizes inconsistent: {rows} rows x {dim} x "
-                                     f"{dt.itemsize} bytes end at {want_end}, file is {file_size}")
-        if expect_dim is not None and dim != expect_dim:
-            raise GalleryError(path, f"embedding dimension {dim}, the running embedder gives "
-                                     f"{expect_dim}")
         self.version = version
         self.dim = int(dim)
         self.dtype = dt
@@ -296,25 +313,69 @@ class Gallery:
         self.file_size = int(file_size)
         self.embedder_sha256 = emb_sha.hex()
         self.checksum = body_sha.hex()
-        if expect_embedder is not None and self.embedder_sha256 != expect_embedder.lower():
-            raise GalleryError(path, f"made by embedder sha256 {self.embedder_sha256}, the "
-                                     f"running embedder is {expect_embedder.lower()}")
-        self._str_off = np.frombuffer(mm, "<u8", 2 * idents + 1, so_off)
-        self._row_starts = np.frombuffer(mm, "<u8", idents + 1, rs_off)
-        self.row_identity = np.frombuffer(mm, "<u4", rows, ri_off)
-        self._strings = memoryview(mm)[s_off:s_off + s_size]
-        self.matrix = np.frombuffer(mm, dt, rows * dim, m_off).reshape(rows, dim)
-        # the structure that the search relies on, checked in constant time
+        _check_embedder(path, self.embedder_sha256, expect_embedder)
+        self._layout = (so_off, rs_off, ri_off, s_off, s_size, m_off)
+        self._bind(mm)
+        # the structure that the search relies on, checked in constant time (the rest of the
+        # tables once, on first use: _check_tables)
         if (int(self._str_off[0]) != 0 or int(self._str_off[-1]) != s_size
                 or int(self._row_starts[0]) != 0 or int(self._row_starts[-1]) != rows):
             raise GalleryError(path, "identity table does not cover the strings or the rows")
+        self._tables_ok = False
+
+    def _bind(self, mm) -> None:
+        """The arrays of the sections, read-only views of ``mm``."""
+        so_off, rs_off, ri_off, s_off, s_size, m_off = self._layout
+        n, rows, dim = self.n_identities, self.rows, self.dim
+        arrays = dict(_str_off=np.frombuffer(mm, "<u8", 2 * n + 1, so_off),
+                      _row_starts=np.frombuffer(mm, "<u8", n + 1, rs_off),
+                      row_identity=np.frombuffer(mm, "<u4", rows, ri_off),
+                      matrix=np.frombuffer(mm, self.dtype, rows * dim, m_off).reshape(rows, dim))
+        for name, a in arrays.items():
+            a.flags.writeable = False
+            setattr(self, name, a)
+        self._strings = memoryview(mm).toreadonly()[s_off:s_off + s_size]
         self._starts = self._row_starts[:-1].astype(np.intp)
 
-    def verify(self) -> None:
-        """The full check: body sha256, identity table, every row finite and unit-norm."""
+    def remap(self, path) -> None:
+        """Serve this gallery from ``path`` from now on: a byte-for-byte copy of it (checked),
+        such as the snapshot of a gallery held in memory, written once there is room.
+        Searches running meanwhile read the same values from either."""
+        path = Path(path)
+        f = _open_regular(path)
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            f.close()
+            raise
+        if not _same_bytes(mm, self._mm):
+            _release_map(mm, f, path)
+            raise GalleryError(path, "differs from the gallery it should be a copy of")
+        old = (self._mm, self._file, self.path)
+        self._bind(mm)
+        self._mm, self._file, self.path = mm, f, path
+        _release_map(*old)
+
+    def _check_tables(self) -> None:
+        """The offsets every search and name lookup use: string offsets and row starts never
+        decreasing (so every string and row range lies inside its section).  Checked once, on
+        first use in a gallery opened with ``verify=False``; by :meth:`verify` otherwise."""
+        if self._mm is None:
+            raise GalleryError(self.path, "gallery is closed")
+        if self._tables_ok:
+            return
+        if np.any(self._str_off[1:] < self._str_off[:-1]):
+            raise GalleryError(self.path, "string offsets are not increasing")
+        if np.any(self._row_starts[1:] < self._row_starts[:-1]):
+            raise GalleryError(self.path, "row starts are not increasing")
+        self._tables_ok = True
+
+    def verify(self, body_sha256: Optional[str] = None) -> None:
+        """The full check: body sha256, identity table, every row finite and unit-norm.
+        ``body_sha256``: the body's sha256 when the caller computed it while copying the file
+        (then not computed again here)."""
         path, mm = self.path, self._mm
-        if np.any(np.diff(self._str_off.astype(np.int64)) < 0):
-            raise GalleryError(path, "string offsets are not increasing")
+        self._check_tables()
         counts = np.diff(self._row_starts.astype(np.int64))
         if np.any(counts <= 0):
             j = int(np.argmax(counts <= 0))
@@ -328,23 +389,23 @@ class Gallery:
                                          f"table at row {r}")
         ids = set()
         for j in range(self.n_identities):
-            try:
-                ident, _ = self._decode(j)
-            except UnicodeDecodeError as exc:
-                raise GalleryError(path, f"identity {j}: invalid UTF-8 ({exc.reason})") from None
+            ident, _ = self._decode(j)
             if not ident:
                 raise GalleryError(path, f"identity {j} has an empty id")
             if ident in ids:
                 raise GalleryError(path, f"identity id {ident!r} appears twice")
             ids.add(ident)
-        h = hashlib.sha256()
-        h.update(memoryview(mm)[HEADER_SIZE:self._matrix_offset()])
+        h = hashlib.sha256() if body_sha256 is None else None
+        if h is not None:
+            h.update(memoryview(mm)[HEADER_SIZE:self._matrix_offset()])
         tol = NORM_TOLERANCE[1 if self.dtype.itemsize == 4 else 2]
-        buf = np.empty((BLOCK_ROWS, self.dim), np.float32)
-        tmp = np.empty((BLOCK_ROWS, self.dim), np.uint32)
+        block_rows = min(BLOCK_ROWS, self.rows)
+        buf = np.empty((block_rows, self.dim), np.float32)
+        tmp = np.empty((block_rows, self.dim), np.uint32)
         for s in range(0, self.rows, BLOCK_ROWS):
             block = self.matrix[s:s + BLOCK_ROWS]
-            h.update(block)
+            if h is not None:
+                h.update(block)
             x = block if self.dtype.itemsize == 4 else _widen_f16(block, buf, tmp)
             if self.dtype.itemsize == 2:
                 bad = ~np.isfinite(block).all(axis=1)
@@ -361,7 +422,7 @@ class Gallery:
                 n = float(norms[r - s])
                 what = "has zero norm" if n == 0.0 else f"is not L2-normalised (norm {n:.4f})"
                 raise GalleryError(path, f"row {r} (identity {self._ident_of_row(r)!r}) {what}")
-        actual = h.hexdigest()
+        actual = h.hexdigest() if h is not None else body_sha256
         if actual != self.checksum:
             raise GalleryError(path, f"checksum mismatch: body sha256 is {actual}, header says "
                                      f"{self.checksum}")
@@ -380,10 +441,15 @@ class Gallery:
     def _decode(self, j: int) -> Tuple[str, str]:
         got = self._names.get(j)
         if got is None:
+            self._check_tables()
             o = self._str_off
             a, b, c = int(o[2 * j]), int(o[2 * j + 1]), int(o[2 * j + 2])
-            got = (bytes(self._strings[a:b]).decode("utf-8"),
-                   bytes(self._strings[b:c]).decode("utf-8"))
+            try:
+                got = (bytes(self._strings[a:b]).decode("utf-8"),
+                       bytes(self._strings[b:c]).decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise GalleryError(self.path, f"identity {j}: invalid UTF-8 "
+                                              f"({exc.reason})") from None
             self._names[j] = got
         return got
 
@@ -395,6 +461,7 @@ class Gallery:
         return self._identities
 
     def rows_of(self, j: int) -> Tuple[int, int]:
+        self._check_tables()
         return int(self._row_starts[j]), int(self._row_starts[j + 1])
 
     def find(self, key: str) -> Optional[int]:
@@ -412,6 +479,7 @@ class Gallery:
         return np.array(self.matrix, dtype=np.float32)
 
     def info(self) -> dict:
+        self._check_tables()
         counts = np.diff(self._row_starts.astype(np.int64))
         return {"path": str(self.path), "format_version": self.version, "dim": self.dim,
                 "dtype": self.dtype_name, "rows": self.rows, "identities": self.n_identities,
@@ -438,8 +506,7 @@ class Gallery:
 
     def _row_scores(self, q: np.ndarray) -> np.ndarray:
         """``(rows, n_queries)``: rows-major so that blocks and reduceat stay contiguous."""
-        if self._mm is None:
-            raise GalleryError(self.path, "gallery is closed")
+        self._check_tables()
         starts = self._row_starts
         parts = self._each_chunk(lambda c: self._scan(q, int(starts[c[0]]), int(starts[c[1]])))
         if not parts:
@@ -537,8 +604,7 @@ class Gallery:
         its scores are still in the cache, in the thread pool when there is one; then the
         chunks' candidates are merged.
         """
-        if self._mm is None:
-            raise GalleryError(self.path, "gallery is closed")
+        self._check_tables()
         parts = self._each_chunk(lambda c: self._chunk_top(q, k, c))
         cols = np.arange(q.shape[0])
         if len(parts) == 1:
@@ -618,14 +684,8 @@ class Gallery:
             if isinstance(v, memoryview):
                 v.release()
         mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:  # a caller still holds a view: the mapping goes with it
-                log.debug("%s: mapping still referenced; left to the garbage collector", self.path)
         f, self._file = self._file, None
-        if f is not None:
-            f.close()
+        _release_map(mm, f, self.path)
 
     @property
     def closed(self) -> bool:
@@ -640,6 +700,22 @@ class Gallery:
     def __repr__(self):
         state = "closed" if self.closed else f"{self.rows} rows, {self.n_identities} identities"
         return f"<Gallery {self.path} {state}>"
+
+
+def _release_map(mm, f, path) -> None:
+    """Close a mapping (left to the garbage collector while views of it remain) and its file."""
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError:  # a caller still holds a view: the mapping goes with it
+            log.debug("%s: mapping still referenced; left to the garbage collector", path)
+    if f is not None:
+        f.close()
+
+
+def _same_bytes(a, b, step: int = 1 << 24) -> bool:
+    return len(a) == len(b) and all(a[i:i + step] == b[i:i + step]
+                                    for i in range(0, len(a), step))
 
 
 def _as_queries(queries, dim: int) -> np.ndarray:
@@ -756,17 +832,16 @@ def write_gallery(path, identities: Sequence[Tuple[str, str]], row_identity, emb
                     n_id, time.time() if created is None else float(created), end, so_off, rs_off,
                     ri_off, s_off, len(blob), m_off, emb_raw, h.digest())
     _CRC.pack_into(head, _CRC_AT, zlib.crc32(bytes(head[:_CRC_AT])))
-    atomic_write(path, [bytes(head), bytes(body), memoryview(mat.reshape(-1).view(np.uint8))])
+    atomic_write(path, [bytes(head), bytes(body), memoryview(mat.reshape(-1).view(np.uint8))],
+                 mode=GALLERY_MODE)
     return h.hexdigest()
 
 
 def _header(buf, path: Path) -> tuple:
     """The header fields of ``buf`` (a gallery's bytes from the start, at least HEADER_SIZE
     of them once the magic is right), its magic, format version and checksum checked."""
-    magic = bytes(buf[:len(MAGIC)])
-    if magic != MAGIC:
-        raise GalleryError(path, f"wrong magic {magic!r} (expected {MAGIC!r}): "
-                                 f"not an edged gallery")
+    if bytes(buf[:len(MAGIC)]) != MAGIC:
+        raise GalleryError(path, _WRONG_MAGIC)
     fields = _HEAD.unpack_from(buf, 0)
     version = fields[1]
     if version > FORMAT_VERSION:
@@ -782,35 +857,149 @@ def _header(buf, path: Path) -> tuple:
     return fields
 
 
-def _check_regular(path: Path) -> None:
-    """Raise :class:`GalleryError` unless ``path`` is a regular file (opening a FIFO would
-    block until a writer comes)."""
+#: never any of the file's bytes in a message: it may be any file, and messages go to MQTT
+_WRONG_MAGIC = "not an edged gallery (wrong magic)"
+
+
+def _checked_header(buf, path: Path, size: int, expect_dim: Optional[int]) -> tuple:
+    """:func:`_header`, and every header field checked against the file's ``size`` and the
+    expected embedding dimension: the sections must be exactly the canonical ones."""
+    fields = _header(buf, path)
+    (_, _, header_size, dtype_code, dim, rows, idents, created, file_size,
+     so_off, rs_off, ri_off, s_off, s_size, m_off, _, _) = fields
+    if header_size != HEADER_SIZE:
+        raise GalleryError(path, f"header size {header_size}, expected {HEADER_SIZE}")
+    if dtype_code not in DTYPES:
+        raise GalleryError(path, f"unknown storage dtype code {dtype_code} "
+                                 f"(1 = float32, 2 = float16)")
+    if file_size != size:
+        what = "truncated" if size < file_size else "trailing bytes"
+        raise GalleryError(path, f"{what}: file is {size} bytes, header says {file_size}")
+    if not 1 <= dim <= MAX_DIM:
+        raise GalleryError(path, f"invalid embedding dimension {dim} (1 to {MAX_DIM})")
+    if not math.isfinite(created):
+        raise GalleryError(path, f"invalid creation time {created}")
+    # the section table must be exactly the canonical one for these counts
+    want_so = HEADER_SIZE
+    want_rs = _align(want_so + (2 * idents + 1) * 8)
+    want_ri = _align(want_rs + (idents + 1) * 8)
+    want_s = _align(want_ri + rows * 4)
+    want_m = _align(want_s + s_size)
+    want_end = want_m + rows * dim * DTYPES[dtype_code].itemsize
+    if (so_off, rs_off, ri_off, s_off, m_off) != (want_so, want_rs, want_ri, want_s, want_m):
+        raise GalleryError(path, "section offsets inconsistent with the row and identity "
+                                 f"counts ({rows} rows, {idents} identities)")
+    if want_end != file_size:
+        raise GalleryError(path, f"sizes inconsistent: {rows} rows x {dim} x "
+                                 f"{DTYPES[dtype_code].itemsize} bytes end at {want_end}, "
+                                 f"file is {file_size}")
+    if expect_dim is not None and dim != expect_dim:
+        raise GalleryError(path, f"embedding dimension {dim}, the running embedder gives "
+                                 f"{expect_dim}")
+    return fields
+
+
+def _check_embedder(path: Path, made_by: str, expect_embedder: Optional[str]) -> None:
+    if expect_embedder is not None and made_by != expect_embedder.lower():
+        raise GalleryError(path, f"made by embedder sha256 {made_by}, the running embedder "
+                                 f"is {expect_embedder.lower()}")
+
+
+def _read_head(f, path: Path, size: int) -> bytes:
+    """The first :data:`HEADER_SIZE` bytes of the open file ``f`` of ``size`` bytes; raise
+    :class:`GalleryError` for an empty file, a file of another kind, a truncated header."""
+    if size == 0:
+        raise GalleryError(path, "empty file (0 bytes)")
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise GalleryError(path, "no such file") from None
+        f.seek(0)
+        head = f.read(HEADER_SIZE)
     except OSError as exc:
-        raise GalleryError(path, f"cannot stat: {exc.strerror or exc}") from None
+        raise GalleryError(path, f"cannot read: {exc.strerror or exc}", transient=True) from None
+    if head[:len(MAGIC)] != MAGIC[:len(head)]:
+        raise GalleryError(path, _WRONG_MAGIC)
+    if len(head) < HEADER_SIZE:
+        raise GalleryError(path, f"truncated header: {len(head)} bytes, a header is {HEADER_SIZE}")
+    return head
+
+
+def _read_into(f, view, path: Path) -> int:
+    try:
+        return f.readinto(view)
+    except OSError as exc:
+        raise GalleryError(path, f"cannot read: {exc.strerror or exc}", transient=True) from None
+
+
+def _check_regular(path: Path, st=None, target=None) -> None:
+    """Raise :class:`GalleryError` unless ``path`` (``target`` where a link at ``path`` leads,
+    or the stat ``st``) is a regular file (opening a FIFO would block until a writer comes, a
+    device may do anything)."""
+    if st is None:
+        try:
+            st = os.stat(target if target is not None else path)
+        except FileNotFoundError:
+            raise GalleryError(path, "no such file") from None
+        except OSError as exc:
+            raise GalleryError(path, f"cannot stat: {exc.strerror or exc}",
+                               transient=True) from None
     if _stat.S_ISDIR(st.st_mode):
         raise GalleryError(path, "is a directory, not a gallery file")
     if not _stat.S_ISREG(st.st_mode):
         raise GalleryError(path, "is not a regular file")
 
 
-def peek_embedder(path) -> str:
+def _confined(path: Path) -> Path:
+    """``path``, or where the symbolic link ``path`` leads when that is a file in the same
+    directory; :class:`GalleryError` for a link leading anywhere else (the daemon would
+    otherwise read, and report on, any file a link names)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise GalleryError(path, "no such file") from None
+    except OSError as exc:
+        raise GalleryError(path, f"cannot stat: {exc.strerror or exc}", transient=True) from None
+    if not _stat.S_ISLNK(st.st_mode):
+        return path
+    real = Path(os.path.realpath(path))
+    if real.parent != Path(os.path.realpath(os.path.dirname(os.path.abspath(path)))):
+        raise GalleryError(path, "is a symbolic link leading out of its directory: refused "
+                                 "(only a link to a file in the same directory is followed)")
+    return real
+
+
+def _open_regular(path: Path, confine: bool = False):
+    """``path`` opened for reading once it is known to be a regular file (checked before the
+    open and again on the open file, which never blocks).  With ``confine``, the symbolic
+    link rule of :func:`_confined`, and the file opened without following any further link."""
+    target = _confined(path) if confine else path
+    _check_regular(path, target=target)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if confine:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(target, flags)
+    except FileNotFoundError:
+        raise GalleryError(path, "no such file") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise GalleryError(path, "became a symbolic link while being opened: refused") from None
+        raise GalleryError(path, f"cannot open: {exc.strerror or exc}", transient=True) from None
+    try:
+        _check_regular(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def peek_embedder(path, confine: bool = True) -> str:
     """The embedder sha256 a gallery file says it was made by, from its header alone, read
     with a plain read (no mapping: the file may be a live one another program is rewriting,
     and a mapped file cut short under a reader kills the process with SIGBUS).  Raises
-    :class:`GalleryError` when the header is not a good one."""
+    :class:`GalleryError` when the header is not a good one; ``confine``: as the daemon
+    reads a gallery path (:func:`_confined`)."""
     path = Path(path)
-    _check_regular(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(HEADER_SIZE)
-    except OSError as exc:
-        raise GalleryError(path, f"cannot read: {exc.strerror or exc}") from None
-    if len(head) < HEADER_SIZE and head.startswith(MAGIC):
-        raise GalleryError(path, f"truncated header: {len(head)} bytes, a header is {HEADER_SIZE}")
+    with _open_regular(path, confine) as f:
+        head = _read_head(f, path, os.fstat(f.fileno()).st_size)
     return _header(head, path)[15].hex()  # (index 15: the embedder sha256)
 
 
@@ -827,9 +1016,18 @@ def read_entries(path) -> tuple:
 class GalleryHolder:
     """The gallery the daemon matches against, hot-swapped when its file changes.
 
-    Every candidate file is first copied to a private snapshot (so an in-place copy over the
-    watched file can never change the pages of the gallery in service), then opened with full
-    validation off the hot path, then swapped in.  See :mod:`edged.hotswap`.
+    Every candidate file is checked by its header first (size limit ``max_bytes``, magic,
+    version, crc32, sections, dimension, embedder: nothing else of a file that is not a
+    gallery is read), then copied to a private snapshot (so an in-place copy over the watched
+    file can never change the pages of the gallery in service), hashed while it is copied,
+    then checked fully off the hot path, then swapped in.  See :mod:`edged.hotswap`.
+
+    A snapshot is written only when it fits with a margin
+    (:func:`edged.modelstore.check_room`).  When it cannot be written (a full or read-only
+    state directory), the candidate is read into memory and checked and served from there:
+    the gallery in service never depends on a copy that could not be written.  Then
+    :attr:`snapshot_error` says why (one ERROR is logged) until :meth:`retry_snapshot`
+    succeeds.
 
     With a ``snapshot_dir``, the gallery in service is also kept there as
     ``last-good.edgal`` (a hard link to its snapshot): when the file at ``path`` is refused at
@@ -837,26 +1035,33 @@ class GalleryHolder:
     holder that serves the daemon does this: the daemon calls :meth:`keep_last_good` when the
     holder's set is (confirmed) in service, and from then on every gallery it swaps in is kept.
     A holder built for a candidate set (a drop on probation, a reload) keeps nothing until then.
+
+    The symbolic link rule: a link at ``path`` is followed only to a file in the same
+    directory.  A file refused for its content is remembered (by inode, size and times):
+    :meth:`start` (what a ``SIGHUP`` does) does not read or report it again until it changes.
     """
 
     def __init__(self, path, expect_embedder: Optional[str], settings: Optional[MatchSettings] = None,
                  on_event: Optional[Callable] = None, expect_dim: int = 192,
                  snapshot_dir=None, debounce: float = 0.2, settle: float = 1.0,
                  watch: bool = True, threads: Optional[int] = None, keep_previous: bool = False,
-                 lock: Optional[threading.Lock] = None):
+                 lock: Optional[threading.Lock] = None, max_bytes: Optional[int] = None):
         from edged.hotswap import SwapHolder
 
         self.path = Path(path)
         self.expect_embedder = expect_embedder
         self.expect_dim = expect_dim
+        self.max_bytes = max_bytes
         self.settings = settings or MatchSettings()
         self.threads = threads if threads is not None else self.settings.threads
         self._snapshot_root = snapshot_dir
         self.last_good = Path(snapshot_dir) / LAST_GOOD if snapshot_dir else None
         self._snapdir = None
         self._snap_lockfile = None  # held (flock) while the snapshot directory is in use
+        self._cleaned = False
         self.serving = False  # set by keep_last_good(): this holder serves the daemon
         self._snap_lock = threading.Lock()
+        self._retry_lock = threading.Lock()
         self._snap_n = 0
         self.holder = SwapHolder("gallery", self.path, loader=self._load,
                                  version=lambda g: g.checksum, closer=self._close,
@@ -867,67 +1072,136 @@ class GalleryHolder:
 
     # -- loading ------------------------------------------------------------------------
 
-    def _snapshot(self, src: Path) -> Path:
+    def _root(self) -> Path:
+        return Path(self._snapshot_root or tempfile.gettempdir())
+
+    def _clean_stale(self) -> None:
+        """Once per holder: remove the snapshot directories of dead processes."""
+        if not self._cleaned and self._root().is_dir():
+            self._cleaned = True
+            _remove_stale_snapshots(self._root())
+
+    def _new_snapshot_path(self) -> Path:
         with self._snap_lock:
             if self._snapdir is None:
-                root = self._snapshot_root or tempfile.gettempdir()
-                os.makedirs(root, exist_ok=True)
-                _remove_stale_snapshots(Path(root))
-                snapdir = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=str(root)))
-                try:
-                    self._snap_lockfile = _lock_snapshot_dir(snapdir)
-                except OSError as exc:  # a filesystem without flock: unlocked, said once
-                    log.warning("gallery: cannot lock %s (%s); if this process is killed, "
-                                "remove it by hand", snapdir, exc.strerror or exc)
-                self._snapdir = snapdir
+                root = self._root()
+                os.makedirs(root, mode=0o750, exist_ok=True)
+                self._clean_stale()
+                self._snapdir, self._snap_lockfile = _new_snapshot_dir(root)
             self._snap_n += 1
-            dest = self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
-        _check_regular(src)  # a FIFO would block the open below
-        try:
-            fsrc = open(src, "rb")
-        except FileNotFoundError:
-            raise GalleryError(src, "no such file") from None
-        except OSError as exc:
-            raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
-        with fsrc:
-            try:
-                with open(dest, "wb") as fdst:
-                    while True:
-                        try:
-                            chunk = fsrc.read(1 << 20)
-                        except OSError as exc:
-                            raise GalleryError(src, f"cannot read: {exc.strerror or exc}") from None
-                        if not chunk:
-                            break
-                        fdst.write(chunk)
-                os.chmod(dest, 0o444)
-            except OSError as exc:  # writing (a full disk): nothing of the copy is left behind
-                _unlink(dest)
-                raise GalleryError(src, f"cannot copy it to {dest}: {exc.strerror or exc}") from None
-            except BaseException:
-                _unlink(dest)
-                raise
+            return self._snapdir / f"gallery-{self._snap_n}{SUFFIX}"
+
+    def _write_snapshot(self, chunks, size: int) -> Path:
+        """A new snapshot of ``size`` bytes from ``chunks``; OSError when it cannot be
+        written (no room for it with the margin, a write failing), nothing left behind."""
+        dest = self._new_snapshot_path()
+        check_room(self._root(), size, "a gallery snapshot")
+        _write_new(dest, chunks)
         return dest
 
     def _load(self, path: Path) -> Gallery:
-        snap = self._snapshot(Path(path))
+        path = Path(path)
+        key, ident = self._refusal_key(path), _identity(path)
+        try:
+            g = self._load_checked(path)
+        except GalleryError as exc:
+            if not exc.transient and ident is not None:
+                _remember_refusal(key, ident, exc.reason)
+            raise
+        _remember_refusal(key, None, None)
+        g.source = path
+        return g
+
+    def _load_checked(self, path: Path) -> Gallery:
+        with _open_regular(path, confine=True) as f:
+            size = os.fstat(f.fileno()).st_size
+            if self.max_bytes is not None and size > self.max_bytes:
+                raise GalleryError(path, f"{size} bytes, larger than the {self.max_bytes} "
+                                         f"allowed (drops.max_bytes)")
+            fields = _checked_header(_read_head(f, path, size), path, size, self.expect_dim)
+            _check_embedder(path, fields[15].hex(), self.expect_embedder)
+            body = hashlib.sha256()
+            try:
+                snap = self._write_snapshot(_file_chunks(f, size, path, body), size)
+            except OSError as exc:
+                return self._in_memory(f, size, path, self._no_snapshot(exc))
+        return self._open_snapshot(snap, body.hexdigest(), path)
+
+    def _open_snapshot(self, snap: Path, body_sha256: str, path: Path) -> Gallery:
+        g = None
         try:
             g = Gallery.open(snap, expect_dim=self.expect_dim,
-                             expect_embedder=self.expect_embedder, threads=self.threads)
-        except GalleryError as exc:
+                             expect_embedder=self.expect_embedder, verify=False,
+                             threads=self.threads)
+            g.verify(body_sha256)  # (hashed while copied)
+        except BaseException as exc:
+            if g is not None:
+                g.close()
             _unlink(snap)
-            raise GalleryError(path, exc.reason) from None
-        except BaseException:
-            _unlink(snap)
+            if isinstance(exc, GalleryError):
+                raise GalleryError(path, exc.reason, exc.transient) from None
             raise
-        g.source = Path(path)
+        g.snapshot = snap
         return g
+
+    def _in_memory(self, f, size: int, path: Path, why: str) -> Gallery:
+        g = Gallery.read_into_memory(f, size, path, self.expect_dim, self.expect_embedder,
+                                     self.threads)
+        g.snapshot_error = why
+        log.error("gallery %s: %s; serving it from memory (%s) until the snapshot can be "
+                  "written", path, why, human_size(size))
+        return g
+
+    def _no_snapshot(self, exc: Exception) -> str:
+        """Why a snapshot could not be written, in words."""
+        if isinstance(exc, NoRoom):
+            return exc.strerror
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        return f"cannot write its snapshot in {self._root()}: {why}"
+
+    def retry_snapshot(self) -> bool:
+        """When the gallery in service is held in memory only (:attr:`snapshot_error`), try
+        again to write its snapshot (with the margin) and serve it from there, keeping it as
+        the last good one.  True when the gallery in service has its snapshot (or there is no
+        gallery); cheap when there is nothing to do.  Searches go on meanwhile."""
+        with self._retry_lock, self.holder.lease() as g:
+            if g is None or g.snapshot_error is None:
+                return True
+            snap = None
+            try:
+                with memoryview(g._mm) as mv:
+                    snap = self._write_snapshot(
+                        (mv[i:i + (1 << 20)] for i in range(0, len(mv), 1 << 20)), len(mv))
+                g.remap(snap)  # (the view released: the memory is freed here)
+            except (OSError, GalleryError) as exc:
+                if snap is not None:
+                    _unlink(snap)
+                g.snapshot_error = self._no_snapshot(exc)
+                return False
+            g.snapshot, g.snapshot_error = snap, None
+            log.info("gallery %s: its snapshot is written (%s); no longer held in memory",
+                     g.source, snap)
+            self._keep_last_good(g)
+        return True
+
+    @property
+    def snapshot_error(self) -> Optional[str]:
+        """Why the gallery in service has no snapshot and is served from memory (it could
+        not be written: a full or read-only state directory); None when it has one or there
+        is no gallery.  The daemon reports ``degraded`` while it is set, and calls
+        :meth:`retry_snapshot` (with back-off) until that succeeds."""
+        g = self.current
+        return g.snapshot_error if g is not None else None
+
+    def _refusal_key(self, path: Path) -> tuple:
+        return (os.path.abspath(path), self.expect_embedder, self.expect_dim, self.max_bytes)
 
     def _keep_last_good(self, g: Gallery) -> None:
         """Hard-link the snapshot of ``g`` (now in service) to ``last-good.edgal``; where the
         filesystem has no hard links, copy it in a background thread (never on the frame
-        path: a rollback runs on the track thread)."""
-        if not self.serving or self.last_good is None:
+        path: a rollback runs on the track thread).  A gallery held in memory only is kept
+        once its snapshot is written (:meth:`retry_snapshot`)."""
+        if not self.serving or self.last_good is None or g.snapshot is None:
             return
         dest = self.last_good
         with _LG_LOCK:  # one sequence per destination: a newer gallery's copy always wins
@@ -935,25 +1209,25 @@ class GalleryHolder:
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{seq}.tmp")
             _unlink(tmp)
             try:
-                os.link(g.path, tmp)
+                os.link(g.snapshot, tmp)
                 os.replace(tmp, dest)
                 return
             except OSError as exc:
                 _unlink(tmp)
                 try:
-                    src = open(g.path, "rb")  # readable even once the snapshot is unlinked
+                    src = open(g.snapshot, "rb")  # readable even once the snapshot is unlinked
                 except OSError:
                     log.warning("gallery: cannot keep the gallery in service as %s: %s", dest,
                                 exc.strerror or exc)
                     return
-        threading.Thread(target=self._copy_last_good, args=(src, tmp, dest, seq),
+        threading.Thread(target=self._copy_last_good, args=(src, tmp, dest, seq, g.file_size),
                          name="gallery-last-good", daemon=True).start()
 
-    def _copy_last_good(self, src, tmp: Path, dest: Path, seq: int) -> None:
-        from edged.modelstore import atomic_write
+    def _copy_last_good(self, src, tmp: Path, dest: Path, seq: int, size: int) -> None:
         try:
             with src:
-                atomic_write(tmp, iter(lambda: src.read(1 << 20), b""))
+                atomic_write(tmp, iter(lambda: src.read(1 << 20), b""), mode=SNAPSHOT_MODE,
+                             room_for=size)
             with _LG_LOCK:
                 if seq == _LG_SEQ.get(str(dest)) and self.serving:  # else a newer one wins
                     os.replace(tmp, dest)
@@ -971,26 +1245,27 @@ class GalleryHolder:
             if g is not None:
                 self._keep_last_good(g)
 
-    def _start_last_good(self, refused) -> Optional[object]:
-        """At start, the file at the gallery path was refused: serve the last good gallery."""
+    def _start_last_good(self, refused, again: bool = False) -> Optional[object]:
+        """At start, the file at the gallery path was refused: serve the last good gallery.
+        ``again``: refused before and unchanged since (said at INFO, not as an error)."""
+        say = log.info if again else log.error
         lg = self.last_good
         if lg is None or not lg.is_file():
-            log.error("gallery %s refused at start (%s) and no last good gallery is kept: "
-                      "every face is unknown until a good gallery arrives", self.path,
-                      refused.reason)
+            say("gallery %s refused at start (%s) and no last good gallery is kept: "
+                "every face is unknown until a good gallery arrives", self.path, refused.reason)
             return refused
         ev = self.holder.reload(lg, trigger="start: last good")
         if ev.accepted:
-            log.error("gallery %s refused at start (%s); serving the last good gallery "
-                      "(checksum %s) from %s until a good file arrives there", self.path,
-                      refused.reason, str(ev.new_version)[:16], lg)
+            say("gallery %s refused at start (%s); serving the last good gallery "
+                "(checksum %s) from %s until a good file arrives there", self.path,
+                refused.reason, str(ev.new_version)[:16], lg)
         return ev
 
     @staticmethod
     def _close(g: Gallery) -> None:
-        snap = g.path
         g.close()
-        _unlink(snap)
+        if g.snapshot is not None:
+            _unlink(g.snapshot)
 
     # -- the daemon's side --------------------------------------------------------------
 
@@ -1008,18 +1283,32 @@ class GalleryHolder:
             return g.match(q, self.settings)
 
     def reload(self, trigger: str = "reload"):
-        """Load the file now (the daemon calls this on SIGHUP); returns the SwapEvent."""
+        """Load the file now; returns the SwapEvent."""
         return self.holder.reload(trigger=trigger)
 
     def start(self):
         """Load the file if it is there, then watch it.  Returns the first SwapEvent or None.
 
         A file that is there but refused is replaced, in memory, by the last good gallery
-        (see the class documentation); the file on disk is left as it is.
+        (see the class documentation); the file on disk is left as it is.  A file refused
+        before and unchanged since is not read again: the event returned says so, and is not
+        reported to ``on_event``.
         """
-        ev = self.holder.start()
+        from edged.hotswap import SwapEvent
+
+        self._clean_stale()
+        known = _known_refusal(self._refusal_key(self.path), _identity(self.path))
+        if known is None:
+            ev = self.holder.start()
+        else:
+            log.info("gallery %s: unchanged since it was refused (%s); not read again until "
+                     "it changes", self.path, known)
+            ev = SwapEvent("gallery", False, str(self.path), known, None, None, 0.0,
+                           "start: unchanged", time.time())
+            if self.holder.watcher is not None:
+                self.holder.watcher.start()
         if ev is not None and not ev.accepted and self.holder.current is None:
-            ev = self._start_last_good(ev)
+            ev = self._start_last_good(ev, again=known is not None)
         return ev
 
     def stop(self) -> None:
@@ -1027,7 +1316,6 @@ class GalleryHolder:
         self.holder.stop()
         d, self._snapdir = self._snapdir, None
         if d is not None:
-            import shutil
             shutil.rmtree(d, ignore_errors=True)
         f, self._snap_lockfile = self._snap_lockfile, None
         if f is not None:
@@ -1038,10 +1326,103 @@ class GalleryHolder:
         return g.checksum if g is not None else None
 
 
+def _file_chunks(f, size: int, path: Path, body_hash):
+    """The first ``size`` bytes of the open file ``f`` in chunks, the bytes after the header
+    fed to ``body_hash`` on the way (one read of the file for the copy and its checksum)."""
+    f.seek(0)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = _read_into(f, view[:min(len(buf), size - done)], path)
+        if not n:
+            raise GalleryError(path, f"truncated while being read: {done} of {size} bytes",
+                               transient=True)
+        body_hash.update(view[min(max(0, HEADER_SIZE - done), n):n])
+        yield view[:n]
+        done += n
+
+
+def _write_new(dest: Path, chunks) -> None:
+    """Write ``chunks`` to the new file ``dest``, created :data:`SNAPSHOT_MODE` less the
+    umask; on any failure (a full disk) nothing of it is left."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 SNAPSHOT_MODE)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+    except BaseException:
+        _unlink(dest)
+        raise
+
+
+# files refused for their content: (path, expectations) -> (identity, reason); few entries
+_REFUSED: dict = {}
+_REFUSED_LOCK = threading.Lock()
+
+
+def _identity(path) -> Optional[tuple]:
+    """What tells that the file at ``path`` changed: for the path itself and where a link
+    there leads, (device, inode, size, modification and change times); None if nothing
+    is there."""
+    out = []
+    for stat_fn in (os.lstat, os.stat):
+        try:
+            st = stat_fn(path)
+        except OSError:
+            if not out:
+                return None
+            st = None
+        out.append(st and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+def _remember_refusal(key: tuple, ident: Optional[tuple], reason: Optional[str]) -> None:
+    """Remember why the file ``ident`` was refused (``reason`` None: forget the key)."""
+    with _REFUSED_LOCK:
+        _REFUSED.pop(key, None)
+        if reason is not None:
+            while len(_REFUSED) >= 64:
+                _REFUSED.pop(next(iter(_REFUSED)))
+            _REFUSED[key] = (ident, reason)
+
+
+def _known_refusal(key: tuple, ident: Optional[tuple]) -> Optional[str]:
+    """Why the file ``ident`` was refused, if it was and has not changed since."""
+    with _REFUSED_LOCK:
+        got = _REFUSED.get(key)
+    return got[1] if got is not None and ident is not None and got[0] == ident else None
+
+
 _SNAP_LOCK = ".lock"
+#: a snapshot directory is made under this name and renamed to SNAPSHOT_PREFIX once locked
+_NEW_PREFIX = ".edged-gallery-new-"
 # last-good.edgal is shared by every holder of a snapshot root: one sequence per destination
 _LG_LOCK = threading.Lock()
 _LG_SEQ: dict = {}
+
+
+def _new_snapshot_dir(root: Path) -> tuple:
+    """A new snapshot directory under ``root``, locked before it gets its name, so that a
+    directory named ``edged-gallery-*`` whose lock is free belongs to a dead process:
+    ``(path, lock file or None)``."""
+    tmp = Path(tempfile.mkdtemp(prefix=_NEW_PREFIX, dir=str(root)))
+    lockf = None
+    try:
+        try:
+            lockf = _lock_snapshot_dir(tmp)
+        except OSError as exc:  # a filesystem without flock: unlocked, said once
+            log.warning("gallery: cannot lock a snapshot directory in %s (%s); if this "
+                        "process is killed, remove it by hand", root, exc.strerror or exc)
+        final = root / (SNAPSHOT_PREFIX + tmp.name[len(_NEW_PREFIX):])
+        os.rename(tmp, final)
+    except BaseException:
+        if lockf is not None:
+            lockf.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, lockf
 
 
 def _lock_snapshot_dir(d: Path):
@@ -1060,22 +1441,19 @@ def _lock_snapshot_dir(d: Path):
 def _remove_stale_snapshots(root: Path, min_age: float = 60.0) -> None:
     """Remove the snapshot directories nobody holds any more (left by a SIGKILL, a crash).
 
-    A directory is in use while its ``.lock`` is flocked by a live holder.  Directories younger
-    than ``min_age`` seconds are left alone (one being created has no lock yet), as are those
-    whose lock is held; one with no lock file (made by an older edged) is removed."""
+    A directory is in use while its ``.lock`` is flocked by a live holder; it is locked
+    before it gets its ``edged-gallery-`` name (:func:`_new_snapshot_dir`), so one whose lock
+    is free is removed at once, however young (a restart right after a SIGKILL).  Only one
+    with no lock file (made by an older edged) or still being made (``.edged-gallery-new-``)
+    is left alone while younger than ``min_age`` seconds."""
     import fcntl
-    import shutil
     try:
         entries = list(root.iterdir())
     except OSError:
         return
     for d in entries:
-        if not d.name.startswith(SNAPSHOT_PREFIX) or not d.is_dir():
-            continue
-        try:
-            if time.time() - d.stat().st_mtime < min_age:
-                continue
-        except OSError:
+        making = d.name.startswith(_NEW_PREFIX)
+        if not (making or d.name.startswith(SNAPSHOT_PREFIX)) or d.is_symlink() or not d.is_dir():
             continue
         try:
             f = open(d / _SNAP_LOCK, "rb")
@@ -1083,15 +1461,18 @@ def _remove_stale_snapshots(root: Path, min_age: float = 60.0) -> None:
             f = None
         except OSError:
             continue
-        if f is not None:
-            with f:
+        with f if f is not None else contextlib.nullcontext():
+            if f is None or making:
+                try:
+                    if time.time() - d.stat().st_mtime < min_age:
+                        continue
+                except OSError:
+                    continue
+            if f is not None:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # held (in use), or locks unsupported here: left alone
-                log.info("gallery: removing %s, left by a process that is gone", d)
-                shutil.rmtree(d, ignore_errors=True)
-        else:
             log.info("gallery: removing %s, left by a process that is gone", d)
             shutil.rmtree(d, ignore_errors=True)
 

@@ -276,3 +276,86 @@ def test_peek_embedder_reads_the_header_without_mapping_the_file(tmp_path):
         peek_embedder(p)
     with pytest.raises(GalleryError, match="no such file"):
         peek_embedder(tmp_path / "none.edgal")
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def test_gallery_files_are_not_world_readable(tmp_path):
+    """Galleries are biometric data: 0640 less the umask (they were 0644 whatever it was)."""
+    old = os.umask(0o022)
+    try:
+        make(tmp_path / "a.edgal")
+        os.umask(0o077)
+        make(tmp_path / "b.edgal")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.edgal").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "b.edgal").st_mode & 0o777 == 0o600
+
+
+def test_a_refusal_never_quotes_the_file(tmp_path):
+    """Refusals go to the retained MQTT status: none of the file's bytes in them."""
+    from edged.gallery import peek_embedder
+
+    p = tmp_path / "g.edgal"
+    for data in (b"root:x:0:0:root:/root:/bin/bash\n" * 20, b"root:x"):
+        p.write_bytes(data)
+        assert reason(p) == "not an edged gallery (wrong magic)"
+        with pytest.raises(GalleryError) as ei:
+            peek_embedder(p)
+        assert "root" not in str(ei.value).replace(str(tmp_path), "")
+
+
+CRAFTED = {  # header fields with every checksum right: (offset, value, reason)
+    "a huge dimension and no rows": (16, struct.pack("<I", 2 ** 32 - 1),
+                                     f"invalid embedding dimension 4294967295 (1 to {G.MAX_DIM})"),
+    "a NaN creation time": (36, struct.pack("<d", float("nan")), "invalid creation time nan"),
+    "an infinite creation time": (36, struct.pack("<d", float("inf")), "invalid creation time inf"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(CRAFTED))
+def test_crafted_headers_with_valid_checksums_are_refused(tmp_path, what):
+    """Once a MemoryError (1024 x 4e9 floats of scratch space) or a crash of the date."""
+    from gallery_craft import craft
+
+    p = tmp_path / "g.edgal"
+    write_gallery(p, [], np.zeros(0, int), np.zeros((0, 192), np.float32), SHA)
+    off, value, why = CRAFTED[what]
+    craft(p, [(off, value)])
+    assert reason(p, expect_dim=None) == why
+    assert reason(p, expect_dim=None, verify=False) == why
+
+
+def _bad_tables(p):
+    from gallery_craft import section
+
+    return {"invalid UTF-8": (section(p, "s"), b"\xff", "identity 0: invalid UTF-8"),
+            "row starts": (section(p, "rs") + 8, struct.pack("<Q", 100),
+                           "row starts are not increasing"),
+            "string offsets": (section(p, "so") + 8, struct.pack("<Q", 2 ** 63 + 5),
+                               "string offsets are not increasing")}
+
+
+@pytest.mark.parametrize("what", ["invalid UTF-8", "row starts", "string offsets"])
+def test_an_unverified_gallery_with_bad_tables_raises_gallery_error(tmp_path, what):
+    """Gallery.open(verify=False) is constant time; the tables it did not check are checked
+    on first use, so a search or a name lookup raises GalleryError (once UnicodeDecodeError,
+    IndexError, or names read out of bounds)."""
+    from gallery_craft import craft
+
+    p = tmp_path / "g.edgal"
+    make(p, n_id=3, per=2)
+    off, value, why = _bad_tables(p)[what]
+    craft(p, [(off, value)])
+    with Gallery.open(p, verify=False) as g:
+        uses = [lambda: g.search(np.ones(192), 3), lambda: g.identities,
+                lambda: g.match(np.ones((2, 192)))]
+        if what != "invalid UTF-8":  # (scores need no names)
+            uses.append(lambda: g.identity_scores(np.ones(192)))
+        for use in uses:
+            with pytest.raises(GalleryError) as ei:
+                use()
+            assert ei.value.reason.startswith(why) and str(p) in str(ei.value)
+    assert reason(p).startswith(why)  # and the full check says the same

@@ -112,10 +112,10 @@ def test_identify(built, capsys, shared_dir, models_dir):
     stranger = res[2]["faces"]
     assert len(stranger) == 1 and stranger[0]["name"] is None and stranger[0]["score"] < 0.58
     assert len(res[3]["faces"]) == 2 and all(f["name"] is None for f in res[3]["faces"])
-    # text output, and an unreadable image among good ones: reported, status 1
+    # text output, and an unreadable image among good ones: reported, status 2
     code, so, err = run(capsys, "identify", "--gallery", out, imgs[0], "/nonexistent.jpg",
                         "--models", models_dir)
-    assert code == 1
+    assert code == 2
     assert "Abdullah_Gul_0005.jpg: face 1 [" in so and "Abdullah Gul  score 0." in so
     assert "/nonexistent.jpg: no such file" in err
     # a threshold above every score: unknown with the best candidate shown
@@ -222,3 +222,48 @@ def test_bad_options_and_foreign_gallery(tmp_path, capsys, models_dir, shared_di
     code, _, err = run(capsys, "gallery", "add", g, "Abdullah Gul", img, "--models", models_dir)
     assert code == 1 and f"{g}: made by embedder sha256 {'cd' * 32}" in err and "rebuild" in err
     assert g.read_bytes() == before
+
+
+def _crafted(tmp_path, name, edits, n_id=0):
+    from gallery_craft import craft
+
+    p = tmp_path / name
+    write_gallery(p, [(f"p{j}", f"P {j}") for j in range(n_id)], np.arange(n_id),
+                  np.eye(n_id, 192, dtype=np.float32), "cd" * 32)
+    return craft(p, edits(p) if callable(edits) else edits)
+
+
+def test_crafted_files_with_valid_checksums_give_one_line_and_no_traceback(tmp_path, capsys):
+    """gallery info/list on crafted files: once MemoryError (no rows, a dimension of 4e9),
+    OverflowError (created 1e308), IndexError (row starts out of order)."""
+    import struct
+
+    from gallery_craft import section
+
+    huge = _crafted(tmp_path, "huge.edgal", [(16, struct.pack("<I", 2 ** 32 - 1))])
+    nan = _crafted(tmp_path, "nan.edgal", [(36, struct.pack("<d", float("nan")))])
+    starts = _crafted(tmp_path, "starts.edgal",
+                      lambda p: [(section(p, "rs") + 8, struct.pack("<Q", 100))], n_id=3)
+    utf8 = _crafted(tmp_path, "utf8.edgal", lambda p: [(section(p, "s"), b"\xff")], n_id=3)
+    cases = [(huge, "invalid embedding dimension 4294967295"),
+             (nan, "invalid creation time nan"), (starts, "row starts are not increasing"),
+             (utf8, "identity 0: invalid UTF-8")]
+    for path, why in cases:
+        for action in ("info", "list"):
+            code, out, err = run(capsys, "gallery", action, path)
+            assert code == 1, (action, path, out, err)
+            if action == "info" and path == utf8:  # the header is good: the check says it
+                assert f"FAILED: {why}" in out and err == ""
+                continue
+            assert err.startswith(f"edged gallery {action}: {path}: {why}"), err
+            assert err.count("\n") == 1 and out == ""
+    far = _crafted(tmp_path, "far.edgal", [(36, struct.pack("<d", 1e308))])
+    code, out, err = run(capsys, "gallery", "info", far)
+    assert code == 0 and "created         1e+308 (not a valid date)" in out, (out, err)
+
+
+def test_a_file_that_is_no_gallery_is_not_quoted(tmp_path, capsys):
+    p = tmp_path / "passwd.edgal"
+    p.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    code, out, err = run(capsys, "gallery", "info", p)
+    assert code == 1 and err == f"edged gallery info: {p}: not an edged gallery (wrong magic)\n"

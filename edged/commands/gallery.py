@@ -123,12 +123,17 @@ def register(sub, common):
 
 
 def run(fn):
+    """The command ``fn`` with its failures as one line on stderr and an exit status: a
+    :class:`Fail`, and any :class:`edged.gallery.GalleryError` (status 1) wherever it comes
+    from, never a traceback for a bad file."""
+    from edged.gallery import GalleryError
+
     def handler(args) -> int:
         try:
             return int(fn(args) or 0)
-        except Fail as exc:
+        except (Fail, GalleryError) as exc:
             print(f"edged gallery {args.gallery_command}: {exc}", file=sys.stderr)
-            return exc.code
+            return exc.code if isinstance(exc, Fail) else 1
     return handler
 
 
@@ -373,6 +378,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _date(t: float) -> str:
+    """A creation time as an ISO date, or the number itself when it is no date."""
+    try:
+        d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{t!r} (not a valid date)"
+    return d.isoformat(timespec="seconds")
+
+
 _SCAN_WORDS = {
     "blas": "float32 matrix product (numpy's BLAS)",
     "avx2": "compiled float16 scan (AVX2, F16C)",
@@ -404,11 +418,10 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if ok else 1
-    created = datetime.datetime.fromtimestamp(info["created"], datetime.timezone.utc)
     rpi = info["rows_per_identity"]
     print(f"file            {info['path']} ({info['file_size']} bytes)")
     print(f"format version  {info['format_version']}")
-    print(f"created         {created.isoformat(timespec='seconds')}")
+    print(f"created         {_date(info['created'])}")
     print(f"embeddings      {info['rows']} rows x {info['dim']} {info['dtype']}")
     print(f"identities      {info['identities']} (rows each: {rpi['min']}..{rpi['max']})")
     print(f"embedder sha256 {info['embedder_sha256']}")

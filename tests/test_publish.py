@@ -378,8 +378,8 @@ def test_full_spool_drops_oldest_and_reports_it(broker_factory, pub_factory):
 
 
 @pytest.mark.parametrize("encoding", ["jpeg", "base64"])
-def test_snapshots_only_when_configured(broker, pub_factory, shared_dir, encoding):
-    jpeg = next(iter(sorted((shared_dir / "faces").rglob("*.jpg")))).read_bytes()
+def test_snapshots_only_when_configured(broker, pub_factory, public_photos, encoding):
+    jpeg = (public_photos / "obama.jpg").read_bytes()
     sub = Subscriber(broker.port, f"{PREFIX}/#")
     off = pub_factory(broker.port)
     on = Publisher(settings(broker.port, snapshots=True, snapshot_encoding=encoding,

@@ -2,7 +2,9 @@
 
 Each module in ``edged/commands/`` defines ``register(subparsers, common)``, which adds its
 sub-commands; ``common`` is a parent parser with the options every sub-command takes
-(``--models DIR``, ``-v``).  A handler returns the process exit status.
+(``--models DIR``, ``-v``).  A handler returns the process exit status: the statuses common
+to the commands are listed in ``edged --help`` (:func:`exit_epilog`), each command's own in
+its ``--help``.
 """
 from __future__ import annotations
 
@@ -25,11 +27,29 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
+def exit_epilog() -> str:
+    """The exit statuses the commands share (each command's --help lists its own)."""
+    from edged.commands import EXIT_ERROR, EXIT_NO_FACE, EXIT_OK, exit_status_epilog
+    from edged.commands.run import EX_CONFIG
+
+    return exit_status_epilog(
+        (EXIT_OK, "done"),
+        (EXIT_NO_FACE, "faces, compare, embed, identify: some images had no face; the other "
+                       "commands: failed (the error is on stderr)"),
+        (EXIT_ERROR, "bad usage (any command); faces, compare, embed, identify: an image "
+                     "that cannot be read, or nothing could run"),
+        (EX_CONFIG, "run, check-config: the configuration is not valid (EX_CONFIG; systemd "
+                    "does not restart the daemon on it)"),
+        (130, "interrupted (Ctrl-C)")) + (
+        "\n\nfaces, compare, embed and identify list theirs in their --help.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edged import commands
 
     parser = argparse.ArgumentParser(
-        prog="edged", description="On-device face recognition: detect, recognise, publish over MQTT.")
+        prog="edged", description="On-device face recognition: detect, recognise, publish over MQTT.",
+        epilog=exit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -21,3 +21,31 @@ def _finite_in(lo: float, hi: float, what: str):
 similarity = _finite_in(-1.0, 1.0, "a cosine similarity in [-1, 1]")
 #: a margin between two cosine similarities
 margin = _finite_in(0.0, 2.0, "in [0, 2]")
+
+
+#: exit statuses of the commands that read images (faces, compare, embed, identify), as grep
+#: and diff have theirs: a script tells "no face in one photo" from "could not run"
+EXIT_OK = 0
+EXIT_NO_FACE = 1
+EXIT_ERROR = 2
+
+
+def exit_status_epilog(*rows) -> str:
+    """An argparse epilog (for RawDescriptionHelpFormatter) listing ``(status, meaning)`` rows."""
+    import textwrap
+
+    width = max(len(str(code)) for code, _ in rows) + 2
+    lines = ["exit status:"]
+    for code, meaning in rows:
+        lines.extend(textwrap.wrap(meaning, 79, initial_indent=f"  {code:<{width}}",
+                                   subsequent_indent=" " * (width + 2)))
+    return "\n".join(lines)
+
+
+def image_exit_rows(ok: str) -> tuple:
+    """The exit statuses of a command that reads images; ``ok`` says what 0 means."""
+    return ((EXIT_OK, ok),
+            (EXIT_NO_FACE, "some images had no face (the others were processed)"),
+            (EXIT_ERROR, "bad usage, an image that cannot be read (the others are still "
+                         "processed), an output that cannot be written, or nothing could run "
+                         "(models or gallery unusable)"))

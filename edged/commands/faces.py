@@ -11,11 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edged.commands import similarity
-
-EXIT_HELP = ("Exit status: 0 when every image was processed, 1 when any image failed "
-             "(unreadable, not an image, no face found; each reported on stderr while the "
-             "others are still processed), 2 when nothing could run (models missing, bad options).")
+from edged.commands import (EXIT_ERROR, EXIT_NO_FACE, EXIT_OK, exit_status_epilog,
+                            image_exit_rows, similarity)
 
 
 def _wrap(*paragraphs: str) -> str:
@@ -41,12 +38,17 @@ def register(sub, common):
         "faces", parents=[common], formatter_class=fmt,
         help="detect faces in images: boxes, landmarks, quality",
         description=_wrap("Detect faces in each image and print their boxes, scores, "
-                          "landmarks and quality.", EXIT_HELP))
+                          "landmarks and quality (the combined score and its parts: size, "
+                          "sharpness, frontal pose, and whether it meets the minimums). An "
+                          "image that cannot be read, or has no face, is reported on stderr "
+                          "and the others are still processed."),
+        epilog=exit_status_epilog(*image_exit_rows("every image was processed and had a face")))
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true",
                    help='print one JSON document: [{"image": path, "faces": [{"box": [x1, y1, x2, '
-                        'y2], "score": s, "landmarks": [[x, y] x 5], "quality": q}]}]; a failed '
-                        'image also has "error"')
+                        'y2], "score": s, "landmarks": [[x, y] x 5], "quality": q, '
+                        '"quality_passed": bool, "size_px": px, "sharpness": s, "frontal": f}]}]; '
+                        'an image that failed or has no face also has "error"')
     p.add_argument("--annotate", metavar="OUT_DIR",
                    help="write each image with its boxes and landmarks drawn into OUT_DIR")
     _options(p, flip=False)
@@ -57,7 +59,8 @@ def register(sub, common):
         help="cosine similarity of the most central face of two images, and the verdict",
         description=_wrap("Compare the most central face of IMAGE_A with that of IMAGE_B: "
                           "cosine similarity of their embeddings and the verdict at the match "
-                          "threshold (exit status 0 whatever the verdict).", EXIT_HELP))
+                          "threshold (exit status 0 whatever the verdict)."),
+        epilog=exit_status_epilog(*image_exit_rows("both images had a face: compared")))
     c.add_argument("image_a", metavar="IMAGE_A")
     c.add_argument("image_b", metavar="IMAGE_B")
     c.add_argument("--json", action="store_true",
@@ -74,7 +77,8 @@ def register(sub, common):
         help="embeddings of the most central face of each image, to a .npy file",
         description=_wrap("Embed the most central face of each image and save an N x 192 "
                           "float32 array in input order; an image without a face (or "
-                          "unreadable) gets a row of NaN.", EXIT_HELP))
+                          "unreadable) gets a row of NaN."),
+        epilog=exit_status_epilog(*image_exit_rows("every image had a face: no NaN row")))
     e.add_argument("images", nargs="+", metavar="IMAGE")
     e.add_argument("--out", required=True, metavar="FILE.npy", help="where to write the array")
     _options(e)
@@ -85,7 +89,11 @@ def register(sub, common):
 
 
 class _Fail(Exception):
-    pass
+    """A per-image or set-up problem: the message, and the exit status it leads to."""
+
+    def __init__(self, msg: str, code: int = EXIT_ERROR):
+        super().__init__(msg)
+        self.code = code
 
 
 def _pipeline(args, name: str):
@@ -121,10 +129,16 @@ def _load(path: str):
 
 
 def _face_json(f) -> dict:
-    return {"box": [round(float(v), 2) for v in f.box],
-            "score": round(float(f.score), 5),
-            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in f.landmarks],
-            "quality": round(float(f.quality.score), 4) if f.quality is not None else None}
+    """A face as JSON: what :func:`_face_text` says, with more digits."""
+    q = f.quality
+    doc = {"box": [round(float(v), 2) for v in f.box],
+           "score": round(float(f.score), 5),
+           "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in f.landmarks],
+           "quality": round(float(q.score), 4) if q is not None else None}
+    if q is not None:
+        doc.update(quality_passed=bool(q.passed), size_px=round(float(q.size_px), 1),
+                   sharpness=round(float(q.sharpness), 1), frontal=round(float(q.frontal), 3))
+    return doc
 
 
 def _face_text(f) -> str:
@@ -179,7 +193,7 @@ def cmd_faces(args) -> int:
         pipe = _pipeline(args, "faces")
     except _Fail as exc:
         _err(str(exc))
-        return 2
+        return EXIT_ERROR
     out_dir = None
     if args.annotate:
         out_dir = Path(args.annotate)
@@ -187,18 +201,20 @@ def cmd_faces(args) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             _err(f"edged faces: --annotate {out_dir}: cannot create the directory: {exc}")
-            return 2
+            return EXIT_ERROR
     used: set = set()
-    docs, failed = [], 0
+    docs, status = [], EXIT_OK
     for path in args.images:
         image, error = _load(path)
         faces = []
-        if image is not None:
+        if image is None:
+            status = EXIT_ERROR
+        else:
             faces = pipe.detect(image)
             if not faces:
                 error = f"{path}: no face found"
+                status = max(status, EXIT_NO_FACE)
         if error:
-            failed += 1
             _err(f"edged faces: {error}")
         if args.json:
             doc = {"image": path, "faces": [_face_json(f) for f in faces]}
@@ -215,11 +231,11 @@ def cmd_faces(args) -> int:
                 if not args.json:
                     print(f"  annotated: {written}")
             except OSError as exc:
-                failed += 1
+                status = EXIT_ERROR
                 _err(f"edged faces: {path}: {exc}")
     if args.json:
         print(json.dumps(docs, indent=2))
-    return 1 if failed else 0
+    return status
 
 
 def _central(pipe, path: str, name: str):
@@ -231,7 +247,7 @@ def _central(pipe, path: str, name: str):
         raise _Fail(f"edged {name}: {error}")
     face = central_face(pipe.detect(image), image.shape)
     if face is None:
-        raise _Fail(f"edged {name}: {path}: no face found")
+        raise _Fail(f"edged {name}: {path}: no face found", EXIT_NO_FACE)
     return face
 
 
@@ -240,8 +256,8 @@ def cmd_compare(args) -> int:
         pipe = _pipeline(args, "compare")
     except _Fail as exc:
         _err(str(exc))
-        return 2
-    faces, failed = [], False
+        return EXIT_ERROR
+    faces, status = [], EXIT_OK
     for path in (args.image_a, args.image_b):
         try:
             face = _central(pipe, path, "compare")
@@ -253,9 +269,9 @@ def cmd_compare(args) -> int:
             faces.append(face)
         except _Fail as exc:
             _err(str(exc))
-            failed = True
-    if failed:
-        return 1
+            status = max(status, exc.code)
+    if status != EXIT_OK:
+        return status
     pipe.embed_faces(faces, only_passing=False)
     sim = float(np.dot(faces[0].embedding, faces[1].embedding))
     thr = args.threshold if args.threshold is not None else pipe.settings.match_threshold
@@ -267,25 +283,25 @@ def cmd_compare(args) -> int:
     else:
         verdict = "same person" if same else "different people"
         print(f"similarity {sim:.3f}: {verdict} (threshold {thr:.3f})")
-    return 0
+    return EXIT_OK
 
 
 def cmd_embed(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         _err(f"edged embed: --out {out}: the file name must end in .npy")
-        return 2
+        return EXIT_ERROR
     if not out.parent.is_dir():
         _err(f"edged embed: --out {out}: directory {out.parent} does not exist")
-        return 2
+        return EXIT_ERROR
     try:
         pipe = _pipeline(args, "embed")
     except _Fail as exc:
         _err(str(exc))
-        return 2
+        return EXIT_ERROR
     dim = pipe.embedder.dim
     result = np.full((len(args.images), dim), np.nan, dtype=np.float32)
-    faces, rows, failed = [], [], 0
+    faces, rows, failed, status = [], [], 0, EXIT_OK
     for i, path in enumerate(args.images):
         try:
             faces.append(_central(pipe, path, "embed"))
@@ -293,6 +309,7 @@ def cmd_embed(args) -> int:
         except _Fail as exc:
             _err(f"{exc} (row {i} is NaN)")
             failed += 1
+            status = max(status, exc.code)
         if len(faces) >= 16:  # embed in batches
             pipe.embed_faces(faces, only_passing=False)
             for r, f in zip(rows, faces):
@@ -312,7 +329,7 @@ def cmd_embed(args) -> int:
         except OSError:
             pass
         _err(f"edged embed: cannot write {out}: {exc}")
-        return 2
+        return EXIT_ERROR
     print(f"wrote {out}: {len(args.images)} x {dim} float32 ({len(args.images) - failed} embedded, "
           f"{failed} without a face; embedder sha256 {pipe.embedder_sha256[:12]})")
-    return 1 if failed else 0
+    return status

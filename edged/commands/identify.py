@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from edged.commands import margin
+from edged.commands import (EXIT_ERROR, EXIT_NO_FACE, EXIT_OK, exit_status_epilog,
+                            image_exit_rows, margin)
 from edged.commands.gallery import Fail, make_pipeline, pipeline_options
 
 
@@ -19,15 +20,16 @@ def register(sub, common):
         description="Detect every face in each IMAGE, embed it and search the gallery. A face is "
                     "named when its best identity scores at least the threshold (and beats the "
                     "second by at least the margin); otherwise it is unknown, with its best "
-                    "score.\n\nExit status: 0 when every image was processed, 1 when an image "
-                    "could not be read (the others are still processed), 2 when nothing could "
-                    "run (gallery or models unusable, bad options).")
+                    "score. An image that cannot be read is reported on stderr, or with --json "
+                    "in the JSON document only; the others are still processed.",
+        epilog=exit_status_epilog(*image_exit_rows("every image was processed and had a face")))
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--gallery", required=True, metavar="FILE", help="gallery file")
     p.add_argument("--json", action="store_true",
                    help='print [{"image", "faces": [{"box": [x1, y1, x2, y2], "name": name or '
                         'null, "id", "score", "margin", "quality", "quality_passed", '
-                        '"candidates": [[name, score]]}]}]; an unreadable image has "error"')
+                        '"candidates": [[name, score]]}]}]; an image that cannot be read is '
+                        '{"image", "error"}')
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help=f"identification threshold (default {d.threshold}, the open-set default; "
                         f"docs/accuracy.md)")
@@ -53,9 +55,9 @@ def _identify(args) -> int:
     from edged.imageio import ImageError, load_image
 
     if not -1.0 <= args.threshold <= 1.0:
-        raise Fail(f"--threshold must be in [-1, 1], got {args.threshold}", 2)
+        raise Fail(f"--threshold must be in [-1, 1], got {args.threshold}", EXIT_ERROR)
     if args.top_k < 1:
-        raise Fail(f"--top-k must be at least 1, got {args.top_k}", 2)
+        raise Fail(f"--top-k must be at least 1, got {args.top_k}", EXIT_ERROR)
     settings = MatchSettings(threshold=args.threshold, min_margin=args.min_margin,
                              top_k=args.top_k)
     pipe = make_pipeline(args)
@@ -63,18 +65,21 @@ def _identify(args) -> int:
         gallery = Gallery.open(args.gallery, expect_dim=None,
                                expect_embedder=pipe.embedder_sha256)
     except GalleryError as exc:
-        raise Fail(str(exc), 2) from None
-    out, status = [], 0
+        raise Fail(str(exc), EXIT_ERROR) from None
+    out, status = [], EXIT_OK
     with gallery:
         for path in args.images:
             try:
                 img = load_image(path)
             except ImageError as exc:
-                print(f"edged identify: {exc}", file=sys.stderr)
-                out.append({"image": path, "error": str(exc), "faces": []})
-                status = 1
+                if not args.json:
+                    print(f"edged identify: {exc}", file=sys.stderr)
+                out.append({"image": path, "error": str(exc)})
+                status = EXIT_ERROR
                 continue
             faces = pipe.detect(img)
+            if not faces:
+                status = max(status, EXIT_NO_FACE)
             pipe.embed_faces(faces, only_passing=False)
             with_emb = [f for f in faces if f.embedding is not None]
             matches = gallery.match(np.stack([f.embedding for f in with_emb]), settings) \
@@ -98,10 +103,7 @@ def _identify(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return status
-    for item in out:
-        if "error" in item:
-            print(f"{item['image']}: ERROR {item['error']}")
-            continue
+    for item in (i for i in out if "error" not in i):  # (the errors went to stderr)
         if not item["faces"]:
             print(f"{item['image']}: no face")
             continue

@@ -90,8 +90,9 @@ def check_room(directory, size: int, what: str = "the file") -> None:
     free = free_bytes(directory)
     if free < need:
         raise NoRoom(errno.ENOSPC, f"not enough free space in {directory} for {what} "
-                                   f"({human_size(size)}): {human_size(free)} free, {human_size(need)} needed "
-                                   f"with the margin left for the event spool")
+                                   f"({human_size(size)}): {human_size(free)} free, "
+                                   f"{human_size(need)} needed with the margin left for the "
+                                   f"event spool")
 
 
 def human_size(n: int) -> str:

@@ -49,8 +49,9 @@ def test_a_full_state_dir_serves_the_gallery_from_memory_until_there_is_room(tmp
                 h.keep_last_good()
             assert ev.accepted, ev
             assert h.match(emb[3:4])[0].identity == "p3"
-            assert h.snapshot_error.startswith(f"not enough free space in {state}/gallery-"
-                                               f"snapshots for a gallery snapshot"), h.snapshot_error
+            why = h.snapshot_error
+            assert why.startswith(f"not enough free space in {state}/gallery-snapshots for a "
+                                  f"gallery snapshot"), why
             (err,) = errors(caplog)
             assert err.startswith(f"gallery {g}: not enough free space") and "from memory" in err
             assert h.current.snapshot is None and not h.last_good.exists()

@@ -929,13 +929,12 @@ def _read_into(f, view, path: Path) -> int:
         raise GalleryError(path, f"cannot read: {exc.strerror or exc}", transient=True) from None
 
 
-def _check_regular(path: Path, st=None, target=None) -> None:
-    """Raise :class:`GalleryError` unless ``path`` (``target`` where a link at ``path`` leads,
-    or the stat ``st``) is a regular file (opening a FIFO would block until a writer comes, a
-    device may do anything)."""
+def _check_regular(path: Path, st=None) -> None:
+    """Raise :class:`GalleryError` unless ``path`` (or its stat ``st``) is a regular file
+    (opening a FIFO would block until a writer comes, a device may do anything)."""
     if st is None:
         try:
-            st = os.stat(target if target is not None else path)
+            st = os.stat(path)
         except FileNotFoundError:
             raise GalleryError(path, "no such file") from None
         except OSError as exc:
@@ -947,41 +946,39 @@ def _check_regular(path: Path, st=None, target=None) -> None:
         raise GalleryError(path, "is not a regular file")
 
 
-def _confined(path: Path) -> Path:
-    """``path``, or where the symbolic link ``path`` leads when that is a file in the same
-    directory; :class:`GalleryError` for a link leading anywhere else (the daemon would
-    otherwise read, and report on, any file a link names)."""
+def _refuse_link(path: Path) -> None:
+    """:class:`GalleryError` when ``path`` itself is a symbolic link: the daemon never follows
+    one at the gallery path, as no drop is followed (its target could be any file it may
+    read, and the refusal goes onto MQTT; docs/ota.md)."""
+    from edged.ota import SYMLINK_REASON
+
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         raise GalleryError(path, "no such file") from None
     except OSError as exc:
         raise GalleryError(path, f"cannot stat: {exc.strerror or exc}", transient=True) from None
-    if not _stat.S_ISLNK(st.st_mode):
-        return path
-    real = Path(os.path.realpath(path))
-    if real.parent != Path(os.path.realpath(os.path.dirname(os.path.abspath(path)))):
-        raise GalleryError(path, "is a symbolic link leading out of its directory: refused "
-                                 "(only a link to a file in the same directory is followed)")
-    return real
+    if _stat.S_ISLNK(st.st_mode):
+        raise GalleryError(path, SYMLINK_REASON)
 
 
 def _open_regular(path: Path, confine: bool = False):
     """``path`` opened for reading once it is known to be a regular file (checked before the
-    open and again on the open file, which never blocks).  With ``confine``, the symbolic
-    link rule of :func:`_confined`, and the file opened without following any further link."""
-    target = _confined(path) if confine else path
-    _check_regular(path, target=target)
+    open and again on the open file, which never blocks).  With ``confine`` (the daemon's
+    reads), a symbolic link at ``path`` is refused (:func:`_refuse_link`), never followed."""
+    if confine:
+        _refuse_link(path)
+    _check_regular(path)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     if confine:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(target, flags)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise GalleryError(path, "no such file") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise GalleryError(path, "became a symbolic link while being opened: refused") from None
+        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+            _refuse_link(path)
         raise GalleryError(path, f"cannot open: {exc.strerror or exc}", transient=True) from None
     try:
         _check_regular(path, os.fstat(fd))
@@ -996,7 +993,7 @@ def peek_embedder(path, confine: bool = True) -> str:
     with a plain read (no mapping: the file may be a live one another program is rewriting,
     and a mapped file cut short under a reader kills the process with SIGBUS).  Raises
     :class:`GalleryError` when the header is not a good one; ``confine``: as the daemon
-    reads a gallery path (:func:`_confined`)."""
+    reads a gallery path (a symbolic link refused)."""
     path = Path(path)
     with _open_regular(path, confine) as f:
         head = _read_head(f, path, os.fstat(f.fileno()).st_size)
@@ -1036,8 +1033,8 @@ class GalleryHolder:
     holder's set is (confirmed) in service, and from then on every gallery it swaps in is kept.
     A holder built for a candidate set (a drop on probation, a reload) keeps nothing until then.
 
-    The symbolic link rule: a link at ``path`` is followed only to a file in the same
-    directory.  A file refused for its content is remembered (by inode, size and times):
+    A symbolic link at ``path`` is refused, never followed (as every drop: docs/ota.md).
+    A file refused for its content is remembered (by inode, size and times):
     :meth:`start` (what a ``SIGHUP`` does) does not read or report it again until it changes.
     """
 

@@ -1144,7 +1144,9 @@ class Daemon:
             if ping_every and now - last_ping >= ping_every:
                 if self.health.progressed(self.progress):
                     self.notifier.watchdog()
-                last_ping = now
+                # on a fixed grid (the loop's own steps do not stretch the interval), never
+                # two pings in a row after a long step
+                last_ping = max(last_ping + ping_every, now - ping_every / 2)
             if now - last_health >= HEALTH_EVERY_S:
                 last_health = now
                 self.check_health()

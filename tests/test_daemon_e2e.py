@@ -128,7 +128,16 @@ def test_edged_run_on_the_hamilton_clip(shared_dir, hamilton_gallery, broker, tm
     assert {"detect", "embed", "match", "track", "frame"} <= set(st["stages_ms"])
     assert st["stages_ms"]["detect"]["median"] > 0 and "dropped" in st["cameras"]["stage"]
     assert st["rss_mb"] > 0 and "cpu_percent" in st and "queue_depth" in st
-    status = [json.loads(p) for t, p in sub.messages if t == f"{prefix}/status"][-1]
+    statuses = [json.loads(p) for t, p in sub.messages if t == f"{prefix}/status"]
+    # each status retained is whole: the first one too has every part the start sets (one
+    # update), and the health; the last one (the clean stop) says stopped
+    for doc in statuses:
+        assert {"versions", "accelerators", "cameras", "drops", "drop_dir", "state"} <= set(doc), \
+            doc
+        assert doc["versions"]["embedder"] and doc["state"] in ("starting", "healthy",
+                                                                  "stopped"), doc
+    assert statuses[-1]["state"] == "stopped"
+    status = [doc for doc in statuses if doc["state"] == "healthy"][-1]
     assert status["versions"]["embedder"] == mrec[0]["versions"]["embedder"]
     assert status["cameras"]["stage"]["resolution"] == [640, 360]
     assert set(status["accelerators"]) >= {"detector", "embedder"}

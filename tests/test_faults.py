@@ -140,3 +140,7 @@ def test_a_full_state_partition_degrades_then_recovers_losing_nothing(
         d2.kill()
         sub.close()
     assert _status(state)["state"] == "stopped"
+    # the daemon's own kept files never took the room the spool needs, nor left a partial one
+    assert re.search(r"cannot keep a copy of the installed models: .*not enough free space",
+                     d.log())
+    assert not list(state.rglob("*.tmp")), list(state.rglob("*"))

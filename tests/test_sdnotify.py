@@ -208,3 +208,22 @@ def test_systemd_python_backend_when_installed(restore_logging, monkeypatch):
     rec.EDGED_PERSON = "bob"
     h.emit(rec)
     assert sent[0][0] == "hello bob" and sent[0][1]["EDGED_PERSON"] == "bob"
+
+
+def test_a_lasting_condition_is_logged_once_then_once_a_minute(caplog):
+    """logs.Throttle: one line when it starts, then one a minute saying how many were held
+    back, one when it ends; a new occurrence after that is logged at once."""
+    clock = [0.0]
+    t = logs.Throttle(logging.getLogger("edged.test"), every=60, clock=lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="edged.test"):
+        for i in range(300):  # one a second for five minutes
+            clock[0] = float(i)
+            t.problem(logging.ERROR if i == 0 else logging.WARNING, "disk full (%d)", i)
+        assert t.active
+        assert t.resolved("disk fine again") and not t.resolved("said once")
+        t.problem(logging.ERROR, "disk full again")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs[0] == "disk full (0)" and caplog.records[0].levelno == logging.ERROR
+    assert msgs[1:5] == [f"disk full ({i}) (59 similar line(s) held back)"
+                         for i in (60, 120, 180, 240)]
+    assert msgs[5:] == ["disk fine again", "disk full again"]

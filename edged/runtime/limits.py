@@ -25,7 +25,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 MB = 1 << 20
 DEFAULT_MAX_MB = 512

@@ -53,19 +53,18 @@ class _Extender:
     def old_ref(self, pos: int) -> int:
         return len(self.old) - pos
 
+    def _vector(self, items, prepend) -> int:
+        self.b.StartVector(4, len(items), 4)
+        for item in reversed(items):
+            prepend(item)
+        return self.b.EndVector()
+
     def ints(self, values) -> int:
-        b = self.b
-        b.StartVector(4, len(values), 4)
-        for v in reversed(values):
-            b.PrependInt32(v)
-        return b.EndVector()
+        return self._vector(values, self.b.PrependInt32)
 
     def refs(self, offsets) -> int:
-        b = self.b
-        b.StartVector(4, len(offsets), 4)
-        for off in reversed(offsets):
-            b.PrependUOffsetTRelative(off)
-        return b.EndVector()
+        """A vector of tables: builder offsets (``old_ref`` for the old ones)."""
+        return self._vector(offsets, self.b.PrependUOffsetTRelative)
 
     def table(self, n_fields: int, fields) -> int:
         """``fields``: [(slot, kind, value)], kind "u32", "i32", "i8", "u8" or "ref"."""

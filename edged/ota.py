@@ -54,6 +54,7 @@ import numpy as np
 
 from edged import modelstore
 from edged.hotswap import FileWatcher, default_filter
+from edged.runtime.limits import check_drop
 from edged.tflitefile import FILE_IDENTIFIER, ModelFormatError, make_batch_dynamic
 
 log = logging.getLogger("edged.ota")
@@ -973,6 +974,7 @@ class DropManager:
             self._report("unchanged", "models", path, t0, why="already in service")
             return
         for blob in changed.values():
+            check_drop(blob.role, blob.data, blob.file, self.d)  # memory, before any interpreter
             self_test(blob, self._accel(blob.role))
         new_emb = changed.pop("embedder", None)
         gallery = svc.gallery.current

@@ -1,8 +1,9 @@
-"""``edged models install | verify | info``."""
+"""``edged models install | verify | info | quantize``."""
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from edged import modelstore
 
@@ -28,6 +29,25 @@ def register(sub, common):
                       help="accelerator type to try (cpu, gpu, nnapi, edgetpu; default cpu)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    q = msub.add_parser("quantize", parents=[common],
+                        help="make int8 variants of P-Net, R-Net, O-Net and the embedder, "
+                             "calibrated on real faces, each set with a drop manifest")
+    q.add_argument("--calibration", metavar="DIR", type=Path, default=None,
+                   help="data folder laid out as ../shared (faces/dev/<person>/, videos/*.mp4); "
+                        "default: ../shared beside the checkout when present")
+    q.add_argument("--out", metavar="DIR", type=Path, default=Path("int8-models"),
+                   help="write each set to DIR/<recipe>/ and the layer report to "
+                        "DIR/report.json (default ./int8-models)")
+    q.add_argument("--recipe", action="append", choices=("dynamic", "static", "mixed"),
+                   help="dynamic (int8 weights), static (int8 weights and activations, "
+                        "calibrated), mixed (static with the worst layers in float); "
+                        "repeat for several (default: all three)")
+    q.add_argument("--float-layers", type=int, default=2, metavar="N",
+                   help="layers of each net the mixed recipe keeps in float (default 2)")
+    q.add_argument("--max-photos", type=int, default=160, metavar="N",
+                   help="dev photos of the calibration people to use, at most (default 160)")
+    q.set_defaults(func=cmd_quantize)
 
 
 def cmd_install(args) -> int:
@@ -93,3 +113,33 @@ def cmd_info(args) -> int:
             print(f"  output   {name} {shape}")
         print(f"  invoke   {r['invoke_ms']} ms (default input shape)")
     return status
+
+
+def cmd_quantize(args) -> int:
+    from edged import quantize
+
+    src = args.calibration or quantize.default_calibration_source()
+    if src is None:
+        print("edged models quantize: no calibration data: pass --calibration DIR, a folder "
+              "laid out as ../shared (faces/dev/<person>/*.jpg, videos/*.mp4); int8 models "
+              "are never calibrated on made-up inputs", file=sys.stderr)
+        return 2
+    if args.float_layers < 0 or args.max_photos < 1:
+        print("edged models quantize: --float-layers must be >= 0 and --max-photos >= 1",
+              file=sys.stderr)
+        return 2
+    try:
+        quantize.quantizer_api()
+        print(f"calibration from: {src}")
+        cal = quantize.calibration_from_dir(src, args.models, max_photos=args.max_photos)
+        for role, what in cal.description["samples"].items():
+            print(f"  {role:<9} {what}")
+        report = quantize.quantize_all(cal, args.out, args.recipe or quantize.RECIPES,
+                                       args.models, args.float_layers)
+    except (quantize.QuantizeError, modelstore.ModelError) as exc:
+        print(f"edged models quantize: {exc}", file=sys.stderr)
+        return 1
+    for kind, s in report["sets"].items():
+        print(f"{kind}: {s['manifest']}")
+    print(f"per-layer errors: {args.out / 'report.json'}")
+    return 0

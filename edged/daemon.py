@@ -215,7 +215,8 @@ class Daemon:
         if svc is None:
             self.models_holder.stop(close=False)
         else:
-            self.swap_service(svc)
+            first = self.models_holder.current is None
+            self.swap_service(svc, trigger="start" if first else "reload")
             self.models_holder.release_previous()
 
     # ------------------------------------------------------------------ building blocks
@@ -530,7 +531,8 @@ class Daemon:
             level = logging.WARNING if self.health.state == "degraded" else logging.INFO
             log.log(level, "health: %s", self.health.describe(), extra=fields(event="health"))
 
-    def swap_service(self, new: ServiceSet, record: Optional[dict] = None) -> ServiceSet:
+    def swap_service(self, new: ServiceSet, record: Optional[dict] = None,
+                     trigger: str = "reload") -> ServiceSet:
         """Put ``new`` in service between two frames; return the old set.
 
         The old set is kept (for a rollback) until :meth:`confirm` or the next swap;
@@ -539,7 +541,7 @@ class Daemon:
             old = self.service
             t0 = time.monotonic()
             self.models_holder.commit(new, path=(record or {}).get("file") or "set",
-                                      trigger=(record or {}).get("trigger", "reload"),
+                                      trigger=(record or {}).get("trigger", trigger),
                                       started=t0)
         if self.publisher is not None:
             self.publisher.set_people(self.people(new))
@@ -665,11 +667,14 @@ class Daemon:
             threading.Thread(target=self._keep_installed, args=(list(self.service.installed),),
                              name="keep-installed", daemon=True).start()
         g = self.service.gallery.current
-        log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people, %s)",
+        acc = self.service.accelerators
+        log.info("models loaded in %.2f s: embedder %s, gallery %s (%d people, %s); "
+                 "detector on %s, embedder on %s",
                  time.monotonic() - t0, self.service.versions["embedder"][:12],
                  (self.service.versions.get("gallery") or "none")[:12], len(self.people()),
                  f"{getattr(g, 'rows', '?')} rows {getattr(g, 'dtype_name', '?')}, "
-                 f"scan {getattr(g, 'scan', '?')}" if g is not None else "no gallery")
+                 f"scan {getattr(g, 'scan', '?')}" if g is not None else "no gallery",
+                 acc.get("detector", "?"), acc.get("embedder", "?"))
         from edged.publish import Publisher
 
         try:

@@ -277,10 +277,12 @@ class SwapEvent:
 
     def __str__(self):
         if self.accepted:
-            return (f"{self.name}: {self.path} in service (version {self.new_version}, was "
-                    f"{self.old_version}; {self.seconds:.3f} s, {self.trigger})")
-        return (f"{self.name}: {self.path} rejected: {self.reason}; keeping version "
-                f"{self.old_version} ({self.trigger})")
+            was = f"replacing {self.old_version}" if self.old_version else "the first one"
+            return (f"{self.name}: {self.path} in service (version {self.new_version}, {was}; "
+                    f"{self.seconds:.3f} s, {self.trigger})")
+        kept = (f"keeping version {self.old_version}" if self.old_version
+                else "nothing was in service yet")
+        return f"{self.name}: {self.path} rejected: {self.reason}; {kept} ({self.trigger})"
 
 
 class _Slot:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from edged.runtime.base import (AcceleratorPlugin, DelegateError, Runner, SettingsError,
-                                TfliteRunner, tflite_module)
+                                TfliteRunner, threads_text, tflite_module)
 
 __all__ = ["Runner", "TfliteRunner", "DelegateError", "SettingsError", "AcceleratorPlugin",
            "open_runner", "plugin_types", "parse_settings", "tflite_module", "time_invoke"]
@@ -88,8 +88,8 @@ def open_runner(model: bytes, accel=None, *, name: str = "model", sha256: str = 
                f"({plugin.describe(settings)}): {exc}")
         if getattr(settings, "strict", False):
             raise DelegateError(msg + " (strict: true, not falling back)") from exc
-        log.warning("%s; falling back to the CPU (XNNPACK, %s threads)", msg,
-                    getattr(settings, "num_threads", None) or 1)
+        log.warning("%s; falling back to the CPU (XNNPACK, %s)", msg,
+                    threads_text(getattr(settings, "num_threads", None) or 1))
         cpu = _discover()["cpu"]
         runner = cpu().open(model, cpu.parse({"num_threads": getattr(settings, "num_threads", None)},
                                              where), name=name)
@@ -97,7 +97,8 @@ def open_runner(model: bytes, accel=None, *, name: str = "model", sha256: str = 
             runner.resize(input_shape)
         runner.fallback_reason = str(exc)
     runner.sha256 = sha256
-    log.info("%s runs on %s", name, runner.delegate)
+    # one line per model set says where the models run (edged.daemon); each runner at debug
+    log.debug("%s runs on %s", name, runner.delegate)
     return runner
 
 

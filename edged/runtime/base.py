@@ -24,6 +24,11 @@ class SettingsError(ValueError):
     """An accelerator setting is malformed; the message names the key."""
 
 
+def threads_text(n: int) -> str:
+    """``1 thread``, ``2 threads``: how logs and the status name a CPU runner's threads."""
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def tflite_module():
     """The TFLite interpreter module: ``ai_edge_litert`` or, on Python 3.8, ``tflite_runtime``."""
     try:

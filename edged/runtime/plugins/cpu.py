@@ -1,5 +1,5 @@
 """CPU: TFLite's built-in XNNPACK delegate, ``num_threads`` threads."""
-from edged.runtime.base import AcceleratorPlugin, TfliteRunner
+from edged.runtime.base import AcceleratorPlugin, TfliteRunner, threads_text
 
 
 class CpuPlugin(AcceleratorPlugin):
@@ -7,8 +7,9 @@ class CpuPlugin(AcceleratorPlugin):
 
     @classmethod
     def describe(cls, settings) -> str:
-        return f"cpu, {settings.num_threads or 1} threads"
+        return f"cpu, {threads_text(settings.num_threads or 1)}"
 
     def open(self, model, settings, name="model"):
         threads = settings.num_threads or 1
-        return TfliteRunner(model, None, threads, name, delegate_name=f"cpu (XNNPACK, {threads} threads)")
+        return TfliteRunner(model, None, threads, name,
+                            delegate_name=f"cpu (XNNPACK, {threads_text(threads)})")

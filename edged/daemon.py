@@ -1092,9 +1092,12 @@ class Daemon:
             log.debug("camera %s: face appeared (track %d)", ev.camera, ev.track_id, extra=f)
 
     def _write_event(self, ev: Event, latency: float, frame_index=None) -> None:
-        d = {k: v for k, v in dataclasses.asdict(ev).items() if k != "snapshot"}
-        d["latency_s"] = round(latency, 4)
-        d["frame_index"] = frame_index
+        """One line of ``--events-out``: the document MQTT subscribers get (one definition,
+        :func:`edged.publish.event_payload`), with the debugging extras under ``debug``."""
+        from edged.publish import event_payload
+
+        d = event_payload(ev, self.device, time.time())
+        d["debug"] = {"frame_index": frame_index, "latency_s": round(latency, 4)}
         line = json.dumps(d, default=str) + "\n"
         try:
             with open(self.events_out, "a", encoding="utf-8") as f:

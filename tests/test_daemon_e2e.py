@@ -83,27 +83,27 @@ def test_edged_run_on_the_hamilton_clip(shared_dir, hamilton_gallery, broker, tm
     # -- the events (written by --events-out, with the frame that caused each)
     rec = [e for e in events if e["type"] == "recognized"]
     assert [e["identity"] for e in rec] == [LIN], rec
-    assert 82 <= rec[0]["frame_index"] < 120, rec
+    assert 82 <= rec[0]["debug"]["frame_index"] < 120, rec
     assert rec[0]["score"] >= 0.58 and rec[0]["name"] == "Lin-Manuel Miranda"
     # the wide shot: his near misses name nobody and do not make him "unknown" either
-    wide = [e for e in events if e["type"] == "face_appeared" and e["frame_index"] < 20]
+    wide = [e for e in events if e["type"] == "face_appeared" and e["debug"]["frame_index"] < 20]
     lin_wide = {e["track_id"] for e in wide if e["box"][2] - e["box"][0] > 35}
     assert len(lin_wide) == 1, wide
     assert not any(e["type"] in ("recognized", "unknown") and e["track_id"] in lin_wide
                    for e in events)
     audience = {e["track_id"] for e in events
-                if e["type"] == "face_appeared" and e["frame_index"] >= CUT_TO_AUDIENCE}
+                if e["type"] == "face_appeared" and e["debug"]["frame_index"] >= CUT_TO_AUDIENCE}
     assert len(audience) >= 3
     for e in events:
         assert e["identity"] != ALEX and e["name"] != "Alex Lacamoire", e
         if e["track_id"] in audience or e["type"] != "track_ended" and (
-                e["frame_index"] is None or e["frame_index"] >= CUT_TO_AUDIENCE):
+                e["debug"]["frame_index"] is None or e["debug"]["frame_index"] >= CUT_TO_AUDIENCE):
             assert e["identity"] is None, f"the audience reported as {e['name']}: {e}"
     # Miranda's tracks end at the cuts, with their duration and best score
     ended_lin = [e for e in events if e["type"] == "track_ended" and e["identity"] == LIN]
     assert {e["track_id"] for e in ended_lin} == {e["track_id"] for e in rec}
     assert all(e["duration"] > 0 and e["best_score"] >= 0.58 for e in ended_lin)
-    assert [e["frame_index"] for e in ended_lin] == [CUT_TO_AUDIENCE]
+    assert [e["debug"]["frame_index"] for e in ended_lin] == [CUT_TO_AUDIENCE]
     # the audience is seen and confirmed unknown
     assert any(e["type"] == "unknown" and e["track_id"] in audience for e in events)
     # every track that appeared also ended

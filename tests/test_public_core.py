@@ -122,14 +122,14 @@ def test_daemon_names_each_visitor_once_over_mqtt(public_clip, gallery, broker, 
 
     rec = [e for e in events if e["type"] == "recognized"]
     assert [e["identity"] for e in rec] == [OBAMA, BIDEN], rec
-    assert rec[0]["frame_index"] < CUT <= rec[1]["frame_index"] < EMPTY, rec
+    assert rec[0]["debug"]["frame_index"] < CUT <= rec[1]["debug"]["frame_index"] < EMPTY, rec
     # a cut never passes a name on: Obama's track ends there, Biden's in the empty scene
-    ended = {e["identity"]: e["frame_index"] for e in events if e["type"] == "track_ended"
+    ended = {e["identity"]: e["debug"]["frame_index"] for e in events if e["type"] == "track_ended"
              and e["identity"]}
     assert ended == {OBAMA: CUT, BIDEN: EMPTY}, events
     appeared = {e["track_id"] for e in events if e["type"] == "face_appeared"}
     assert appeared == {e["track_id"] for e in events if e["type"] == "track_ended"}
-    assert not [e for e in events if e["type"] == "recognized" and e["frame_index"] >= EMPTY]
+    assert not [e for e in events if e["type"] == "recognized" and e["debug"]["frame_index"] >= EMPTY]
     assert "Traceback" not in d.log()
 
 

@@ -83,7 +83,7 @@ CHUNK_ROWS = 65536
 MIN_THREAD_ROWS = 32768
 
 
-#: largest embedding dimension a gallery may declare (MobileFaceNet gives 192)
+#: largest embedding dimension a gallery may declare (MobileFaceNet gives 192, SFace 128)
 MAX_DIM = 4096
 #: gallery files are biometric data: readable by their owner and group only (less the umask)
 GALLERY_MODE = 0o640
@@ -146,17 +146,18 @@ except ImportError:  # pragma: no cover - depends on the install
     _scan_ext = None
 
 
-def _fused(dim: int) -> bool:
+def _fused(dim: Optional[int]) -> bool:
     """Whether float16 rows of ``dim`` values go to the compiled scan: only its vector kernels
     (its portable C loop is slower than widening blocks with OpenCV)."""
     return (_scan_ext is not None and _scan_ext.KERNEL in ("avx2", "neon")
-            and dim <= _scan_ext.MAX_DIM)
+            and (dim is None or dim <= _scan_ext.MAX_DIM))
 
 
-def scan_kernel(dim: int = 192) -> str:
-    """How float16 galleries of ``dim``-value rows are scanned here: ``"avx2"`` or ``"neon"``
-    (the compiled scan, 2 bytes read per value), else ``"opencv"`` or ``"numpy"`` (blocks
-    widened to float32 first, 3 to 4 times slower: docs/benchmarks.md)."""
+def scan_kernel(dim: Optional[int] = None) -> str:
+    """How float16 galleries of ``dim``-value rows (None: of any embedder's width, up to
+    the compiled scan's ``MAX_DIM``) are scanned here: ``"avx2"`` or ``"neon"`` (the compiled
+    scan, 2 bytes read per value), else ``"opencv"`` or ``"numpy"`` (blocks widened to
+    float32 first, 3 to 4 times slower: docs/benchmarks.md)."""
     if _fused(dim):
         return _scan_ext.KERNEL
     return "opencv" if _cv_widen_ok() else "numpy"
@@ -230,7 +231,7 @@ class Gallery:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path, expect_dim: Optional[int] = 192, expect_embedder: Optional[str] = None,
+    def open(cls, path, expect_dim: Optional[int] = None, expect_embedder: Optional[str] = None,
              verify: bool = True, threads: int = 1) -> "Gallery":
         """Map and check ``path``; raise :class:`GalleryError` saying what is wrong.
 
@@ -238,6 +239,8 @@ class Gallery:
         the identity structure and every row (finite, non-zero, unit norm): one pass over the
         file.  ``verify=False`` checks only the header and section sizes, in constant time.
         ``threads`` > 1 splits each scan over that many threads (useful for float16).
+        ``expect_embedder`` (a sha256) refuses a gallery made by another embedder, naming
+        both; ``expect_dim`` (None: any) refuses another embedding width.
         """
         path = Path(path)
         f = _open_regular(path)
@@ -251,7 +254,7 @@ class Gallery:
         return cls._from_map(path, f, mm, size, expect_dim, expect_embedder, verify, threads)
 
     @classmethod
-    def read_into_memory(cls, f, size: int, path, expect_dim: Optional[int] = 192,
+    def read_into_memory(cls, f, size: int, path, expect_dim: Optional[int] = None,
                          expect_embedder: Optional[str] = None, threads: int = 1) -> "Gallery":
         """Read ``size`` bytes of the open gallery file ``f`` (from its start) into anonymous
         memory and check them fully, as :meth:`open` with ``verify=True``: for when no private
@@ -485,7 +488,9 @@ class Gallery:
                 "dtype": self.dtype_name, "rows": self.rows, "identities": self.n_identities,
                 "rows_per_identity": {"min": int(counts.min()) if len(counts) else 0,
                                       "max": int(counts.max()) if len(counts) else 0},
-                "embedder_sha256": self.embedder_sha256, "checksum": self.checksum,
+                "embedder_sha256": self.embedder_sha256,
+                "embedder": embedder_name(self.embedder_sha256) or "unknown",
+                "checksum": self.checksum,
                 "created": self.created, "file_size": self.file_size, "scan": self.scan}
 
     def _compiled(self) -> bool:
@@ -901,8 +906,28 @@ def _checked_header(buf, path: Path, size: int, expect_dim: Optional[int]) -> tu
 
 def _check_embedder(path: Path, made_by: str, expect_embedder: Optional[str]) -> None:
     if expect_embedder is not None and made_by != expect_embedder.lower():
-        raise GalleryError(path, f"made by embedder sha256 {made_by}, the running embedder "
-                                 f"is {expect_embedder.lower()}")
+        raise GalleryError(path, f"made by embedder {embedder_label(made_by)}, the running "
+                                 f"embedder is {embedder_label(expect_embedder.lower())}; "
+                                 f"rebuild it with 'edged gallery build' and that embedder")
+
+
+def embedder_name(sha256: str) -> str:
+    """The manifest's name of the embedder whose loaded file has ``sha256`` (``"sface"``), or
+    ``""`` for one the manifest does not name."""
+    from edged.modelstore import Manifest, ModelError
+
+    try:
+        entry = Manifest.load().by_sha256(sha256)
+    except ModelError:
+        return ""
+    return entry.name if entry is not None and entry.role == "embedder" else ""
+
+
+def embedder_label(sha256: str) -> str:
+    """``sface (sha256 8a01...)``: :func:`embedder_name` with the full sha256, or the sha256
+    alone."""
+    name = embedder_name(sha256)
+    return f"{name} (sha256 {sha256})" if name else f"sha256 {sha256}"
 
 
 def _read_head(f, path: Path, size: int) -> bytes:
@@ -1039,7 +1064,7 @@ class GalleryHolder:
     """
 
     def __init__(self, path, expect_embedder: Optional[str], settings: Optional[MatchSettings] = None,
-                 on_event: Optional[Callable] = None, expect_dim: int = 192,
+                 on_event: Optional[Callable] = None, expect_dim: Optional[int] = None,
                  snapshot_dir=None, debounce: float = 0.2, settle: float = 1.0,
                  watch: bool = True, threads: Optional[int] = None, keep_previous: bool = False,
                  lock: Optional[threading.Lock] = None, max_bytes: Optional[int] = None):

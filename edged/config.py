@@ -84,7 +84,11 @@ class ModelsSettings:
                                                        "(see docs/models.md: type cpu, gpu, nnapi, "
                                                        "edgetpu, external and their keys)"})
     embedder: Dict[str, Any] = field(default_factory=lambda: {"type": "cpu", "num_threads": 1},
-                                     metadata={"help": "accelerator for MobileFaceNet"})
+                                     metadata={"help": "accelerator for the embedder"})
+    embedder_model: str = field(default="mobilefacenet", metadata={
+        "help": "the embedder: mobilefacenet (192 values, the default) or sface (128 values, "
+                "stronger, about 2.5x the cost per face; 'edged models install --embedder "
+                "sface'); galleries must be built with the same one (docs/models.md)"})
     max_memory_mb: int = field(default=512, metadata={
         "min": 16, "max": 1048576,
         "help": "a dropped model needing more memory than this at an input size it runs at "
@@ -93,7 +97,7 @@ class ModelsSettings:
     def config_errors(self):
         from edged.runtime import SettingsError, parse_settings
 
-        errs = []
+        errs = self._embedder_model_errors()
         for key in ("detector", "embedder"):
             try:
                 parse_settings(getattr(self, key), key)
@@ -103,6 +107,22 @@ class ModelsSettings:
                 sub, _, rest = msg.partition(": ")
                 errs.append((sub if sub.startswith(key) else key, rest or msg))
         return errs
+
+    def _embedder_model_errors(self):
+        from edged.modelstore import Manifest, ModelError
+
+        try:
+            names = Manifest.load().names("embedder")
+        except ModelError:
+            return []  # (no manifest here: loading the models says so)
+        if self.embedder_model in names:
+            return []
+        return [("embedder_model", f"expected one of {', '.join(names)}; "
+                                   f"got {self.embedder_model!r}")]
+
+    def model_name(self, role: str) -> str:
+        """The manifest name of the model run for ``role`` (empty: the role's default)."""
+        return self.embedder_model if role == "embedder" else ""
 
 
 @dataclass

@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -38,9 +39,16 @@ def pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for inference (default: the number of cores, at most 4)")
     p.add_argument("--accelerator", default="cpu", metavar="TYPE",
                    help="accelerator for both models (cpu, gpu, nnapi, edgetpu; default cpu)")
+    p.add_argument("--embedder", metavar="NAME", default=None,
+                   help="the embedder (mobilefacenet, sface; the daemon's models.embedder_model "
+                        "must be the same): default the one that made FILE, else mobilefacenet")
 
 
-def make_pipeline(args):
+def make_pipeline(args, embedder: Optional[str] = None):
+    """The face pipeline with the embedder ``--embedder`` names, else ``embedder``, else the
+    manifest's default."""
+    from edged.detect import MtcnnDetector
+    from edged.embed import Embedder
     from edged.modelstore import ModelError
     from edged.pipeline import FacePipeline, PipelineSettings
 
@@ -48,11 +56,13 @@ def make_pipeline(args):
     threads = args.threads if args.threads is not None else max(1, min(os.cpu_count() or 1, 4))
     if threads < 1:
         raise Fail(f"--threads must be at least 1, got {threads}", 2)
+    accel = {"type": args.accelerator, "num_threads": threads}
     try:
-        return FacePipeline.from_models(args.models, settings,
-                                        {"type": args.accelerator, "num_threads": threads})
+        detector = MtcnnDetector.from_models(args.models, settings.detection, accel)
+        emb = Embedder.from_models(args.models, accel, name=args.embedder or embedder)
     except (ModelError, ValueError) as exc:
         raise Fail(str(exc), 2) from None
+    return FacePipeline(detector, emb, settings)
 
 
 def register(sub, common):
@@ -270,7 +280,7 @@ def cmd_build(args) -> int:
     checksum = _write(write_gallery, args.output, idents, rows, np.stack(embs),
                       pipe.embedder_sha256, dtype=args.dtype)
     print(f"wrote {args.output}: {len(idents)} people, {len(embs)} photos enrolled, {skipped} "
-          f"skipped; checksum {checksum}")
+          f"skipped; embedder {pipe.embedder.name}; checksum {checksum}")
     return 0
 
 
@@ -300,10 +310,13 @@ def cmd_add(args) -> int:
     else:
         idents, ri, emb, sha, dtype = [], [], [], None, "float32"
     dtype = args.dtype or dtype
-    pipe = make_pipeline(args)
+    from edged.gallery import embedder_label, embedder_name
+
+    pipe = make_pipeline(args, embedder_name(sha) if sha is not None else None)
     if sha is not None and sha != pipe.embedder_sha256:
-        raise Fail(f"{path}: made by embedder sha256 {sha}, the installed embedder is "
-                   f"{pipe.embedder_sha256}; rebuild the gallery with 'edged gallery build'")
+        raise Fail(f"{path}: made by embedder {embedder_label(sha)}, the embedder used now is "
+                   f"{embedder_label(pipe.embedder_sha256)}; rebuild the gallery with "
+                   f"'edged gallery build' and one embedder")
     j = next((k for k, (i, n) in enumerate(idents) if args.name == i), None)
     if j is None:
         j = next((k for k, (i, n) in enumerate(idents) if args.name == n), None)
@@ -424,6 +437,7 @@ def cmd_info(args) -> int:
     print(f"created         {_date(info['created'])}")
     print(f"embeddings      {info['rows']} rows x {info['dim']} {info['dtype']}")
     print(f"identities      {info['identities']} (rows each: {rpi['min']}..{rpi['max']})")
+    print(f"embedder        {info['embedder']} ({info['dim']} values)")
     print(f"embedder sha256 {info['embedder_sha256']}")
     print(f"search          {_SCAN_WORDS.get(info['scan'], info['scan'])}")
     print(f"checksum        {info['checksum']} "

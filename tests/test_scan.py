@@ -57,7 +57,7 @@ def test_the_fast_kernel_is_built_here():
         assert not (shutil.which("cc") or shutil.which("gcc")), \
             "a C compiler is here but edged._scan was not built: see the pip install log"
         pytest.skip("no C compiler here: edged._scan cannot be built")
-    assert G.scan_kernel() == scan.KERNEL
+    assert G.scan_kernel() == G.scan_kernel(128) == G.scan_kernel(192) == scan.KERNEL
     flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
     if platform.machine() in ("x86_64", "AMD64") and all(
             f" {f}" in flags for f in ("avx2", "fma", "f16c")):
@@ -166,7 +166,7 @@ def best_reference(m16: np.ndarray, q: np.ndarray, starts: np.ndarray) -> np.nda
 # rows per identity from 1 to 7, so that identities straddle the kernel's 1024-row blocks; a
 # slice of a gallery's starts (not from 0); the portable kernel's width (1100)
 @needs_ext
-@pytest.mark.parametrize("dim", [192, 130, 1100])
+@pytest.mark.parametrize("dim", [192, 128, 130, 1100])
 @pytest.mark.parametrize("nq", [1, 2, 5])
 @pytest.mark.parametrize("base", [0, 37])
 def test_best_row_per_identity(dim, nq, base):

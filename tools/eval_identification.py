@@ -26,7 +26,10 @@ embedder's sha256 and the pipeline settings), so a second run takes seconds; use
 
     .venv/bin/python tools/eval_identification.py [--dev ../shared/faces/dev] [--models DIR]
         [--threads N] [--flip] [--enrol first|quality] [--cache FILE | --no-cache]
-        [--default T] [--json FILE]
+        [--embedder mobilefacenet|sface] [--default T] [--json FILE]
+
+``--embedder`` picks the embedder (default: the manifest's, MobileFaceNet); ``--default``
+defaults to that embedder's identification threshold in the manifest.
 """
 from __future__ import annotations
 
@@ -48,8 +51,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edged.detect import MtcnnDetector  # noqa: E402
+from edged.embed import Embedder, EmbedderSpec  # noqa: E402
 from edged.gallery import Gallery, MatchSettings, write_gallery  # noqa: E402
 from edged.imageio import ImageError, load_image  # noqa: E402
+from edged.modelstore import Manifest  # noqa: E402
 from edged.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -64,7 +70,15 @@ def list_people(dev: Path) -> dict:
     return people
 
 
-def embed_all(paths, models_dir, threads: int, cache: Path = None, flip: bool = False) -> dict:
+def make_pipeline(models_dir, flip: bool = False, embedder: str = None) -> FacePipeline:
+    """The default pipeline with the embedder ``embedder`` (None: the manifest's default)."""
+    settings = PipelineSettings(flip=flip)
+    return FacePipeline(MtcnnDetector.from_models(models_dir, settings.detection),
+                        Embedder.from_models(models_dir, name=embedder), settings)
+
+
+def embed_all(paths, models_dir, threads: int, cache: Path = None, flip: bool = False,
+              embedder: str = None) -> dict:
     """{path: {"emb": vector or None, "faces": n, "passed": bool}} for every path."""
     local = threading.local()
     pipes = []
@@ -72,7 +86,7 @@ def embed_all(paths, models_dir, threads: int, cache: Path = None, flip: bool = 
 
     def pipe() -> FacePipeline:
         if not hasattr(local, "p"):
-            local.p = FacePipeline.from_models(models_dir, PipelineSettings(flip=flip))
+            local.p = make_pipeline(models_dir, flip, embedder)
             pipes.append(local.p)
         return local.p
 
@@ -131,7 +145,7 @@ def embed_all(paths, models_dir, threads: int, cache: Path = None, flip: bool = 
 
 def save_cache(cache: Path, cached: dict, sha: str) -> None:
     keys = sorted(cached)
-    dim = next((len(v["emb"]) for v in cached.values() if v["emb"] is not None), 192)
+    dim = next((len(v["emb"]) for v in cached.values() if v["emb"] is not None), 1)
     emb = np.stack([cached[k]["emb"] if cached[k]["emb"] is not None
                     else np.zeros(dim, np.float32) for k in keys])
     tmp = cache.with_name(cache.name + ".tmp.npz")
@@ -167,12 +181,18 @@ def main(argv=None) -> int:
     ap.add_argument("--enrol", choices=("first", "quality"), default="first",
                     help="which 2 photos of a person to enrol: the first two by file name, or "
                          "the two with the best face quality score (the rest are probes)")
-    ap.add_argument("--default", type=float, default=MatchSettings().threshold,
-                    help="the threshold to report as the default (MatchSettings.threshold)")
+    ap.add_argument("--embedder", default=None, metavar="NAME",
+                    help="the embedder (mobilefacenet, sface; default the manifest's default)")
+    ap.add_argument("--default", type=float, default=None,
+                    help="the threshold to report as the default (default: the embedder's "
+                         "identification threshold in the manifest)")
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                     help="storage type of the gallery the probes are searched in")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
+    spec = EmbedderSpec.from_entry(Manifest.load().model("embedder", args.embedder))
+    if args.default is None:
+        args.default = spec.identification or MatchSettings().threshold
 
     people = list_people(args.dev)
     unknown = people.pop("unknown", [])
@@ -180,9 +200,10 @@ def main(argv=None) -> int:
     cache = None
     if not args.no_cache:
         cache = args.cache or Path(tempfile.gettempdir()) / (
-            "edged-eval-identification" + ("-flip" if args.flip else "") + ".npz")
+            "edged-eval-identification" + ("-flip" if args.flip else "")
+            + (f"-{spec.name}" if args.embedder else "") + ".npz")
     t0 = time.monotonic()
-    res, sha = embed_all(all_paths, args.models, args.threads, cache, args.flip)
+    res, sha = embed_all(all_paths, args.models, args.threads, cache, args.flip, args.embedder)
     t_embed = time.monotonic() - t0
 
     enrolled, probes, strangers = [], [], []  # (person, path)
@@ -248,7 +269,7 @@ def main(argv=None) -> int:
     table = [at(t) for t in (0.30, 0.36, 0.41, 0.46, 0.50, 0.52, 0.54, 0.56, 0.58, 0.60, 0.62, 0.64)]
     out = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "embedder_sha256": sha,
+        "cpus": os.cpu_count(), "embedder": spec.name, "embedder_sha256": sha,
         "enrolled_people": n_ids, "enrolled_rows": n_rows, "probes": len(pr),
         "strangers": len(st), "strangers_with_face": int(len(s_score)),
         "no_face": no_face, "below_quality_probes_and_strangers": below_quality,
@@ -264,6 +285,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(out, indent=2))
 
     pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+    print(f"Embedder {spec.name} ({spec.dim} values, sha256 {sha[:12]}).")
     print(f"Dev set `{args.dev}`: {n_ids} people enrolled with {n_rows} photos, {len(pr)} probe "
           f"photos of them, {len(st)} stranger photos ({len(s_score)} with a face).")
     print(f"Images without a face: {no_face}; probes and strangers below the quality "

@@ -99,11 +99,13 @@ class DropSettings:
 
 #: Self-test per role: the input shape fed and the output shapes expected (any order).
 #: P-Net's input is declared for one small level (24 x 24) so that no big plan is made.
+#: The embedder's width "W" is its manifest entry's (192 MobileFaceNet, 128 SFace), or for a
+#: model the manifest does not name its own, 1 to 4096 values: :func:`_expected_outputs`.
 SELF_TEST = {
     "pnet": ((1, 24, 24, 3), [(1, 7, 7, 2), (1, 7, 7, 4)]),
     "rnet": ((1, 24, 24, 3), [(1, 2), (1, 4)]),
     "onet": ((1, 48, 48, 3), [(1, 2), (1, 4), (1, 10)]),
-    "embedder": ((1, 112, 112, 3), [(1, 192)]),
+    "embedder": ((1, 112, 112, 3), [(1, "W")]),
 }
 
 #: Test hook only: sha256s (comma separated) whose self-test is skipped, so that a model that
@@ -189,6 +191,7 @@ def self_test(blob: ModelBlob, accel) -> None:
         raise DropRejected(f"{blob.file}: self-test as {blob.role} failed: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     got = sorted(tuple(int(d) for d in np.shape(o)) for o in outs)
+    expected = _expected_outputs(blob, expected, got)
     if got != sorted(expected):
         raise DropRejected(f"{blob.file}: self-test as {blob.role}: output shapes {got}, "
                            f"expected {sorted(expected)}")
@@ -196,6 +199,21 @@ def self_test(blob: ModelBlob, accel) -> None:
         if not np.isfinite(np.asarray(o, dtype=np.float64)).all():
             raise DropRejected(f"{blob.file}: self-test as {blob.role}: non-finite output "
                                f"(NaN or inf) on the fixed input")
+
+
+def _expected_outputs(blob: ModelBlob, expected: list, got: list) -> list:
+    """``expected`` with an embedder's width filled in: its manifest entry's when the manifest
+    names the model, else the model's own when it gives one row of 1 to 4096 values."""
+    if blob.role != "embedder":
+        return expected
+    from edged.embed import EmbedderSpec
+
+    spec = EmbedderSpec.of_model(blob.sha256) or EmbedderSpec.of_model(blob.dropped_sha256)
+    if spec is not None:
+        return [(1, spec.dim)]
+    if len(got) == 1 and len(got[0]) == 2 and got[0][0] == 1 and 1 <= got[0][1] <= 4096:
+        return got
+    return [(1, "1..4096")]
 
 
 # ---------------------------------------------------------------------------- persistence

@@ -258,3 +258,18 @@ def test_models_install_embedder_sface_through_the_cli(shared_dir, tmp_path, cap
                        tmp_path / "other", "--embedder", "arcface")
     assert code == 1 and "no embedder model named 'arcface'" in err
     assert not (tmp_path / "other").exists()  # (refused before anything is written)
+
+
+def test_an_sface_drop_passes_the_self_test_at_its_own_width(sface_models):
+    """The OTA self-test takes the width from the manifest: 128 for SFace, 192 for
+    MobileFaceNet; a known model giving another width than its entry is refused."""
+    from edged.ota import DropRejected, prepare_model, self_test
+
+    data = (sface_models / "sface.tflite").read_bytes()
+    blob = prepare_model("embedder", data, "sface.tflite", SFACE.sha256, SFACE.size)
+    assert blob.sha256 == SFACE.sha256  # (already dynamic: no derived copy)
+    self_test(blob, None)
+    mfn = modelstore.read_verified("embedder", sface_models)[0]
+    posing = replace(blob, data=mfn)  # MobileFaceNet's bytes under SFace's sha256
+    with pytest.raises(DropRejected, match=r"output shapes \[\(1, 192\)\], expected \[\(1, 128\)\]"):
+        self_test(posing, None)

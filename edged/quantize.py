@@ -515,11 +515,40 @@ def _report_rows(rows: List[dict], n: int = 8) -> List[dict]:
     return [{k: v for k, v in r.items() if k != "tensors"} for r in rows[:n]]
 
 
+#: the output SNR a layer kept in float must add for ``mixed`` to keep it (dB)
+MIN_GAIN_DB = 0.5
+
+
+def choose_float_layers(role: str, float_model: bytes, ranges: dict, samples, rows: List[dict],
+                        n: int) -> tuple:
+    """Greedy mixed precision: keep the layer that loses most in float, re-quantise, measure
+    again; up to ``n`` layers, each kept only if the output SNR gains MIN_GAIN_DB.  Returns
+    ``(model, its layer rows, names of the layers kept in float, their op outputs)``."""
+    keep, names, model = [], [], None
+    best = output_snr(rows, float_model)
+    for _ in range(n):
+        cand = [r for r in rows if r["op"] in WEIGHTED_OPS and r["loss_db"] > 0
+                and r["tensor"] not in names]
+        if not cand:
+            break
+        trial = keep + cand[0]["tensors"]
+        m = quantize_model(role, float_model, "mixed", ranges, trial)
+        r = layer_errors(role, float_model, m, samples)
+        if output_snr(r, float_model) < best + MIN_GAIN_DB:
+            break  # keeping it in float does not recover enough: stop here
+        keep, model, rows, best = trial, m, r, output_snr(r, float_model)
+        names.append(cand[0]["tensor"])
+    if model is None:
+        model = quantize_model(role, float_model, "mixed", ranges, ())
+    return model, rows, names, keep
+
+
 def quantize_all(calibration: Calibration, out: Path, recipes: Sequence[str] = RECIPES,
-                 models_dir=None, float_layers: int = 2, log=print) -> dict:
+                 models_dir=None, float_layers: int = 4, log=print) -> dict:
     """Make every recipe's set under ``out/<recipe>/``, and ``out/report.json``: per set and
     model the output SNR and the worst layers (:func:`layer_errors`) on held-back samples.
-    ``mixed`` keeps the ``float_layers`` layers that lose most under ``static`` in float."""
+    ``mixed`` keeps in float up to ``float_layers`` layers chosen by
+    :func:`choose_float_layers` from the ``static`` report."""
     for kind in recipes:
         if kind not in RECIPES:
             raise QuantizeError(f"unknown recipe {kind!r}; expected one of {', '.join(RECIPES)}")
@@ -530,24 +559,27 @@ def quantize_all(calibration: Calibration, out: Path, recipes: Sequence[str] = R
     report = {"calibration": calibration.description, "sets": {}}
     static_rows: Dict[str, list] = {}
     for kind in dict.fromkeys((["static"] if static else []) + list(recipes)):
-        keep = {r: worst_layers(static_rows[r], float_layers) for r in ROLES} \
-            if kind == "mixed" else {}
         models, layers = {}, {}
         for role in ROLES:
-            models[role] = quantize_model(role, prepared[role], kind, ranges.get(role),
-                                          keep.get(role, ()))
-            rows = layer_errors(role, prepared[role], models[role], calibration.split(role)[1][:4])
-            static_rows.setdefault(role, rows) if kind == "static" else None
+            val = calibration.split(role)[1][:4]
+            names = []
+            if kind == "mixed":
+                models[role], rows, names, _ = choose_float_layers(
+                    role, prepared[role], ranges[role], val, static_rows[role], float_layers)
+            else:
+                models[role] = quantize_model(role, prepared[role], kind, ranges.get(role))
+                rows = layer_errors(role, prepared[role], models[role], val)
+            if kind == "static":
+                static_rows[role] = rows
             layers[role] = {"output_snr_db": output_snr(rows, prepared[role]),
-                            "float_layers": sorted({r["tensor"] for r in static_rows.get(role, [])
-                                                    if r["tensors"][0] in keep.get(role, ())}),
-                            "worst": _report_rows(rows)}
+                            "float_layers": names, "worst": _report_rows(rows)}
             log(f"{kind:<8} {role:<9} {len(models[role]):>9} bytes  output SNR "
                 f"{layers[role]['output_snr_db']:6.1f} dB  worst layer "
-                f"{rows[0]['tensor'] if rows else '-'} ({rows[0]['loss_db'] if rows else 0} dB lost)")
+                f"{rows[0]['tensor'] if rows else '-'} ({rows[0]['loss_db'] if rows else 0} dB "
+                f"lost)" + (f"; in float: {', '.join(names) or 'none'}" if kind == "mixed" else ""))
         if kind in recipes:
-            names = {r: layers[r]["float_layers"] for r in ROLES}
-            manifest = write_set(out / kind, kind, models, sources, calibration, names)
+            manifest = write_set(out / kind, kind, models, sources, calibration,
+                                 {r: layers[r]["float_layers"] for r in ROLES})
             report["sets"][kind] = {"manifest": str(manifest), "models": layers}
     modelstore.atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -141,6 +141,15 @@ def test_layer_report_and_mixed_recipe_keep_the_worst_layers_in_float(calibratio
     types = {t.name.decode() if isinstance(t.name, bytes) else t.name: t.type for t in sg.tensors}
     assert all(types[t] == 0 for t in keep)  # FLOAT32
     assert rows[0]["tensor"] in keep or rows[0]["op"] not in quantize.WEIGHTED_OPS
+    # greedy choice: each layer kept in float must raise the output SNR
+    model, mrows, names, tensors = quantize.choose_float_layers("pnet", fl["pnet"], ranges,
+                                                                val[:2], rows, 2)
+    static_snr = quantize.output_snr(rows, fl["pnet"])
+    if names:
+        assert quantize.output_snr(mrows, fl["pnet"]) >= static_snr + quantize.MIN_GAIN_DB
+        assert set(names) <= {r["tensor"] for r in rows} and set(names) <= set(tensors)
+    else:
+        assert model and mrows == rows
 
 
 def test_dynamic_recipe_needs_no_calibration(prepared):

@@ -250,13 +250,15 @@ class Daemon:
             for role in ("pnet", "rnet", "onet", "embedder"):
                 if role not in models:
                     try:
-                        data, digest, path = modelstore.read_verified(role, md)
+                        data, digest, path = modelstore.read_verified(
+                            role, md, name=cfg.models.model_name(role))
                     except modelstore.ModelError as exc:
                         # an installed file replaced by a drop that was not confirmed (the
                         # drop directory is the models directory by default): the copy kept
                         # at an earlier start, if it is the model the manifest names
                         copy = load_installed_copy(
-                            cfg.paths.state_dir, role, modelstore.Manifest.load()[role].load_sha256)
+                            cfg.paths.state_dir, role, modelstore.Manifest.load().model(
+                                role, cfg.models.model_name(role)).load_sha256)
                         if copy is None:
                             raise
                         log.error("models: %s; loading the copy of the installed model kept at "

@@ -273,3 +273,25 @@ def test_an_sface_drop_passes_the_self_test_at_its_own_width(sface_models):
     posing = replace(blob, data=mfn)  # MobileFaceNet's bytes under SFace's sha256
     with pytest.raises(DropRejected, match=r"output shapes \[\(1, 192\)\], expected \[\(1, 128\)\]"):
         self_test(posing, None)
+
+
+@pytest.mark.parametrize("model", ["sface", "mobilefacenet"])
+def test_the_daemon_loads_the_configured_embedder_and_pairs_its_gallery(sface_models, tmp_path,
+                                                                        model):
+    """models.embedder_model: sface loads SFace, which serves an SFace gallery; the same
+    gallery is refused by a daemon configured for MobileFaceNet."""
+    from edged.daemon import Daemon
+    from edged.sdnotify import Notifier
+
+    g = tmp_path / "g.edgal"
+    _gallery(g, 128, SFACE.sha256)
+    cfg = loads(f"models:\n  embedder_model: {model}\ndrops: {{enabled: false}}\n"
+                f"mqtt: {{enabled: false}}\npaths:\n  gallery: {g}\n"
+                f"  state_dir: {tmp_path / 'state'}\n")
+    d = Daemon(cfg, models_dir=str(sface_models), notifier=Notifier(address=""))
+    svc = d.build_service(cfg)
+    try:
+        assert svc.pipeline.embedder.name == model
+        assert (svc.gallery.current is not None) == (model == "sface")
+    finally:
+        svc.gallery.stop()

@@ -8,13 +8,15 @@ TFLite interpreters' ``num_threads`` and OpenCV's thread count), it times per fr
 - detection (MTCNN, all three stages, default settings: minimum face 40 px),
 - alignment per face (similarity fit + warpAffine to 112 x 112),
 - quality per face (Laplacian variance + pose),
-- embedding per face (MobileFaceNet; each frame's faces in one batch, time / faces),
+- embedding per face (``--embedder``, MobileFaceNet by default; each frame's faces in one
+  batch, time / faces),
 - the whole frame (``FacePipeline.process``: all of the above),
 
 and prints median and p90 as a markdown table.  When the ``face_recognition`` package is
 importable, it times ``face_locations`` + ``face_encodings`` on the same frames too.
 
     .venv/bin/python tools/bench_pipeline.py [--step 3] [--threads 1 2] [--models DIR]
+        [--embedder mobilefacenet|sface]
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edged.align import align_face  # noqa: E402
+from edged.detect import MtcnnDetector  # noqa: E402
+from edged.embed import Embedder  # noqa: E402
 from edged.pipeline import FacePipeline, PipelineSettings  # noqa: E402
 from edged.quality import assess  # noqa: E402
 
@@ -70,10 +74,12 @@ def stats(ms: list) -> str:
     return f"{np.median(ms):.2f} | {np.percentile(ms, 90):.2f}"
 
 
-def bench(frames, threads: int, models) -> dict:
+def bench(frames, threads: int, models, embedder=None) -> dict:
     cv2.setNumThreads(threads)
     accel = {"type": "cpu", "num_threads": threads}
-    pipe = FacePipeline.from_models(models, PipelineSettings(), accel)
+    settings = PipelineSettings()
+    pipe = FacePipeline(MtcnnDetector.from_models(models, settings.detection, accel),
+                        Embedder.from_models(models, accel, name=embedder), settings)
     det, emb, q = pipe.detector, pipe.embedder, pipe.settings.quality
     for _, _, f in frames[:5]:  # warm-up: interpreters for this frame size, batch sizes
         pipe.process(f)
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=3, help="use every STEP-th frame (default 3)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--models", default=None)
+    ap.add_argument("--embedder", default=None, metavar="NAME",
+                    help="the embedder to time (mobilefacenet, sface; default the manifest's)")
     args = ap.parse_args(argv)
 
     frames = load_frames(Path(args.videos), args.step)
@@ -148,12 +156,13 @@ def main(argv=None) -> int:
         print(f"no frames read from {args.videos}", file=sys.stderr)
         return 1
     clips = sorted({c for c, _, _ in frames})
-    results = {n: bench(frames, n, args.models) for n in args.threads}
+    results = {n: bench(frames, n, args.models, args.embedder) for n in args.threads}
 
     try:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
+    print(f"Embedder: {args.embedder or 'the default (mobilefacenet)'}.")
     print(f"{len(frames)} frames of 640x480 (every {args.step}th frame of {', '.join(clips)}, "
           f"letterboxed); {datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.machine()}, "
           f"{os.cpu_count()} cores; load average before the run's end "

@@ -156,6 +156,7 @@ class PathsSettings:
 from edged.capture import CameraSettings  # noqa: E402
 from edged.detect import DetectionSettings  # noqa: E402
 from edged.gallery import MatchSettings  # noqa: E402
+from edged.liveness import LivenessSettings  # noqa: E402
 from edged.logs import LoggingSettings  # noqa: E402
 from edged.mqtt import MqttSettings  # noqa: E402
 from edged.ota import DropSettings  # noqa: E402
@@ -179,6 +180,8 @@ class Config:
                                          metadata={"help": "MTCNN face detection"})
     quality: QualitySettings = field(default_factory=QualitySettings, metadata={
         "help": "minimum face quality for recognition (faces below are still tracked)"})
+    liveness: LivenessSettings = field(default_factory=LivenessSettings, metadata={
+        "help": "anti-spoofing: is the face live or a photo / screen (docs/models.md)"})
     match: MatchSettings = field(default_factory=MatchSettings,
                                  metadata={"help": "gallery search (identification)"})
     tracking: TrackingSettings = field(default_factory=TrackingSettings,

@@ -8,7 +8,9 @@ Log calls pass the structured fields in ``extra``::
 With journald (``target: auto`` when the journal socket exists, or ``target: journal``) every
 record is sent with ``MESSAGE``, ``PRIORITY``, ``SYSLOG_IDENTIFIER=edged``, ``LOGGER``,
 ``THREAD_NAME`` and the ``EDGED_*`` fields, so that ``journalctl -u edged EDGED_PERSON=alice``
-finds the recognitions of alice.  ``systemd.journal.send`` (systemd-python) is used when it is
+finds the recognitions of alice.  Events that carry a liveness verdict (the liveness stage on)
+add ``EDGED_LIVE`` = ``true``, ``false`` or ``unknown`` (``journalctl -u edged EDGED_LIVE=false``
+lists the suspected spoofs and the recognitions the stage doubted).  ``systemd.journal.send`` (systemd-python) is used when it is
 importable; otherwise the same datagram is written to the journal socket with the standard
 library (the native journal protocol).  On stderr a record is one line, with the syslog
 priority prefix ``<N>`` that journald understands and no timestamp (journald adds its own):
@@ -28,7 +30,7 @@ from typing import Optional
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
-FIELD_KEYS = ("camera", "person", "event", "track")
+FIELD_KEYS = ("camera", "person", "event", "track", "live")
 
 
 @dataclass
@@ -40,10 +42,21 @@ class LoggingSettings:
         "help": "auto = journald when its socket exists, else stderr"})
 
 
-def fields(camera=None, person=None, event=None, track=None, **more) -> dict:
-    """``extra=`` for a log call: the structured journal fields that are not None."""
+def live_value(liveness: Optional[dict]) -> Optional[str]:
+    """``EDGED_LIVE`` of an event's ``liveness`` (``{"score", "live"}``): ``true``, ``false``,
+    ``unknown`` (not scored), or None (no liveness: the stage is off, or not this event)."""
+    if liveness is None:
+        return None
+    verdict = liveness.get("live")
+    return "unknown" if verdict is None else ("true" if verdict else "false")
+
+
+def fields(camera=None, person=None, event=None, track=None, live=None, **more) -> dict:
+    """``extra=`` for a log call: the structured journal fields that are not None (``live``:
+    an event's liveness mapping, see :func:`live_value`)."""
     out = {}
-    for key, value in (("camera", camera), ("person", person), ("event", event), ("track", track)):
+    for key, value in (("camera", camera), ("person", person), ("event", event), ("track", track),
+                       ("live", live_value(live))):
         if value is not None:
             out["EDGED_" + key.upper()] = str(value)
     for key, value in more.items():

@@ -1,11 +1,13 @@
-"""The face pipeline: detect -> align -> quality -> embed, on one BGR image.
+"""The face pipeline: detect -> align -> quality -> embed (-> liveness), on one BGR image.
 
 >>> pipe = FacePipeline.from_models()
 >>> faces = pipe.process(image_bgr)        # boxes, landmarks, aligned, quality, embeddings
 >>> face = central_face(faces, image_bgr.shape)
 
-Faces below the quality minimums are returned with ``embedding = None``.  A pipeline is not
-thread-safe (its interpreters are reused between calls): use one per thread.
+Faces below the quality minimums are returned with ``embedding = None``.  With a liveness
+stage (``liveness.enabled``, :mod:`edged.liveness`) the faces that are embedded also get
+``Face.liveness`` (None below ``liveness.min_size``).  A pipeline is not thread-safe (its
+interpreters are reused between calls): use one per thread.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from edged.align import align_face
 from edged.detect import DetectionSettings, MtcnnDetector
 from edged.embed import Embedder
 from edged.imageio import to_bgr8
+from edged.liveness import LivenessSettings, LivenessStage
 from edged.quality import QualitySettings, assess
 from edged.types import Face
 
@@ -36,6 +39,7 @@ class PipelineSettings:
 
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)
+    liveness: LivenessSettings = field(default_factory=LivenessSettings)
     flip: bool = field(default=False, metadata={
         "help": "also embed each face's mirror image and average the two (costs a second "
                 "embedding per face; see docs/accuracy.md for what it gives)"})
@@ -58,10 +62,14 @@ def _split_accel(accel):
 
 class FacePipeline:
     def __init__(self, detector: MtcnnDetector, embedder: Embedder,
-                 settings: Optional[PipelineSettings] = None):
+                 settings: Optional[PipelineSettings] = None,
+                 liveness: Optional[LivenessStage] = None):
         self.detector = detector
         self.embedder = embedder
         self.settings = settings or PipelineSettings()
+        self.liveness = liveness  # None: the stage is off
+        if liveness is not None:
+            liveness.settings = self.settings.liveness
         self.detector.settings = self.settings.detection
         self.settings.detection.check()
 
@@ -72,7 +80,9 @@ class FacePipeline:
         det_accel, emb_accel = _split_accel(accel)
         detector = MtcnnDetector.from_models(models_dir, settings.detection, det_accel)
         embedder = Embedder.from_models(models_dir, emb_accel)
-        return cls(detector, embedder, settings)
+        live = (LivenessStage.from_models(models_dir, settings.liveness, emb_accel)
+                if settings.liveness.enabled else None)
+        return cls(detector, embedder, settings, live)
 
     @property
     def embedder_sha256(self) -> str:
@@ -80,8 +90,7 @@ class FacePipeline:
 
     def detect(self, image_bgr: np.ndarray) -> List[Face]:
         """Faces with box, score, landmarks, aligned crop and quality filled; best score first."""
-        if image_bgr.dtype != np.uint8 or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
-            image_bgr = to_bgr8(image_bgr)
+        image_bgr = _bgr8(image_bgr)
         faces = self.detector.detect(image_bgr)
         q = self.settings.quality
         for f in faces:
@@ -89,19 +98,31 @@ class FacePipeline:
             f.quality = assess(f, f.aligned, q)
         return faces
 
-    def embed_faces(self, faces: List[Face], only_passing: bool = True) -> List[Face]:
-        """Fill ``.embedding`` of the faces (those that passed quality, unless told otherwise)."""
+    def embed_faces(self, faces: List[Face], only_passing: bool = True,
+                    image: Optional[np.ndarray] = None) -> List[Face]:
+        """Fill ``.embedding`` of the faces (those that passed quality, unless told otherwise),
+        and their ``.liveness`` when the stage is on and ``image`` (their frame) is given."""
         todo = [f for f in faces if f.aligned is not None
                 and (not only_passing or f.quality is None or f.quality.passed)]
         if todo:
             emb = self.embedder.embed([f.aligned for f in todo], flip=self.settings.flip)
             for f, e in zip(todo, emb):
                 f.embedding = e
+            if self.liveness is not None and image is not None:
+                self.liveness.score_faces(image, todo)
         return faces
 
     def process(self, image_bgr: np.ndarray) -> List[Face]:
-        """Detect and embed; faces below the quality minimums get no embedding."""
-        return self.embed_faces(self.detect(image_bgr))
+        """Detect and embed (and score liveness); faces below the quality minimums get no
+        embedding."""
+        image_bgr = _bgr8(image_bgr)
+        return self.embed_faces(self.detect(image_bgr), image=image_bgr)
+
+
+def _bgr8(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        return to_bgr8(image)
+    return image
 
 
 def central_face(faces: List[Face], image_shape) -> Optional[Face]:

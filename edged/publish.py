@@ -72,11 +72,18 @@ def _num(v):
     return round(f, 4) if math.isfinite(f) else None
 
 
+def _liveness(live: dict) -> dict:
+    """``{"score": number or None, "live": True, False or None}``."""
+    verdict = live.get("live")
+    return {"score": _num(live.get("score")), "live": None if verdict is None else bool(verdict)}
+
+
 def event_payload(event: Event, device: str, publish_time: float) -> dict:
-    """The JSON document published on ``<prefix>/events`` (never embeddings or images)."""
+    """The JSON document published on ``<prefix>/events`` (never embeddings or images);
+    ``liveness`` only on events that carry it (the liveness stage on)."""
     if event.type not in EVENT_TYPES:
         raise ValueError(f"event {event.id}: type {event.type!r} is not one of {EVENT_TYPES}")
-    return {
+    doc = {
         "schema": SCHEMA_VERSION,
         "id": event.id,
         "type": event.type,
@@ -97,6 +104,9 @@ def event_payload(event: Event, device: str, publish_time: float) -> dict:
         "publish_time": iso_utc(publish_time),
         "versions": dict(event.versions or {}),
     }
+    if event.liveness is not None:
+        doc["liveness"] = _liveness(event.liveness)
+    return doc
 
 
 def _merge(dst: dict, src: dict, replace=()) -> None:
@@ -527,7 +537,7 @@ class Publisher:
 
     # -- presence -----------------------------------------------------------------------------
     def _presence_event(self, ev: Event) -> None:
-        if not ev.name:
+        if not ev.name or ev.type == "spoof_suspected":  # (its name is the audit trail's)
             return
         p = self._people.get(ev.name)
         if p is None:

@@ -32,8 +32,16 @@ Boxes are not identity:
   identity, or, once recognized, a clear non-match) end the track and start a new one at the
   same place, with no name.
 
+Liveness, when the stage is on (:mod:`edged.liveness`), is evidence too: each embedded face
+with a liveness score adds it, weighted by the face's quality, to the track's liveness (the
+weighted mean; unknown while no face was scored).  ``recognized`` events carry it as
+``liveness: {score, live}``.  With ``liveness.require`` a track whose identity evidence is
+enough but whose liveness is below the threshold gets one ``spoof_suspected`` event (with the
+best match, for the audit trail) and is never recognized; one whose liveness is unknown waits.
+
 Events: ``face_appeared`` (once a track has been seen ``min_hits`` times), ``recognized``,
-``unknown``, ``track_ended`` (duration and best match score), all :class:`edged.types.Event`.
+``unknown``, ``spoof_suspected``, ``track_ended`` (duration and best match score), all
+:class:`edged.types.Event`.
 """
 from __future__ import annotations
 
@@ -46,6 +54,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from edged.liveness import LivenessSettings, verdict
 from edged.types import Event, Face, Frame, Match
 
 log = logging.getLogger("edged.track")
@@ -166,7 +175,7 @@ class Track:
     hits: int = 1
     missed: int = 0
     reported: bool = False  # face_appeared sent
-    state: str = "pending"  # pending | recognized | unknown
+    state: str = "pending"  # pending | recognized | unknown | spoof
     name: Optional[str] = None
     identity: Optional[str] = None
     evidence: Dict[str, float] = field(default_factory=dict)
@@ -186,13 +195,21 @@ class Track:
     # the best match that named nobody, as (score, margin) of that one match: the unknown event's
     best_miss: Optional[tuple] = None
     best_quality: float = 0.0
+    live_weight: float = 0.0  # quality weights of the faces with a liveness score
+    live_sum: float = 0.0  # ... and the sum of weight * score
     # monotonic clock of the first and last sighting: durations and gaps, immune to clock steps
     first_mono: float = 0.0
     last_mono: float = 0.0
 
     @property
     def decided(self) -> bool:
-        return self.state == "recognized" or (self.state == "unknown" and self.embeds >= 1)
+        return (self.state in ("recognized", "spoof")
+                or (self.state == "unknown" and self.embeds >= 1))
+
+    @property
+    def liveness(self) -> Optional[float]:
+        """The quality-weighted mean liveness of its scored faces; None when none was."""
+        return self.live_sum / self.live_weight if self.live_weight > 0 else None
 
 
 class Tracker:
@@ -201,9 +218,12 @@ class Tracker:
     _ids = itertools.count(1)  # track ids are unique in the process, across cameras and cuts
 
     def __init__(self, camera: str, settings: Optional[TrackingSettings] = None,
-                 match_threshold: Optional[float] = None):
+                 match_threshold: Optional[float] = None,
+                 liveness: Optional[LivenessSettings] = None):
         self.camera = camera
         self.s = settings or TrackingSettings()
+        self.live = liveness if liveness is not None and liveness.enabled else None
+        self.spoofs = 0
         # below this best score an unmatched embedding is evidence of a stranger
         self.unknown_below = (None if match_threshold is None
                               else match_threshold - self.s.unknown_margin)
@@ -418,6 +438,9 @@ class Tracker:
             return events + self._observe_one(new, face, m, t)
         tr.disagree = 0
         tr.mean = e * w if tr.mean is None else tr.mean + e * w
+        if face.liveness is not None:
+            tr.live_weight += w
+            tr.live_sum += w * float(face.liveness)
         if m.identity is None and not m.candidates:
             # compared with nobody (no gallery in service, or an empty one): a stranger by
             # definition, with no score to report (null, not 0.0)
@@ -445,9 +468,34 @@ class Tracker:
                 tr.unknown_count += 1
         return self._decide(tr, t)
 
+    def _liveness(self, tr: Track) -> Optional[dict]:
+        """``{"score", "live"}`` of the track when the stage is on, else None."""
+        if self.live is None:
+            return None
+        score = tr.liveness
+        return {"score": _round(score), "live": verdict(score, self.live.threshold)}
+
+    def _recognize(self, tr: Track, ident: str, t: float) -> List[Event]:
+        """The identity evidence is enough: ``recognized`` unless liveness forbids it."""
+        live = self._liveness(tr)
+        score, margin = tr.best[ident]
+        kw = dict(name=tr.names[ident], identity=ident, score=round(score, 4),
+                  margin=round(margin, 4), liveness=live)
+        if live is not None and self.live.require and live["live"] is not True:
+            if live["live"] is None:
+                return []  # not scored yet (faces too small): wait for a face that can be
+            tr.state = "spoof"  # never recognized; its track_ended names nobody
+            self.spoofs += 1
+            log.debug("camera %s: track %d: liveness %.3f below %.3f: spoof suspected",
+                      self.camera, tr.id, live["score"], self.live.threshold)
+            return self._appear(tr, t) + [self._event("spoof_suspected", tr, t, **kw)]
+        tr.state = "recognized"
+        tr.identity, tr.name = ident, tr.names[ident]
+        return self._appear(tr, t) + [self._event("recognized", tr, t, **kw)]
+
     def _decide(self, tr: Track, t: float) -> List[Event]:
         s = self.s
-        if tr.state == "recognized":
+        if tr.state in ("recognized", "spoof"):
             return []
         total = sum(tr.evidence.values()) + tr.unknown_weight + tr.ambiguous_weight
         if tr.evidence:
@@ -455,12 +503,7 @@ class Tracker:
             ev = tr.evidence[ident]
             if (ev >= s.recognize_evidence and tr.matches[ident] >= s.min_matches
                     and ev >= s.min_agreement * total):
-                tr.state = "recognized"
-                tr.identity, tr.name = ident, tr.names[ident]
-                score, margin = tr.best[ident]
-                pre = self._appear(tr, t)
-                return pre + [self._event("recognized", tr, t, name=tr.name, identity=ident,
-                                    score=round(score, 4), margin=round(margin, 4))]
+                return self._recognize(tr, ident, t)
         if (not tr.unknown_sent and tr.unknown_weight >= s.unknown_evidence
                 and tr.unknown_count >= s.min_unknown
                 and tr.unknown_weight >= s.min_agreement * total):

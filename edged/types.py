@@ -46,6 +46,7 @@ class Face:
     quality: Optional[Quality] = None
     aligned: Optional[np.ndarray] = None  # 112 x 112 x 3 BGR uint8
     embedding: Optional[np.ndarray] = None  # 192-d float32, L2-normalised
+    liveness: Optional[float] = None  # [0, 1], 1 = live (edged.liveness); None: not scored
 
     @property
     def center(self) -> tuple:
@@ -72,7 +73,7 @@ class Match:
     candidates: list = field(default_factory=list)  # [(name, score)] top-k, best first
 
 
-EVENT_TYPES = ("face_appeared", "recognized", "unknown", "track_ended")
+EVENT_TYPES = ("face_appeared", "recognized", "unknown", "track_ended", "spoof_suspected")
 
 
 @dataclass
@@ -95,5 +96,6 @@ class Event:
     quality: Optional[float] = None
     duration: Optional[float] = None  # track_ended: seconds from first to last sighting
     best_score: Optional[float] = None  # track_ended: best match score seen
+    liveness: Optional[dict] = None  # recognized / spoof_suspected: {"score", "live"} when on
     versions: dict = field(default_factory=dict)  # {"embedder": sha256, "detector": ..., "gallery": checksum}
     snapshot: Optional[bytes] = None  # JPEG, only when configured

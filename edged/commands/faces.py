@@ -51,6 +51,11 @@ def register(sub, common):
                         'an image that failed or has no face also has "error"')
     p.add_argument("--annotate", metavar="OUT_DIR",
                    help="write each image with its boxes and landmarks drawn into OUT_DIR")
+    p.add_argument("--liveness", action="store_true",
+                   help="also score each face's liveness with the anti-spoofing model: 0 = "
+                        "photo or screen, 1 = live, and the verdict at the default threshold "
+                        "(unknown for faces under 80 px; docs/accuracy.md says how far it can "
+                        "be trusted); --json adds \"liveness\" and \"live\"")
     _options(p, flip=False)
     p.set_defaults(func=cmd_faces)
 
@@ -102,6 +107,7 @@ def _pipeline(args, name: str):
     from edged.runtime import DelegateError, SettingsError
 
     settings = PipelineSettings()
+    settings.liveness.enabled = bool(getattr(args, "liveness", False))
     if getattr(args, "min_face", None) is not None:
         if args.min_face < 12:
             raise _Fail(f"edged {name}: --min-face must be at least 12 pixels, got {args.min_face}")
@@ -139,6 +145,23 @@ def _face_json(f) -> dict:
         doc.update(quality_passed=bool(q.passed), size_px=round(float(q.size_px), 1),
                    sharpness=round(float(q.sharpness), 1), frontal=round(float(q.frontal), 3))
     return doc
+
+
+def _live_json(f, live) -> dict:
+    """``liveness`` and ``live`` of a face scored by the stage ``live``."""
+    from edged.liveness import verdict
+
+    score = f.liveness
+    return {"liveness": None if score is None else round(float(score), 4),
+            "live": verdict(score, live.settings.threshold)}
+
+
+def _live_text(f, live) -> str:
+    if f.liveness is None:
+        return f"liveness unknown (face under {live.settings.min_size:.0f} px)"
+    ok = f.liveness >= live.settings.threshold
+    return (f"liveness {f.liveness:.3f} ({'live' if ok else 'suspected spoof'} at "
+            f"{live.settings.threshold:.2f})")
 
 
 def _face_text(f) -> str:
@@ -204,6 +227,7 @@ def cmd_faces(args) -> int:
             return EXIT_ERROR
     used: set = set()
     docs, status = [], EXIT_OK
+    live = pipe.liveness  # None unless --liveness
     for path in args.images:
         image, error = _load(path)
         faces = []
@@ -214,10 +238,13 @@ def cmd_faces(args) -> int:
             if not faces:
                 error = f"{path}: no face found"
                 status = max(status, EXIT_NO_FACE)
+            elif live is not None:
+                live.score_faces(image, faces)
         if error:
             _err(f"edged faces: {error}")
         if args.json:
-            doc = {"image": path, "faces": [_face_json(f) for f in faces]}
+            doc = {"image": path, "faces": [dict(_face_json(f), **(_live_json(f, live) if live
+                                                                   else {})) for f in faces]}
             if error:
                 doc["error"] = error
             docs.append(doc)
@@ -225,6 +252,8 @@ def cmd_faces(args) -> int:
             print(f"{path}: {len(faces)} face{'s' if len(faces) != 1 else ''} ({image.shape[1]}x{image.shape[0]})")
             for i, f in enumerate(faces):
                 print(f"  {i + 1}. {_face_text(f)}")
+                if live is not None:
+                    print(f"     {_live_text(f, live)}")
         if out_dir is not None and image is not None:
             try:
                 written = _annotate(image, faces, out_dir, path, used)

@@ -227,12 +227,13 @@ class Daemon:
     def build_service(self, cfg) -> ServiceSet:
         """Load models and the gallery off the hot path; raise StartupError when impossible."""
         from edged.embed import Embedder
+        from edged.liveness import LivenessStage
         from edged.pipeline import FacePipeline, PipelineSettings
 
         from edged.ota import ModelBlob
 
         settings = PipelineSettings(detection=cfg.detection, quality=cfg.quality,
-                                    flip=cfg.pipeline.flip)
+                                    liveness=cfg.liveness, flip=cfg.pipeline.flip)
         from edged.ota import load_in_service, load_installed_copy
 
         md = self.models_dir()
@@ -273,7 +274,8 @@ class Daemon:
             # embedder: only the track thread embeds.
             emb = models["embedder"]
             embedder = Embedder(emb.data, emb.sha256, cfg.models.embedder)
-            pipes = [FacePipeline(self._detector(models, settings, cfg), embedder, settings)
+            live = LivenessStage.for_settings(cfg.liveness, md)  # None when off
+            pipes = [FacePipeline(self._detector(models, settings, cfg), embedder, settings, live)
                      for _ in range(cfg.pipeline.workers)]
             pipe = pipes[0]
         except modelstore.ModelError as exc:
@@ -328,7 +330,7 @@ class Daemon:
             detectors = [self._detector(models, settings, self.cfg) for _ in cur.pipelines]
         else:
             detectors = [p.detector for p in cur.pipelines]
-        pipes = [FacePipeline(det, embedder, settings) for det in detectors]
+        pipes = [FacePipeline(det, embedder, settings, cur.pipeline.liveness) for det in detectors]
         gallery = gallery_holder if gallery_holder is not None else cur.gallery
         return ServiceSet(pipelines=pipes, gallery=gallery,
                           versions=self._versions(pipes[0], gallery),
@@ -341,7 +343,8 @@ class Daemon:
         return {"embedder": pipe.embedder_sha256,
                 "detector": dict(det) if isinstance(det, dict) else det,
                 "gallery": g.checksum if g is not None else None,
-                "gallery_rows": int(g.rows) if g is not None else 0}
+                "gallery_rows": int(g.rows) if g is not None else 0,
+                **({"antispoof": pipe.liveness.sha256} if pipe.liveness is not None else {})}
 
     @staticmethod
     def _accelerators(pipe) -> dict:
@@ -827,7 +830,8 @@ class Daemon:
         log.debug("warm-up in %.2f s for %s", time.monotonic() - t0, sorted(shapes))
 
     def _add_camera(self, cs) -> None:
-        self.trackers[cs.name] = Tracker(cs.name, self.cfg.tracking, match_threshold=self.cfg.match.threshold)
+        self.trackers[cs.name] = Tracker(cs.name, self.cfg.tracking, match_threshold=self.cfg.match.threshold,
+                                         liveness=self.cfg.liveness)
         self.fps_done.setdefault(cs.name, RollingStats())
         cam = Camera(cs, self.hub)
         self.cameras[cs.name] = cam
@@ -1013,7 +1017,7 @@ class Daemon:
             self.progress += 1
         for ev in events:
             ev.versions = dict(svc.versions)
-            if self.cfg.mqtt.snapshots and ev.type in ("recognized", "unknown"):
+            if self.cfg.mqtt.snapshots and ev.type in ("recognized", "unknown", "spoof_suspected"):
                 ev.snapshot = _snapshot(frame.image, ev.box)
             self._events.put((ev, frame.monotonic, frame.index))
         return events
@@ -1021,7 +1025,7 @@ class Daemon:
     def _embed_and_match(self, frame, tracker, todo, svc, t2: float, events: list) -> float:
         """Embed the faces the tracker asked for, match them, add the tracker's events to
         ``events``; return the time it ended."""
-        svc.pipeline.embed_faces([f for _, f in todo], only_passing=False)
+        svc.pipeline.embed_faces([f for _, f in todo], only_passing=False, image=frame.image)
         t3 = time.perf_counter()
         self.stage["embed"].add(t3 - t2)
         self.faces_embedded += len(todo)
@@ -1080,8 +1084,12 @@ class Daemon:
 
     def _log_event(self, ev: Event) -> None:
         f = fields(camera=ev.camera, person=ev.name, event=ev.type, track=ev.track_id,
-                   identity=ev.identity)
-        if ev.type == "recognized":
+                   identity=ev.identity, live=ev.liveness)
+        if ev.type == "spoof_suspected":
+            log.warning("camera %s: spoof suspected, not recognized: %s (track %d, score %.3f, "
+                        "liveness %s)", ev.camera, ev.name, ev.track_id, ev.score or 0,
+                        (ev.liveness or {}).get("score"), extra=f)
+        elif ev.type == "recognized":
             log.info("camera %s: recognized %s (track %d, score %.3f, margin %.3f)", ev.camera,
                      ev.name, ev.track_id, ev.score or 0, ev.margin or 0, extra=f)
         elif ev.type == "unknown":
@@ -1293,12 +1301,14 @@ class Daemon:
                     log.exception("reload: closing the unused gallery failed")
             self.notifier.ready(f"reload failed: {(str(exc) or type(exc).__name__).splitlines()[0]}")
             return False
-        if cfg.tracking != self.cfg.tracking or cfg.match.threshold != self.cfg.match.threshold:
+        if (cfg.tracking != self.cfg.tracking or cfg.match.threshold != self.cfg.match.threshold
+                or cfg.liveness != self.cfg.liveness):
             with self._track_lock:
                 for name in list(self.trackers):
                     events = self.trackers[name].end_all(why="reload")
                     self.trackers[name] = Tracker(name, cfg.tracking,
-                                                  match_threshold=cfg.match.threshold)
+                                                  match_threshold=cfg.match.threshold,
+                                                  liveness=cfg.liveness)
                     for ev in events:
                         ev.versions = dict(new.versions)
                         self._events.put((ev, time.monotonic(), None))

@@ -230,3 +230,64 @@ def test_spoof_set_attacks_are_refused_at_the_default_threshold(shared_dir, pipe
             refused_live.append(row["file"])
     assert accepted == []
     assert len(refused_live) <= 6, refused_live  # measured 5 of 8 (docs/accuracy.md)
+
+
+# ---------------------------------------------------------------------------- full tier: daemon
+
+
+def _still_clip(image_path, out, frames=24):
+    """A still "video" of one photo (MJPG, 10 fps): the photo held up to the camera."""
+    image = load_image(image_path)
+    k = 640.0 / max(image.shape[:2])
+    image = cv2.resize(image, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+    h, w = image.shape[:2]
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (w, h))
+    assert writer.isOpened()
+    for _ in range(frames):
+        writer.write(image)
+    writer.release()
+    return out
+
+
+def _daemon_events(models_dir, clip, gallery, state, liveness):
+    from edged.daemon import Daemon
+    from edged.sdnotify import Notifier
+
+    cfg = configmod.build(configmod.Config, {
+        "cameras": [{"name": "door", "source": str(clip), "realtime": False}],
+        "liveness": liveness,
+        "paths": {"state_dir": str(state), "gallery": str(gallery)},
+        "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
+    d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),
+               exit_when_done=True)
+    events = []
+    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.start(camera_wait=30)
+    assert d.run() == 0
+    return events
+
+
+def test_daemon_with_require_refuses_the_photo_and_recognizes_the_live_capture(
+        shared_dir, models_dir, tmp_path):
+    """vmfas_fake_003 (a recaptured photo) shows the man of vmfas_true_003 (cosine 0.97
+    between the two): enrolled from the live capture, the photo held up as a still video is
+    never recognized with liveness.require, while the live capture shown the same way is."""
+    from edged_daemon_helpers import build_gallery
+
+    spoof = shared_dir / "faces" / "spoof"
+    enrol = tmp_path / "enrol" / "Vm_Man"
+    enrol.mkdir(parents=True)
+    (enrol / "a.png").write_bytes((spoof / "vmfas_true_003.png").read_bytes())
+    gallery = build_gallery(tmp_path / "enrol", tmp_path / "g.edgal")
+    live = {"enabled": True, "require": True}
+    attack = _still_clip(spoof / "vmfas_fake_003.jpg", tmp_path / "attack.avi")
+    events = _daemon_events(models_dir, attack, gallery, tmp_path / "s1", live)
+    types = [e.type for e in events]
+    assert "recognized" not in types and "spoof_suspected" in types, types
+    sus = events[types.index("spoof_suspected")]
+    assert sus.identity == "Vm_Man" and sus.liveness["live"] is False
+    assert "antispoof" in sus.versions
+    bona = _still_clip(spoof / "vmfas_true_003.png", tmp_path / "live.avi")
+    events = _daemon_events(models_dir, bona, gallery, tmp_path / "s2", live)
+    rec = [e for e in events if e.type == "recognized"]
+    assert [e.identity for e in rec] == ["Vm_Man"] and rec[0].liveness["live"] is True

@@ -41,7 +41,8 @@ class LivenessSettings:
 
     enabled: bool = field(default=False, metadata={
         "help": "score the liveness of every face that is matched (anti-spoofing model; "
-                "about 20 ms per face on one core; measured in docs/accuracy.md)"})
+                "it refuses most live faces too, and costs about 80-160 ms per face on one "
+                "x86 core: docs/accuracy.md, Liveness)"})
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata={
         "min": 0.0, "max": 1.0,
         "help": "a track's quality-weighted liveness at or above this is live, below it a "

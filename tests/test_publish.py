@@ -678,3 +678,27 @@ def test_presence_timing_ignores_wall_clock_steps(broker, pub_factory):
         assert sub.json(topic)[-1]["last_seen"] == iso_utc(now - 3600.0)
     finally:
         sub.close()
+
+
+def test_spoof_suspected_is_published_with_liveness_and_changes_no_presence(broker, pub_factory):
+    sub = Subscriber(broker.port, f"{PREFIX}/#")
+    p = pub_factory(broker.port)
+    topic = f"{PREFIX}/person/alice"
+    try:
+        assert sub.wait_for(lambda s: s.json(topic), 10)
+        p.publish_event(ev("face_appeared", name=None, track=3))
+        p.publish_event(ev("spoof_suspected", track=3, liveness={"score": 0.0123456, "live": False}))
+        p.publish_event(ev("recognized", name="bob", track=4,
+                           liveness={"score": 0.97, "live": True}))
+        assert sub.wait_for(lambda s: len(s.json(f"{PREFIX}/events")) == 3, 10)
+        docs = sub.json(f"{PREFIX}/events")
+        assert docs[1]["type"] == "spoof_suspected" and docs[1]["name"] == "alice"
+        assert docs[1]["liveness"] == {"score": 0.0123, "live": False}
+        assert docs[2]["liveness"] == {"score": 0.97, "live": True}
+        assert "liveness" not in docs[0]  # only the events that carry it
+        # bob's recognition is published after alice's suspected spoof: by then alice's
+        # presence would have been too, had the spoof set it
+        assert sub.wait_for(lambda s: s.json(f"{PREFIX}/person/bob")[-1]["present"], 10)
+        assert not any(d["present"] for d in sub.json(topic))
+    finally:
+        sub.close()

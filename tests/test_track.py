@@ -407,3 +407,57 @@ def test_unknown_with_no_gallery_reports_null_score_and_margin(tmp_path):
         assert len(unknown) == 1 and (unknown[0].score, unknown[0].margin) == (None, None)
         assert events[-1].type == "track_ended" and events[-1].best_score is None
     holder.stop()
+
+
+# ---------------------------------------------------------------------------- liveness evidence
+
+
+def _live_scene(live, scores, qualities=None):
+    """alice at one place, each detection's face with the next liveness score of ``scores``."""
+    from edged.liveness import LivenessSettings
+
+    s = Scene()
+    s.t = Tracker("cam", TrackingSettings(), liveness=LivenessSettings(**live))
+    for k, score in enumerate(scores):
+        f = face([50, 20, 90, 60], quality=(qualities or [0.9] * len(scores))[k])
+        f.liveness = score
+        s.step([(f, lambda: near(ALICE))])
+    s.finish()
+    return s
+
+
+def test_liveness_evidence_is_quality_weighted_like_identity():
+    # 0.9 at quality 0.9 and 0.1 at quality 0.3: (0.81 + 0.03) / 1.2 = 0.7
+    s = _live_scene({"enabled": True, "threshold": 0.75}, [0.9, 0.1], [0.9, 0.3])
+    rec = [e for e in s.events if e.type == "recognized"]
+    assert rec[0].liveness == {"score": 0.7, "live": False}  # reported, not enforced
+    s = _live_scene({"enabled": True, "threshold": 0.65}, [0.9, 0.1], [0.9, 0.3])
+    assert [e for e in s.events if e.type == "recognized"][0].liveness["live"] is True
+
+
+def test_require_reports_spoof_evidence_as_spoof_suspected_never_recognized():
+    s = _live_scene({"enabled": True, "threshold": 0.5, "require": True}, [0.1] * 60)
+    types = [e.type for e in s.events]
+    assert types == ["face_appeared", "spoof_suspected", "track_ended"]
+    sus = s.events[1]
+    assert sus.name == "alice" and sus.identity == "alice" and sus.score >= THRESHOLD
+    assert sus.liveness == {"score": 0.1, "live": False}
+    assert s.events[-1].name is None and s.events[-1].identity is None
+    # a live track under the same settings is recognized, with its liveness
+    s = _live_scene({"enabled": True, "threshold": 0.5, "require": True}, [0.9] * 10)
+    assert [e.type for e in s.events] == ["face_appeared", "recognized", "track_ended"]
+    assert s.events[1].liveness == {"score": 0.9, "live": True}
+
+
+def test_require_waits_for_a_scored_face_then_decides():
+    s = _live_scene({"enabled": True, "threshold": 0.5, "require": True},
+                    [None] * 5 + [0.9] + [None] * 4)
+    types = [e.type for e in s.events]
+    assert types == ["face_appeared", "recognized", "track_ended"]
+    assert s.events[1].liveness == {"score": 0.9, "live": True}
+
+
+def test_liveness_off_leaves_events_as_they_were():
+    s = _live_scene({"enabled": False, "require": True}, [0.0] * 5)
+    assert [e.type for e in s.events] == ["face_appeared", "recognized", "track_ended"]
+    assert all(e.liveness is None for e in s.events)

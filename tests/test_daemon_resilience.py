@@ -228,7 +228,7 @@ def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, cap
     class Pipe:
         zero = False
 
-        def embed_faces(self, faces, only_passing=True):
+        def embed_faces(self, faces, only_passing=True, image=None):
             for f in faces:
                 f.embedding = np.zeros(192, np.float32) if self.zero else \
                     np.full(192, 192 ** -0.5, np.float32)

@@ -1,6 +1,7 @@
 """Liveness: the anti-spoofing stage on real photos, its evidence per track, events, CLI, config."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -159,27 +160,27 @@ def test_require_turns_a_spoof_evidence_track_into_spoof_suspected(pipe, obama, 
     assert [e.type for e in events].count("recognized") == 1
 
 
+@contextlib.contextmanager
+def _sharing(pipe, live):
+    """A pipeline with the settings ``live`` that shares ``pipe``'s interpreters."""
+    try:
+        yield FacePipeline(pipe.detector, pipe.embedder, PipelineSettings(liveness=live),
+                           pipe.liveness)
+    finally:
+        pipe.liveness.settings = pipe.settings.liveness
+
+
 def test_require_waits_while_the_liveness_is_unknown(pipe, obama, public_photos):
     enrolled = pipe.process(load_image(public_photos / "obama2.jpg"))[0].embedding
     huge = LivenessSettings(enabled=True, min_size=4000, require=True)
-    pipe_huge = FacePipeline(pipe.detector, pipe.embedder,
-                             PipelineSettings(liveness=huge), pipe.liveness)
-    try:
-        events = _run(Tracker("door", TrackingSettings(), 0.4, liveness=huge), pipe_huge, obama,
-                      enrolled)
-    finally:
-        pipe.liveness.settings = pipe.settings.liveness
+    with _sharing(pipe, huge) as p:
+        events = _run(Tracker("door", TrackingSettings(), 0.4, liveness=huge), p, obama, enrolled)
     types = [e.type for e in events]
     assert "recognized" not in types and "spoof_suspected" not in types
     # without require the same track is recognized, its liveness unknown (null)
     loose = LivenessSettings(enabled=True, min_size=4000)
-    pipe_loose = FacePipeline(pipe.detector, pipe.embedder, PipelineSettings(liveness=loose),
-                              pipe.liveness)
-    try:
-        events = _run(Tracker("door", TrackingSettings(), 0.4, liveness=loose), pipe_loose,
-                      obama, enrolled)
-    finally:
-        pipe.liveness.settings = pipe.settings.liveness
+    with _sharing(pipe, loose) as p:
+        events = _run(Tracker("door", TrackingSettings(), 0.4, liveness=loose), p, obama, enrolled)
     rec = [e for e in events if e.type == "recognized"]
     assert len(rec) == 1 and rec[0].liveness == {"score": None, "live": None}
 

@@ -156,6 +156,7 @@ class PathsSettings:
 from edged.capture import CameraSettings  # noqa: E402
 from edged.detect import DetectionSettings  # noqa: E402
 from edged.gallery import MatchSettings  # noqa: E402
+from edged.httpapi import HttpSettings  # noqa: E402
 from edged.liveness import LivenessSettings  # noqa: E402
 from edged.logs import LoggingSettings  # noqa: E402
 from edged.mqtt import MqttSettings  # noqa: E402
@@ -194,6 +195,8 @@ class Config:
     drops: DropSettings = field(default_factory=DropSettings, metadata={
         "help": "over-the-air model and gallery drops (docs/ota.md)"})
     mqtt: MqttSettings = field(default_factory=MqttSettings, metadata={"help": "MQTT"})
+    http: HttpSettings = field(default_factory=HttpSettings, metadata={
+        "help": "the /metrics and /healthz endpoint, off by default (docs/metrics.md)"})
     logging: LoggingSettings = field(default_factory=LoggingSettings,
                                      metadata={"help": "log output"})
 

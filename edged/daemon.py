@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -47,8 +48,9 @@ import numpy as np
 from edged import __version__, config as configmod, modelstore
 from edged.hotswap import SwapHolder
 from edged.capture import Camera, FrameHub, preflight, quiet_opencv
-from edged.health import Health
+from edged.health import Health, camera_down, stuck_after
 from edged.logs import Throttle, fields
+from edged.metrics import LATENCY_BUCKETS, STAGE_BUCKETS, STAGES, Histogram
 from edged.sdnotify import Notifier
 from edged.track import Tracker
 from edged.types import Event
@@ -102,14 +104,22 @@ class ServiceSet:
 class RollingStats:
     """Counts and timings over the last ``window`` seconds, for fps and latency figures."""
 
-    def __init__(self, window: float = 10.0, keep: int = 5000):
+    def __init__(self, window: float = 10.0, keep: int = 5000,
+                 histogram: Optional[Histogram] = None):
         self.window = window
         self.samples = deque(maxlen=keep)
         self.lock = threading.Lock()
+        self.histogram = histogram  # every value, cumulated since start (edged.metrics)
 
     def add(self, value: float = 0.0, t: Optional[float] = None) -> None:
         with self.lock:
             self.samples.append((t if t is not None else time.monotonic(), value))
+        if self.histogram is not None:
+            self.histogram.observe(value)
+
+    def count(self, now: Optional[float] = None) -> int:
+        """Samples in the last ``window`` seconds."""
+        return len(self._recent(now or time.monotonic()))
 
     def _recent(self, now: float):
         with self.lock:
@@ -198,8 +208,20 @@ class Daemon:
         self._cpu_mark: Optional[tuple] = None
         self.started_mono = time.monotonic()
         self.fps_done: Dict[str, RollingStats] = {}
-        self.stage = {k: RollingStats() for k in ("detect", "embed", "match", "track", "frame")}
-        self.latency = RollingStats()  # capture -> event handed to the publisher
+        # (capture: from the camera to a detection worker; publish: an event to the publisher)
+        self.stage = {k: RollingStats(histogram=Histogram(STAGE_BUCKETS)) for k in STAGES}
+        self.stage["frame"] = RollingStats()
+        # capture -> event handed to the publisher
+        self.latency = RollingStats(histogram=Histogram(LATENCY_BUCKETS))
+        # counters for the metrics (edged.metrics), each written by one thread
+        self.frames_by_camera: Dict[str, int] = {}  # frames tracked (track thread)
+        self.faces_detected: Dict[str, int] = {}  # (track thread)
+        self.event_counts: Dict[tuple, int] = {}  # (camera, type) -> events (events thread)
+        self.last_event_at: Dict[str, float] = {}  # camera -> epoch of its last event
+        self.event_rates: Dict[str, RollingStats] = {}  # camera -> events of the last 10 min
+        self.drop_outcomes: Dict[tuple, int] = {}  # (kind, outcome) -> drops and swaps
+        self._camera_since: Dict[str, float] = {}  # camera -> when it was started (monotonic)
+        self.http = None  # edged.httpapi.HttpEndpoint while http.listen is set
         # the last capture-to-event latencies (tools/bench_daemon.py); bounded: the daemon
         # runs for months
         self.latencies_all: "deque[float]" = deque(maxlen=100_000)
@@ -430,9 +452,14 @@ class Daemon:
             log.info("%s drop %s: %s: %s", what, result.replace("_", " "), files,
                      record.get("why"), extra=fields(event=ev))
         parts = {}
+        counted = result in ("rolled_back", "waiting") or (
+            record.get("trigger") in ("drop", "start") and result in self.drop_counts)
+        if counted:
+            key = (str(what), result)
+            self.drop_outcomes[key] = self.drop_outcomes.get(key, 0) + 1
         if result in ("rolled_back", "waiting"):
             self.drop_counts[result] += 1
-        elif record.get("trigger") in ("drop", "start") and result in self.drop_counts:
+        elif counted:
             # (a gallery refused at start is a refused drop too: the file someone put there)
             self.drop_counts[result] += 1
             self.drop_counts["handled"] += 1  # one per drop: its final outcome
@@ -526,8 +553,23 @@ class Daemon:
             spool.retry()
             changed |= self.health.problem("spool", spool.problem)
         changed |= self.health.problem("status_file", self._status_file_problem)
+        changed |= self._check_frames()
         if changed or force:
             self.publish_health()
+
+    def _check_frames(self) -> bool:
+        """The cameras down and a stuck pipeline as health problems (edged.health)."""
+        now = time.monotonic()
+        cams = dict(self.cameras)
+        down = {name: camera_down(cam.connected, cam.finished,
+                                  now - (cam.last_frame_monotonic
+                                        or self._camera_since.get(name, self.started_mono)),
+                                  cam.settings.stall_timeout) for name, cam in cams.items()}
+        changed = self.health.problems_under("camera:", down)
+        fed = any(cam.connected for cam in cams.values())
+        after = stuck_after(cam.settings.stall_timeout for cam in cams.values())
+        return changed | self.health.problem(
+            "pipeline", self.health.pipeline_stuck(self.progress, fed, now, after))
 
     def publish_health(self) -> None:
         """The health into the status (MQTT and status.json), and one journal line."""
@@ -656,6 +698,7 @@ class Daemon:
                 raise StartupError(why, config=True)
         state = Path(cfg.paths.state_dir)
         _warn_if_root()
+        self._start_http(cfg)
         try:  # (galleries are biometric data: not for every user of the machine)
             state.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
         except OSError as exc:
@@ -727,6 +770,20 @@ class Daemon:
         self.notifier.ready(self.status_text)
         log.info("edged %s ready: device %s, %d camera(s)", __version__, self.device,
                  len(self.cameras))
+
+    def _start_http(self, cfg) -> None:
+        """The /metrics and /healthz endpoint (edged.httpapi), when ``http.listen`` is set:
+        up before the models load, so that /healthz says ``starting`` meanwhile."""
+        if not cfg.http.listen.strip():
+            return
+        from edged.httpapi import HttpEndpoint
+
+        try:
+            self.http = HttpEndpoint(cfg.http, self).start()
+        except OSError as exc:
+            raise StartupError(f"http.listen: cannot listen on {cfg.http.listen}: {exc}",
+                               config=isinstance(exc, (socket.gaierror, PermissionError))) \
+                from exc
 
     def _start_drops(self, since: Optional[float] = None, restore: bool = False) -> None:
         """Watch the drop directory and the gallery path (edged.ota); ``since``: take the
@@ -833,6 +890,7 @@ class Daemon:
         self.trackers[cs.name] = Tracker(cs.name, self.cfg.tracking, match_threshold=self.cfg.match.threshold,
                                          liveness=self.cfg.liveness)
         self.fps_done.setdefault(cs.name, RollingStats())
+        self._camera_since[cs.name] = time.monotonic()
         cam = Camera(cs, self.hub)
         self.cameras[cs.name] = cam
         self._reconnects_seen[cs.name] = 0
@@ -860,6 +918,7 @@ class Daemon:
                     self._in_flight -= 1
                     self._order.notify_all()
                 continue
+            self.stage["capture"].add(time.monotonic() - frame.monotonic)
             with self._order:
                 seq = self._next_seq.get(frame.camera, 0)
                 self._next_seq[frame.camera] = seq + 1
@@ -1010,6 +1069,10 @@ class Daemon:
         self.stage["frame"].add(now - frame.monotonic)
         self.fps_done[frame.camera].add(t=now)
         self.frames_done_total += 1
+        cam = frame.camera
+        self.frames_by_camera[cam] = self.frames_by_camera.get(cam, 0) + 1
+        if faces:
+            self.faces_detected[cam] = self.faces_detected.get(cam, 0) + len(faces)
         self.last_done_monotonic = now
         if self.first_done_monotonic is None:
             self.first_done_monotonic = now
@@ -1062,15 +1125,18 @@ class Daemon:
             if item is None:
                 return
             ev, captured, frame_index = item
+            t0 = time.monotonic()
             try:
                 if self.publisher is not None:
                     self.publisher.publish_event(ev)
             except Exception:
                 log.exception("publisher: event %s failed", ev.id)
-            lat = time.monotonic() - captured
+            t1 = time.monotonic()
+            self.stage["publish"].add(t1 - t0)
+            lat = t1 - captured
             self.latency.add(lat)
             self.latencies_all.append(lat)
-            self.last_event, self.last_event_time = ev, time.time()
+            self._count_event(ev)
             self._log_event(ev)
             if self.events_out is not None:
                 self._write_event(ev, lat, frame_index)
@@ -1081,6 +1147,14 @@ class Daemon:
                     log.exception("event hook failed")
 
     _events_done = False
+
+    def _count_event(self, ev: Event) -> None:
+        """The last event, and the per-camera counts the metrics and the status show."""
+        self.last_event, self.last_event_time = ev, time.time()
+        key = (ev.camera, ev.type)
+        self.event_counts[key] = self.event_counts.get(key, 0) + 1
+        self.last_event_at[ev.camera] = self.last_event_time
+        self.event_rates.setdefault(ev.camera, RollingStats(window=600.0)).add()
 
     def _log_event(self, ev: Event) -> None:
         f = fields(camera=ev.camera, person=ev.name, event=ev.type, track=ev.track_id,
@@ -1253,6 +1327,8 @@ class Daemon:
         if self.service is not None:
             self.write_status_file()
             self.models_holder.stop(close=True)
+        if self.http is not None:  # last: a scrape until then sees the daemon stop
+            self.http.stop()
         alive = [t.name for t in threading.enumerate()
                  if t.name.startswith(("capture-", "detect-", "track", "events")) and t.is_alive()]
         log.info("stopped in %.2f s%s", time.monotonic() - t0,
@@ -1359,8 +1435,19 @@ class Daemon:
             st = cam.status()
             st["fps"] = round(self.fps_done[name].rate(now), 2)
             st["dropped"] = self.hub.dropped.get(name, 0)
+            st.update(self._camera_events(name, now))
             out[name] = st
         return out
+
+    def _camera_events(self, name: str, now: float) -> dict:
+        """``events_per_min`` (over the last 10 minutes) and ``last_event`` (ISO time or
+        None) of one camera, for the status (Home Assistant's sensors)."""
+        from edged.publish import iso_utc
+
+        rate = self.event_rates.get(name)
+        at = self.last_event_at.get(name)
+        return {"events_per_min": round(rate.count(now) * 60.0 / rate.window, 2) if rate else 0.0,
+                "last_event": iso_utc(at) if at else None}
 
     def stopped_status(self) -> dict:
         """The status parts that say the daemon stopped: no camera connected, no fps."""

@@ -11,8 +11,16 @@ States (``state`` in the status document, with ``problems``: docs/mqtt.md, docs/
   goes away;
 - ``stopped``: the daemon stopped cleanly.
 
+Problems the daemon names (:meth:`Health.problem`): ``spool`` and ``status_file`` (the state
+disk full or read-only), ``camera:<name>`` (:func:`camera_down`: no frame for longer than its
+``stall_timeout``, and not connected) and ``pipeline`` (:meth:`Health.pipeline_stuck`: frames
+come in and none went through the pipeline for :func:`stuck_after` seconds).  The retained
+status, ``edged status``, sd_notify's STATUS and ``GET /healthz`` (:mod:`edged.httpapi`) all
+read this one state: ``/healthz`` answers 200 only while it is ``healthy``.
+
 The systemd watchdog is fed while frames go through (:meth:`Health.progressed`); a degraded
-daemon is still fed: a full disk is not a reason for systemd to restart it.
+daemon is still fed: a full disk is not a reason for systemd to restart it, and a daemon whose
+only camera is down or whose pipeline is stuck is not fed (no frame goes through).
 """
 from __future__ import annotations
 
@@ -21,6 +29,24 @@ import time
 from typing import Dict, Optional, Tuple
 
 STATES = ("starting", "healthy", "degraded", "stopped")
+PIPELINE_STUCK_S = 30.0  # at least this long without a frame through before "stuck"
+
+
+def camera_down(connected: bool, finished: bool, quiet_s: float,
+                stall_timeout: float) -> Optional[str]:
+    """Why a camera counts as down (None when it does not): not connected, and no frame for
+    longer than its stall timeout (``quiet_s``: seconds since its last frame, or since it was
+    started when none came).  A file that ended is not down.  The reason does not change while
+    the outage lasts (each change republishes the status)."""
+    if finished or connected or quiet_s <= stall_timeout:
+        return None
+    return f"down: no frame for more than {stall_timeout:g} s"
+
+
+def stuck_after(stall_timeouts) -> float:
+    """Seconds without a frame through the pipeline, while a camera is connected, before the
+    pipeline counts as stuck: long enough that a stalled camera is reported as down first."""
+    return max([PIPELINE_STUCK_S] + [3.0 * t for t in stall_timeouts])
 
 
 class Health:
@@ -31,6 +57,7 @@ class Health:
         self._problems: Dict[str, Tuple[str, float]] = {}  # key -> (why, since epoch)
         self._lock = threading.Lock()
         self._progress_seen: Optional[int] = None
+        self._stuck_mark: Optional[Tuple[int, float]] = None  # (progress, since when)
 
     def problem(self, key: str, why: Optional[str]) -> bool:
         """Set (``why``) or clear (None) the problem ``key``; whether the state document
@@ -43,6 +70,19 @@ class Health:
                 return False
             self._problems[key] = (why, old[1] if old else time.time())
             return True
+
+    def problems_under(self, prefix: str, whys: Dict[str, Optional[str]]) -> bool:
+        """Set (or clear, None) the problem ``prefix + name`` for each of ``whys``, and clear
+        the other problems under ``prefix`` (a camera removed); whether anything changed."""
+        with self._lock:
+            gone = [k for k in self._problems if k.startswith(prefix) and k[len(prefix):]
+                    not in whys]
+        changed = False
+        for key in gone:
+            changed |= self.problem(key, None)
+        for name, why in whys.items():
+            changed |= self.problem(prefix + name, why)
+        return changed
 
     @property
     def state(self) -> str:
@@ -64,6 +104,19 @@ class Health:
         with self._lock:
             why = "; ".join(f"{k}: {w}" for k, (w, _) in sorted(self._problems.items()))
         return self.state + (f" ({why})" if why and self.phase == "running" else "")
+
+    def pipeline_stuck(self, progress: int, fed: bool, now: float,
+                       after: float) -> Optional[str]:
+        """Why the pipeline counts as stuck (None when it does not): frames come in (``fed``:
+        a camera is connected) and ``progress`` (frames through, as for the watchdog) has not
+        moved for more than ``after`` seconds (``now``: monotonic)."""
+        mark = self._stuck_mark
+        if not fed or mark is None or mark[0] != progress:
+            self._stuck_mark = (progress, now)
+            return None
+        if now - mark[1] <= after:
+            return None
+        return f"stuck: no frame through the pipeline for more than {after:g} s"
 
     def progressed(self, progress: int) -> bool:
         """For the watchdog: did frames go through since the previous call?"""

@@ -8,7 +8,11 @@ device and all its entities ("components"):
 - one ``event`` entity for the events on ``<prefix>/events`` (event types face_appeared,
   recognized, unknown, track_ended);
 - one ``sensor`` per camera with its frames per second, and one with the spool depth, both fed
-  by ``<prefix>/stats``.
+  by ``<prefix>/stats``;
+- per camera, from the retained ``<prefix>/status``: a ``binary_sensor`` (device class
+  ``connectivity``: on while the camera is connected, its status as attributes), its event rate
+  (events per minute over the last 10 minutes) and the time of its last event (a ``timestamp``
+  sensor).
 
 Availability follows ``<prefix>/availability`` (``online``; ``offline`` and ``stopped`` both
 mean unavailable).  A person removed from the gallery is removed from Home Assistant by
@@ -78,6 +82,7 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
                            "'score': value_json.score, 'id': value_json.id} | to_json }}"),
     }
     for cam in sorted(set(cameras)):
+        comps.update(_camera_components(oid, topic_prefix, cam))
         cid = f"{oid}_fps_{ascii_id(cam)}"
         comps[cid] = {
             "platform": "sensor",
@@ -117,6 +122,42 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
         }],
         "qos": 1,
         "components": comps,
+    }
+
+
+def _camera_components(oid: str, topic_prefix: str, cam: str) -> Dict[str, dict]:
+    """A camera's health, read from the retained status (``cameras.<camera>``)."""
+    status = f"{topic_prefix}/status"
+    part = f"value_json.cameras['{_jinja_str(cam)}']"
+    cid = ascii_id(cam)
+    return {
+        f"{oid}_camera_{cid}": {
+            "platform": "binary_sensor",
+            "name": f"{cam} camera",
+            "unique_id": f"{oid}_camera_{cid}",
+            "device_class": "connectivity",
+            "state_topic": status,
+            "value_template": f"{{{{ 'ON' if {part}.connected | default(false) else 'OFF' }}}}",
+            "json_attributes_topic": status,
+            "json_attributes_template": f"{{{{ {part} | default({{}}) | to_json }}}}",
+        },
+        f"{oid}_event_rate_{cid}": {
+            "platform": "sensor",
+            "name": f"{cam} events",
+            "unique_id": f"{oid}_event_rate_{cid}",
+            "state_topic": status,
+            "value_template": f"{{{{ {part}.events_per_min | default(0) }}}}",
+            "unit_of_measurement": "events/min",
+            "state_class": "measurement",
+        },
+        f"{oid}_last_event_{cid}": {
+            "platform": "sensor",
+            "name": f"{cam} last event",
+            "unique_id": f"{oid}_last_event_{cid}",
+            "device_class": "timestamp",
+            "state_topic": status,
+            "value_template": f"{{{{ {part}.last_event | default(None) }}}}",
+        },
     }
 
 

@@ -51,6 +51,30 @@ def test_payload_schema_offline():
     assert HassDiscovery.validate({"device": {}}) == "missing root key 'origin'"
 
 
+def test_each_camera_has_its_connectivity_event_rate_and_last_event():
+    """Camera health from the retained status (cameras.<camera>: connected, events_per_min,
+    last_event, as the daemon's camera_status() writes them)."""
+    comps = build_discovery("testcam", PREFIX, [], ["door", "yard"])["components"]
+    for cam in ("door", "yard"):
+        up = comps[f"edged_testcam_camera_{cam}"]
+        assert up["platform"] == "binary_sensor" and up["device_class"] == "connectivity"
+        assert up["state_topic"] == up["json_attributes_topic"] == f"{PREFIX}/status"
+        assert up["value_template"] == (f"{{{{ 'ON' if value_json.cameras['{cam}'].connected "
+                                        f"| default(false) else 'OFF' }}}}")
+        assert f"value_json.cameras['{cam}'] | default({{}}) | to_json" in \
+            up["json_attributes_template"]
+        rate = comps[f"edged_testcam_event_rate_{cam}"]
+        assert rate["platform"] == "sensor" and rate["state_topic"] == f"{PREFIX}/status"
+        assert rate["unit_of_measurement"] == "events/min" and rate["state_class"] == "measurement"
+        assert f"cameras['{cam}'].events_per_min" in rate["value_template"]
+        last = comps[f"edged_testcam_last_event_{cam}"]
+        assert last["device_class"] == "timestamp" and last["state_topic"] == f"{PREFIX}/status"
+        # no event yet: null, which Home Assistant shows as unknown (not an invalid timestamp)
+        assert "last_event | default(None)" in last["value_template"]
+        assert "unit_of_measurement" not in last and "state_class" not in last
+    assert len({c["name"] for c in comps.values()}) == len(comps)  # no two entities alike
+
+
 def test_discovery_published_and_republished_on_birth(broker, tmp_path):
     sub = Subscriber(broker.port, ["homeassistant/#"])
     p = Publisher(MqttSettings(port=broker.port, reconnect_min_s=0.2, reconnect_max_s=1.0),
@@ -64,7 +88,9 @@ def test_discovery_published_and_republished_on_birth(broker, tmp_path):
         validate(doc)
         assert {"edged_testcam_person_alice", "edged_testcam_person_bob",
                 "edged_testcam_recognition", "edged_testcam_fps_door",
-                "edged_testcam_spool_depth"} <= set(doc["components"])
+                "edged_testcam_spool_depth", "edged_testcam_camera_door",
+                "edged_testcam_event_rate_door", "edged_testcam_last_event_door"} \
+            <= set(doc["components"])
         n = len(sub.payloads(DISCOVERY))
         time.sleep(0.5)
         assert len(sub.payloads(DISCOVERY)) == n  # nothing more unless asked
@@ -127,7 +153,7 @@ def test_names_in_other_scripts_keep_topics_and_entities_of_their_own():
     doc = build_discovery("testcam", PREFIX, people, ["door"])
     validate(doc)
     persons = {c["name"]: (cid, c["state_topic"]) for cid, c in doc["components"].items()
-               if c["platform"] == "binary_sensor"}
+               if c.get("device_class") == "presence"}
     assert len(persons) == 5
     assert len({cid for cid, _ in persons.values()}) == 5
     assert len({t for _, t in persons.values()}) == 5
@@ -169,7 +195,7 @@ def ha_template_errors(msgs) -> list:
     for topic, payload, _ in msgs:
         if topic == DISCOVERY and payload:
             live = {c["state_topic"]: cid for cid, c in json.loads(payload)["components"].items()
-                    if c["platform"] == "binary_sensor" and "state_topic" in c}
+                    if c.get("device_class") == "presence"}
         elif topic in live:
             try:
                 ok = "present" in json.loads(payload)

@@ -228,3 +228,23 @@ def test_status_text_of_an_ended_file_camera_says_it_finished(finished_file_daem
     assert main(["status", "--state-dir", str(state)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^  camera door: finished \(end of the file, 100 frames\)$", out, re.M), out
+
+
+@pytest.mark.parametrize("where", ["dir", "missing-dir"])
+def test_gallery_build_checks_its_output_before_enrolling(capsys, models_dir, public_enrol,
+                                                          tmp_path, where):
+    out = tmp_path if where == "dir" else tmp_path / "no" / "g.edgal"
+    code, stdout, err = run(capsys, "gallery", "build", public_enrol, "-o", out,
+                            "--models", models_dir)
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("is a directory" if where == "dir" else "does not exist") in err
+    assert "enrolled" not in stdout and "/" not in stdout  # no photo was enrolled
+
+
+def test_identify_threshold_defaults_to_the_embedders(capsys, models_dir, photos, gallery):
+    """0.58 for MobileFaceNet (its manifest entry); --threshold still overrides it."""
+    args = ["identify", "--gallery", gallery, "--models", models_dir, "--json", photos["obama"]]
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and json.loads(out)[0]["faces"][0]["id"] == "Barack_Obama"
+    code, out, _ = run(capsys, *args, "--threshold", "0.99")
+    assert code == 0 and json.loads(out)[0]["faces"][0]["id"] is None

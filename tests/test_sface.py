@@ -237,8 +237,12 @@ def test_a_128_wide_gallery_end_to_end_through_the_cli(sface_models, shared_dir,
     code, out, _ = run(capsys, "identify", "--gallery", g, "--embedder", "sface",
                        "--models", sface_models, "--json", probe)
     assert code == 0 and '"Al Sharpton"' in out
-    # the default embedder (MobileFaceNet) refuses it, naming both
-    code, _, err = run(capsys, "identify", "--gallery", g, "--models", sface_models, probe)
+    # without --embedder, identify follows the embedder that made the gallery, at its threshold
+    code, out, err = run(capsys, "identify", "--gallery", g, "--models", sface_models, probe)
+    assert code == 0 and "Al Sharpton" in out, err
+    # another embedder asked for by name refuses it, naming both
+    code, _, err = run(capsys, "identify", "--gallery", g, "--embedder", "mobilefacenet",
+                       "--models", sface_models, probe)
     assert code != 0 and "made by embedder sface" in err and "mobilefacenet" in err
     # adding a photo follows the gallery's own embedder
     extra = sorted((dev / "Abdullah_Gul").iterdir())[2]

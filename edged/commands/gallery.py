@@ -236,6 +236,18 @@ def ident_from_name(name: str) -> str:
     return re.sub(r"\s+", "_", name.strip())
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an output path that cannot become the gallery file, naming why."""
+    if out.is_dir():
+        raise Fail(f"-o {out}: is a directory; give the gallery file's name, e.g. "
+                   f"{out / 'gallery.edgal'}", 2)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise Fail(f"-o {out}: the directory {parent} does not exist", 2)
+    if not os.access(parent, os.W_OK):
+        raise Fail(f"-o {out}: cannot write in {parent}", 2)
+
+
 def cmd_build(args) -> int:
     from edged.gallery import write_gallery
 
@@ -252,6 +264,7 @@ def cmd_build(args) -> int:
             print(f"{d}: no images; skipped", file=sys.stderr)
     if not people:
         raise Fail(f"{root}: no person folders with images (expected DIR/<person>/<photo>.jpg)")
+    _check_output(Path(args.output))  # before minutes of enrolment, not after
     pipe = make_pipeline(args)
     total = sum(len(imgs) for _, imgs in people)
     bar = Progress(total, enabled=not args.quiet)

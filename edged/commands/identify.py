@@ -30,9 +30,9 @@ def register(sub, common):
                         'null, "id", "score", "margin", "quality", "quality_passed", '
                         '"candidates": [[name, score]]}]}]; an image that cannot be read is '
                         '{"image", "error"}')
-    p.add_argument("--threshold", type=float, default=d.threshold,
-                   help=f"identification threshold (default {d.threshold}, the open-set default; "
-                        f"docs/accuracy.md)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="identification threshold (default: the embedder's open-set default "
+                        "from its manifest entry, 0.58 for MobileFaceNet; docs/accuracy.md)")
     p.add_argument("--min-margin", type=margin, default=d.min_margin,
                    help=f"minimum margin over the second identity (default {d.min_margin})")
     p.add_argument("--top-k", type=int, default=d.top_k, help="candidates to show")
@@ -51,16 +51,24 @@ def cmd_identify(args) -> int:
 def _identify(args) -> int:
     import numpy as np
 
-    from edged.gallery import Gallery, GalleryError, MatchSettings
+    from edged.gallery import Gallery, GalleryError, MatchSettings, embedder_name, peek_embedder
     from edged.imageio import ImageError, load_image
 
-    if not -1.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise Fail(f"--threshold must be in [-1, 1], got {args.threshold}", EXIT_ERROR)
     if args.top_k < 1:
         raise Fail(f"--top-k must be at least 1, got {args.top_k}", EXIT_ERROR)
-    settings = MatchSettings(threshold=args.threshold, min_margin=args.min_margin,
-                             top_k=args.top_k)
-    pipe = make_pipeline(args)
+    try:  # the embedder that made the gallery, unless --embedder says otherwise
+        made_by = embedder_name(peek_embedder(args.gallery, confine=False)) or None
+    except GalleryError as exc:
+        raise Fail(str(exc), EXIT_ERROR) from None
+    pipe = make_pipeline(args, made_by)
+    threshold = args.threshold
+    if threshold is None:
+        threshold = pipe.embedder.spec.identification
+        if threshold is None:
+            threshold = MatchSettings().threshold
+    settings = MatchSettings(threshold=threshold, min_margin=args.min_margin, top_k=args.top_k)
     try:
         gallery = Gallery.open(args.gallery, expect_dim=None,
                                expect_embedder=pipe.embedder_sha256)

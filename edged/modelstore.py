@@ -180,6 +180,29 @@ class ModelEntry:
         return self.derived_sha256 or self.sha256
 
 
+def _check_entry(e, path) -> None:
+    """Refuse a model entry whose fields have the wrong type, naming the field (a drop's
+    manifest comes from outside: ``"file": 5`` or ``"size": -1`` is its sender's mistake)."""
+    if not isinstance(e, dict):
+        raise ModelError(f"{path}: a model entry must be an object, got {e!r}")
+    for key in ("role", "file", "sha256"):
+        if not isinstance(e.get(key), str) or not e.get(key):
+            raise ModelError(f"{path}: model entry {key!r} must be a non-empty string, "
+                             f"got {e.get(key)!r}")
+    for key in ("name", "npm_file"):
+        if key in e and not isinstance(e[key], str):
+            raise ModelError(f"{path}: model entry {key!r} must be a string, got {e[key]!r}")
+    size = e.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ModelError(f"{path}: model entry {e['file']!r}: 'size' must be a whole number "
+                         f"of bytes (0 or more), got {size!r}")
+    derived = e.get("derived")
+    if derived is not None and not (isinstance(derived, dict) and all(
+            isinstance(derived.get(k, ""), str) for k in ("file", "sha256"))):
+        raise ModelError(f"{path}: model entry {e['file']!r}: 'derived' must be an object "
+                         f"with string 'file' and 'sha256', got {derived!r}")
+
+
 class Manifest:
     """A model manifest: the repository's ``models/manifest.json`` or one shipped with a drop."""
 
@@ -198,6 +221,7 @@ class Manifest:
         if not isinstance(models, list):
             raise ModelError(f"{path}: 'models' must be a list of entries, got {models!r}")
         for e in models:
+            _check_entry(e, path)
             try:
                 d = e.get("derived") or {}
                 entry = ModelEntry(

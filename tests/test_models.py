@@ -310,3 +310,23 @@ def test_room_is_measured_where_a_directory_not_made_yet_will_be(tmp_path):
         assert modelstore.free_bytes(d / "not" / "yet") == modelstore.free_bytes(d)
         with pytest.raises(modelstore.NoRoom):
             modelstore.check_room(d / "not" / "yet", 1000)
+
+
+@pytest.mark.parametrize("bad,why", [
+    ({"file": 5}, "'file' must be a non-empty string, got 5"),
+    ({"role": ["pnet"]}, "'role' must be a non-empty string"),
+    ({"sha256": None}, "'sha256' must be a non-empty string"),
+    ({"size": -1}, "'size' must be a whole number of bytes (0 or more), got -1"),
+    ({"size": True}, "'size' must be a whole number"),
+    ({"size": 1e308}, "'size' must be a whole number"),
+    ({"name": {"a": 1}}, "'name' must be a string"),
+    ({"derived": "x"}, "'derived' must be an object"),
+])
+def test_a_manifest_entry_of_the_wrong_type_is_refused_naming_the_field(bad, why):
+    """A drop's manifest comes from outside: a wrong type is a clear refusal, not a TypeError
+    deep in the drop manager."""
+    entry = dict(role="pnet", file="p.tflite", sha256="ab" * 32, size=10)
+    entry.update(bad)
+    with pytest.raises(modelstore.ModelError) as exc:
+        modelstore.Manifest({"format": "edged-model-manifest", "models": [entry]}, "drop.json")
+    assert str(exc.value).startswith("drop.json: ") and why in str(exc.value)

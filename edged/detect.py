@@ -21,6 +21,14 @@ Stages, as in the original MTCNN:
 3. **O-Net** on 48 x 48 crops: final score, box regression and the 5 landmarks; a last
    suppression ('Min' overlap 0.7, or Gaussian Soft-NMS when ``soft_nms`` is set).
 
+**Processing resolution.** ``detect(image, detect_width=W)`` runs the cascade on a copy of
+the image scaled to ``W`` pixels wide (aspect kept, area averaging; never enlarged) and maps
+the boxes and landmarks back to the image's pixels, so the caller aligns and embeds from the
+full-resolution image.  ``min_face`` stays in the image's pixels: on the copy it is
+``min_face * W / width``, but never under P-Net's 12 px window, so the smallest face found is
+``max(min_face, 12 * width / W)`` pixels of the image.  ``detect_width=0`` (or a width at
+least the image's) detects on the image itself.
+
 Crops are sampled bilinearly from the frame or one of its exact halvings (so that a crop is
 never more than 2x smaller than its source), with zero padding where a box crosses the frame
 border, so such boxes never fail; the boxes returned are not clipped to the frame (a face cut
@@ -45,7 +53,7 @@ from edged.types import Face
 log = logging.getLogger("edged.detect")
 
 __all__ = ["DetectionSettings", "MtcnnDetector", "BatchRunner", "nms", "soft_nms",
-           "pyramid_scales"]
+           "pyramid_scales", "detection_size"]
 
 PNET_CACHE = 24  # at most this many P-Net interpreters kept, one per pyramid level size
 PNET_CACHE_PIXELS = 2_000_000  # ... and at most this many input pixels over all of them
@@ -507,14 +515,14 @@ class MtcnnDetector:
                         if before is not None and before > now - 32)
         self._pnet_keep = max(1, recurring)
 
-    def _stage_pnet(self, img: "_Octaves") -> np.ndarray:
+    def _stage_pnet(self, img: "_Octaves", min_face: float) -> np.ndarray:
         self._pnet_new_frame(img.images[0].shape[:2])
         s = self.settings
         H, W = img.images[0].shape[:2]
         t_p, nms_level, nms_all = s.thresholds[0], s.nms_thresholds[0], s.nms_thresholds[1]
         found = []
         prev = None
-        for scale, (_, ws, hs, _) in pnet_levels(H, W, s.min_face, s.scale_factor):
+        for scale, (_, ws, hs, _) in pnet_levels(H, W, min_face, s.scale_factor):
             if prev is None:
                 level = img.resize(hs, ws)
             else:
@@ -599,8 +607,10 @@ class MtcnnDetector:
         faces.sort(key=lambda f: -f.score)
         return faces
 
-    def detect(self, image_bgr: np.ndarray) -> List[Face]:
-        """Faces in a BGR image (gray, BGRA and 16-bit are converted), best score first."""
+    def detect(self, image_bgr: np.ndarray, detect_width: int = 0) -> List[Face]:
+        """Faces in a BGR image (gray, BGRA and 16-bit are converted), best score first, in
+        the image's pixels; found on a copy ``detect_width`` pixels wide when that is smaller
+        than the image (0: on the image itself; see the module docstring)."""
         if image_bgr.dtype != np.uint8 or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
             image_bgr = to_bgr8(image_bgr)
         h, w = image_bgr.shape[:2]
@@ -609,11 +619,32 @@ class MtcnnDetector:
         if max(h, w) > MAX_SIDE:  # OpenCV's remap takes sources under 32767 px a side
             raise ImageError(f"image of {w}x{h} px: too large to search for faces (at most "
                              f"{MAX_SIDE} px a side); scale it down first")
+        size = detection_size(w, h, detect_width)
+        if size == (w, h):
+            return self._cascade(image_bgr, float(self.settings.min_face))
+        sw, sh = size
+        small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+        fx, fy = w / sw, h / sh
+        faces = self._cascade(small, max(12.0, self.settings.min_face * sw / w))
+        for f in faces:  # back to the image's pixels
+            f.box = f.box * np.array([fx, fy, fx, fy], dtype=np.float32)
+            f.landmarks = f.landmarks * np.array([fx, fy], dtype=np.float32)
+        return faces
+
+    def _cascade(self, image_bgr: np.ndarray, min_face: float) -> List[Face]:
         octs = _Octaves(image_bgr)
-        cand = self._stage_pnet(octs)
+        cand = self._stage_pnet(octs, min_face)
         if len(cand) == 0:
             return []
         cand = self._stage_rnet(octs, cand)
         if len(cand) == 0:
             return []
         return self._stage_onet(octs, cand)
+
+
+def detection_size(width: int, height: int, detect_width: int) -> tuple:
+    """``(width, height)`` of the copy a ``width`` x ``height`` image is detected on: scaled to
+    ``detect_width`` pixels wide, aspect kept, never enlarged (0: the image's own size)."""
+    if detect_width <= 0 or detect_width >= width:
+        return width, height
+    return int(detect_width), max(1, int(round(height * detect_width / width)))

@@ -34,12 +34,17 @@ DEFAULT_MATCH_THRESHOLD = 0.418
 
 @dataclass
 class PipelineSettings:
-    """Settings of the face pipeline: the ``detection:`` and ``quality:`` sections and
-    ``pipeline.flip`` in the configuration (``match_threshold`` is for ``edged compare``)."""
+    """Settings of the face pipeline: the ``detection:`` and ``quality:`` sections,
+    ``pipeline.flip`` and ``pipeline.detect_width`` in the configuration (``match_threshold`` is for ``edged compare``)."""
 
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     quality: QualitySettings = field(default_factory=QualitySettings)
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    detect_width: int = field(default=0, metadata={
+        "min": 0, "max": 8192,
+        "help": "detect on a copy of the frame scaled to this width (aspect kept, never "
+                "enlarged), align and embed from the full-resolution frame; 0 = on the frame "
+                "itself (the daemon's pipeline.detect_width defaults to 640)"})
     flip: bool = field(default=False, metadata={
         "help": "also embed each face's mirror image and average the two (costs a second "
                 "embedding per face; see docs/accuracy.md for what it gives)"})
@@ -88,10 +93,16 @@ class FacePipeline:
     def embedder_sha256(self) -> str:
         return self.embedder.sha256
 
-    def detect(self, image_bgr: np.ndarray) -> List[Face]:
-        """Faces with box, score, landmarks, aligned crop and quality filled; best score first."""
+    def detect(self, image_bgr: np.ndarray, detect_width: Optional[int] = None) -> List[Face]:
+        """Faces with box, score, landmarks, aligned crop and quality filled; best score first.
+
+        Detection runs on a copy ``detect_width`` pixels wide (None: ``settings.detect_width``;
+        0: the frame itself); boxes and landmarks are in the frame's pixels, and the aligned
+        crops come from the full-resolution frame."""
         image_bgr = _bgr8(image_bgr)
-        faces = self.detector.detect(image_bgr)
+        if detect_width is None:
+            detect_width = self.settings.detect_width
+        faces = self.detector.detect(image_bgr, detect_width)
         q = self.settings.quality
         for f in faces:
             f.aligned = align_face(image_bgr, f.landmarks)

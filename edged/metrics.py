@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from edged import __version__
 from edged.health import STATES
@@ -208,6 +208,3 @@ def registry(daemon):
     ProcessCollector(registry=reg)
     return reg
 
-
-def stage_histograms(names: Iterable[str]) -> Dict[str, Histogram]:
-    return {n: Histogram(STAGE_BUCKETS) for n in names}

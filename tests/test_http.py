@@ -122,9 +122,12 @@ def test_metrics_grow_and_healthz_says_healthy(public_clip, gallery, broker, tmp
         assert code == 200 and doc["state"] == "healthy" and doc["problems"] == {}, doc
         assert doc["cameras"]["door"]["connected"] is True
         # the status says each camera's event rate and last event (Home Assistant's sensors)
-        status = json.loads((tmp_path / "state" / "status.json").read_text())
-        assert wait_for(lambda: json.loads((tmp_path / "state" / "status.json").read_text())
-                        ["cameras"]["door"].get("last_event"), 30), status
+        def door():
+            return json.loads((tmp_path / "state" / "status.json").read_text())["cameras"]["door"]
+
+        assert wait_for(lambda: door().get("last_event") and door()["events_per_min"] > 0, 30), \
+            door()
+        assert door()["last_event"].endswith("Z")
 
         # a token is required on every path
         assert get(port, "/metrics")[0] == 401

@@ -69,6 +69,11 @@ class CameraSettings:
                                              "help": "requested height (V4L2); 0 = the device's"})
     fourcc: str = field(default="", metadata={
         "help": "V4L2 pixel format, 4 characters (MJPG, YUYV, ...); empty = the device's"})
+    detect_width: int = field(default=0, metadata={
+        "min": 0, "max": 8192,
+        "help": "this camera's processing width (see pipeline.detect_width); 0 = "
+                "pipeline.detect_width; a width at least the frame's detects on the full "
+                "frame (frames are never enlarged)"})
     fps_limit: float = field(default=0.0, metadata={
         "min": 0.0, "max": 1000.0, "help": "process at most this many frames per second; 0 = no limit"})
     loop: bool = field(default=False, metadata={"help": "video files: start again at the end"})

@@ -133,6 +133,12 @@ class PipelineOptions:
     flip: bool = field(default=False, metadata={
         "help": "also embed the mirrored face and average the two (build the gallery "
                 "with the same setting: edged gallery build --flip)"})
+    detect_width: int = field(default=640, metadata={
+        "min": 0, "max": 8192,
+        "help": "detect faces on a copy of each frame scaled to this width (aspect kept, "
+                "never enlarged); boxes are mapped back and faces are aligned and embedded "
+                "from the full-resolution frame; 0 = detect on the frame itself; "
+                "cameras[].detect_width overrides it"})
 
 
 
@@ -159,6 +165,7 @@ from edged.gallery import MatchSettings  # noqa: E402
 from edged.httpapi import HttpSettings  # noqa: E402
 from edged.liveness import LivenessSettings  # noqa: E402
 from edged.logs import LoggingSettings  # noqa: E402
+from edged.motion import MotionSettings  # noqa: E402
 from edged.mqtt import MqttSettings  # noqa: E402
 from edged.ota import DropSettings  # noqa: E402
 from edged.quality import QualitySettings  # noqa: E402
@@ -187,6 +194,8 @@ class Config:
                                  metadata={"help": "gallery search (identification)"})
     tracking: TrackingSettings = field(default_factory=TrackingSettings,
                                        metadata={"help": "tracking and evidence accumulation"})
+    motion: MotionSettings = field(default_factory=MotionSettings, metadata={
+        "help": "motion gating: detect only where something moves or a face is tracked"})
     pipeline: PipelineOptions = field(default_factory=PipelineOptions, metadata={
         "help": "how frames go through the face pipeline"})
     models: ModelsSettings = field(default_factory=ModelsSettings,

@@ -553,9 +553,21 @@ class Daemon:
             spool.retry()
             changed |= self.health.problem("spool", spool.problem)
         changed |= self.health.problem("status_file", self._status_file_problem)
+        changed |= self._check_gallery_copy()
         changed |= self._check_frames()
         if changed or force:
             self.publish_health()
+
+    def _check_gallery_copy(self) -> bool:
+        """A gallery served from memory because its snapshot could not be written (a full
+        state disk) is a health problem until a retry (each check: a statvfs when still
+        full) gives it its snapshot."""
+        svc = self.service
+        holder = getattr(svc, "gallery", None) if svc is not None else None
+        if holder is None or not getattr(holder, "snapshot_error", None):
+            return self.health.problem("gallery_snapshot", None)
+        holder.retry_snapshot()
+        return self.health.problem("gallery_snapshot", holder.snapshot_error)
 
     def _check_frames(self) -> bool:
         """The cameras down and a stuck pipeline as health problems (edged.health)."""

@@ -67,27 +67,35 @@ class NoRoom(OSError):
     how much is free and how much is needed."""
 
 
-def room_margin(size: int) -> int:
-    """The free space a kept file of ``size`` bytes must leave beside itself: the larger of
-    :data:`MIN_FREE_MARGIN` and its own size (a second copy, as during a swap)."""
-    return max(MIN_FREE_MARGIN, int(size))
+def room_margin(size: int, fs_bytes: Optional[int] = None) -> int:
+    """The free space a kept file of ``size`` bytes must leave beside itself for the event
+    spool: the larger of its own size (a second copy, as during a swap) and the spool's
+    share, :data:`MIN_FREE_MARGIN` or a quarter of a filesystem of ``fs_bytes`` when that
+    is less (a small state partition still keeps its gallery snapshot)."""
+    share = MIN_FREE_MARGIN if fs_bytes is None else min(MIN_FREE_MARGIN, int(fs_bytes) // 4)
+    return max(share, int(size))
+
+
+def _statvfs(directory):
+    d = Path(os.path.abspath(directory))
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    return os.statvfs(str(d))
 
 
 def free_bytes(directory) -> int:
     """Bytes an unprivileged writer may still use on the filesystem of ``directory`` (of
     its nearest existing parent while it is not made yet)."""
-    d = Path(os.path.abspath(directory))
-    while not d.exists() and d.parent != d:
-        d = d.parent
-    st = os.statvfs(str(d))
+    st = _statvfs(directory)
     return st.f_bavail * st.f_frsize
 
 
 def check_room(directory, size: int, what: str = "the file") -> None:
     """Raise :class:`NoRoom` unless ``directory`` has room for ``size`` bytes plus
     :func:`room_margin`; call it before writing a file the daemon keeps (os.statvfs)."""
-    need = int(size) + room_margin(size)
-    free = free_bytes(directory)
+    st = _statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    need = int(size) + room_margin(size, st.f_blocks * st.f_frsize)
     if free < need:
         raise NoRoom(errno.ENOSPC, f"not enough free space in {directory} for {what} "
                                    f"({human_size(size)}): {human_size(free)} free, "

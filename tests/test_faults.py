@@ -140,7 +140,46 @@ def test_a_full_state_partition_degrades_then_recovers_losing_nothing(
         d2.kill()
         sub.close()
     assert _status(state)["state"] == "stopped"
-    # the daemon's own kept files never took the room the spool needs, nor left a partial one
-    assert re.search(r"cannot keep a copy of the installed models: .*not enough free space",
-                     d.log())
+    # the daemon's own kept files were written only with their margin (on this 16 MiB
+    # partition the copy of the installed models fits before the filler comes), and never
+    # left a partial one
+    copy = state / "installed-copy"
+    assert copy.is_dir() or re.search(
+        r"cannot keep a copy of the installed models: .*not enough free space", d.log())
     assert not list(state.rglob("*.tmp")), list(state.rglob("*"))
+
+
+def test_a_gallery_whose_snapshot_does_not_fit_is_served_and_degraded_until_it_does(
+        public_clip, public_enrol, tmp_path, state_tmpfs):
+    """The daemon starts on a state partition with room for its spool but not for the gallery
+    snapshot and its margin: the gallery serves from memory (Obama is named), the health is
+    degraded with the reason, and once room is made the snapshot is written and the health
+    is healthy again, with no SIGHUP."""
+    state = state_tmpfs
+    gallery = build_gallery(public_enrol, tmp_path / "people.edgal")
+    filler = state / "filler"
+    with open(filler, "wb") as f:  # leave 3 MiB of the 16: less than the 4 MiB margin
+        f.write(b"\0" * (13 << 20))
+    cfg = write_config(tmp_path / "config.yaml", device={"name": "snapfull"},
+                       cameras=[{"name": "door", "source": str(public_clip), "loop": True}],
+                       paths={"gallery": str(gallery), "state_dir": str(state)},
+                       mqtt={"enabled": False}, logging={"target": "stderr"})
+    d = DaemonProcess(cfg, tmp_path)
+    try:
+        d.wait_log("recognized Barack Obama", timeout=120)  # served from memory
+        assert wait_for(lambda: "gallery_snapshot" in (_status(state).get("problems") or {}),
+                        30), _status(state)
+        doc = _status(state)
+        assert doc["state"] == "degraded"
+        assert "not enough free space" in json.dumps(doc["problems"]["gallery_snapshot"])
+        assert not list((state / "gallery-snapshots").glob("*/*.edgal"))
+        filler.unlink()
+        assert wait_for(lambda: _status(state).get("state") == "healthy", 60), _status(state)
+        assert list((state / "gallery-snapshots").glob("**/*.edgal"))
+        d.terminate(timeout=20)
+        assert d.proc.returncode == 0, d.log()[-3000:]
+    finally:
+        d.kill()
+    log = d.log()
+    assert "serving it from memory" in log and "its snapshot is written" in log
+    assert "Traceback" not in log

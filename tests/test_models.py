@@ -282,21 +282,24 @@ def test_atomic_write_on_a_full_filesystem_leaves_nothing_partial(tmp_path):
 
 def test_kept_files_are_written_only_with_room_to_spare(tmp_path):
     """check_room (os.statvfs) asks for the file and a margin for the event spool:
-    64 MiB, or the file's own size when larger."""
+    64 MiB (a quarter of a smaller filesystem), or the file's own size when larger."""
     from gallery_craft import tmpfs
 
     assert modelstore.room_margin(10) == modelstore.MIN_FREE_MARGIN == 64 << 20
+    assert modelstore.room_margin(10, 8 << 20) == 2 << 20  # a small partition: a quarter
     assert modelstore.room_margin(1 << 30) == 1 << 30
     with tmpfs(tmp_path / "small", "8m") as d:
         assert 7 << 20 < modelstore.free_bytes(d) <= 8 << 20
+        modelstore.check_room(d, 1000, "a copy")  # 8 MiB free, 2 MiB margin: it fits
+        (d / "filler").write_bytes(b"\0" * ((6 << 20) + (512 << 10)))  # 1.5 MiB left
         with pytest.raises(modelstore.NoRoom) as ei:
             modelstore.check_room(d, 1000, "a copy")
         assert ei.value.errno == errno.ENOSPC
         assert ei.value.strerror.startswith(f"not enough free space in {d} for a copy "
-                                            f"(1000 bytes): 8.0 MiB free, 64.0 MiB needed")
+                                            f"(1000 bytes): 1.5 MiB free, 2.0 MiB needed")
         with pytest.raises(modelstore.NoRoom):
             modelstore.atomic_write(d / "kept", b"x" * 1000, room_for=1000)
-        assert list(d.iterdir()) == []
+        assert sorted(p.name for p in d.iterdir()) == ["filler"]
     with tmpfs(tmp_path / "big", "80m") as d:
         modelstore.check_room(d, 1 << 20)
         modelstore.atomic_write(d / "kept", b"x" * 1000, room_for=1000)
@@ -308,8 +311,8 @@ def test_room_is_measured_where_a_directory_not_made_yet_will_be(tmp_path):
 
     with tmpfs(tmp_path / "small", "8m") as d:
         assert modelstore.free_bytes(d / "not" / "yet") == modelstore.free_bytes(d)
-        with pytest.raises(modelstore.NoRoom):
-            modelstore.check_room(d / "not" / "yet", 1000)
+        with pytest.raises(modelstore.NoRoom):  # 7 MiB and its own size as the margin
+            modelstore.check_room(d / "not" / "yet", 7 << 20)
 
 
 @pytest.mark.parametrize("bad,why", [

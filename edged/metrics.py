@@ -18,6 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from edged import __version__
 from edged.health import STATES
+from edged.types import EVENT_TYPES
 
 #: stage timings (seconds): capture (camera to detection worker), detect, embed, match, track,
 #: publish (one event into the spool and the MQTT queue)
@@ -136,16 +137,17 @@ class DaemonCollector:
     def _pipeline(self):
         d = self.d
         c = self._c
+        cams = sorted(d.cameras)  # every series from 0 (an alert on "none yet" needs them)
         yield self._family(c, "edged_faces_detected", "faces the detector found", ("camera",),
-                           sorted(((k,), v) for k, v in d.faces_detected.items()))
+                           [((n,), d.faces_detected.get(n, 0)) for n in cams])
         yield self._family(c, "edged_embeddings", "faces embedded and searched in the gallery",
                            (), [((), d.faces_embedded)])
         counts = dict(d.event_counts)
+        keys = sorted(set(counts) | {(n, t) for n in cams for t in EVENT_TYPES})
         yield self._family(c, "edged_events", "events made, by camera and type",
-                           ("camera", "type"), sorted((k, v) for k, v in counts.items()))
+                           ("camera", "type"), [(k, counts.get(k, 0)) for k in keys])
         yield self._family(c, "edged_recognitions", "recognized events (a person named)",
-                           ("camera",), sorted(((cam,), v) for (cam, t), v in counts.items()
-                                               if t == "recognized"))
+                           ("camera",), [((n,), counts.get((n, "recognized"), 0)) for n in cams])
         yield self._family(self._g, "edged_last_event_timestamp_seconds",
                            "when the camera's last event was handed to the publisher (epoch)",
                            ("camera",), sorted(((k,), v) for k, v in d.last_event_at.items()))

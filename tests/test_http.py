@@ -177,6 +177,9 @@ def test_healthz_names_a_stalled_camera_and_recovers(public_head_clip, tmp_path)
         scrape = samples(body.decode())
         assert value(scrape, "edged_camera_up", camera="net") == 0
         assert value(scrape, "edged_health_problem", problem="camera:net") == 1
+        # every camera's series exist from 0: "faces but no recognition" alerts need them
+        assert scrape[("edged_recognitions_total", (("camera", "net"),))] == 0
+        assert scrape[("edged_events_total", (("camera", "net"), ("type", "recognized")))] == 0
         status = json.loads((tmp_path / "st" / "status.json").read_text())
         assert wait_for(lambda: "camera:net" in json.loads(
             (tmp_path / "st" / "status.json").read_text()).get("problems", {}), 10), status

@@ -331,7 +331,7 @@ class Daemon:
         return GalleryHolder(Path(cfg.paths.gallery), expect_embedder=embedder_sha256,
                              settings=cfg.match, on_event=None, watch=False,
                              snapshot_dir=str(Path(cfg.paths.state_dir) / "gallery-snapshots"),
-                             max_bytes=cfg.drops.max_bytes)
+                             max_bytes=cfg.drops.max_gallery_bytes)
 
     def make_set(self, changed: dict, gallery_holder=None) -> ServiceSet:
         """A new set: the set in service with the models in ``changed`` (role -> ModelBlob)

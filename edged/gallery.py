@@ -1139,7 +1139,7 @@ class GalleryHolder:
             size = os.fstat(f.fileno()).st_size
             if self.max_bytes is not None and size > self.max_bytes:
                 raise GalleryError(path, f"{size} bytes, larger than the {self.max_bytes} "
-                                         f"allowed (drops.max_bytes)")
+                                         f"allowed (drops.max_gallery_bytes)")
             fields = _checked_header(_read_head(f, path, size), path, size, self.expect_dim)
             _check_embedder(path, fields[15].hex(), self.expect_embedder)
             body = hashlib.sha256()

@@ -80,9 +80,13 @@ class DropSettings:
                 "its manifest) before it is refused as unknown (seconds)"})
     max_bytes: int = field(default=256 * 1024 * 1024, metadata={
         "min": 4096, "max": 1 << 40,
-        "help": "largest file taken as a drop (a model, a manifest, the gallery), in bytes; a "
-                "bigger one is refused by its size before it is read (the largest published "
-                "model is about 39 MB)"})
+        "help": "largest model file taken as a drop, in bytes; a bigger one is refused by its "
+                "size before it is read (the largest published model is about 39 MB)"})
+    max_gallery_bytes: int = field(default=4 * 1024 * 1024 * 1024, metadata={
+        "min": 4096, "max": 1 << 40,
+        "help": "largest gallery file taken (at start, SIGHUP or as a drop), in bytes; a bigger "
+                "one is refused by its size before it is read (1M people with 1 photo each in "
+                "float32 is about 750 MB)"})
     manifest_deadline_s: float = field(default=3600.0, metadata={
         "min": 1.0, "max": 7 * 86400.0,
         "help": "how long a drop manifest waits for the files it names (not there, or not "
@@ -419,6 +423,7 @@ def _older(a: Path, b: Path) -> bool:
 #: a drop manifest names a few files: a bigger one is refused unread
 MANIFEST_MAX_BYTES = 1 << 20
 LIMIT_NAME = "drops.max_bytes"
+GALLERY_LIMIT_NAME = "drops.max_gallery_bytes"
 MANIFEST_LIMIT_NAME = "a drop manifest's limit"
 SYMLINK_REASON = ("is a symbolic link: drops are never followed (copy the file itself into "
                   "the directory)")
@@ -743,7 +748,9 @@ class DropManager:
 
     def _limit(self, path: Path) -> tuple:
         """The size limit for the file ``path`` and its name."""
-        if path.suffix == MANIFEST_SUFFIX and path != self.gallery_path:
+        if path == self.gallery_path:
+            return self.settings.max_gallery_bytes, GALLERY_LIMIT_NAME
+        if path.suffix == MANIFEST_SUFFIX:
             return MANIFEST_MAX_BYTES, MANIFEST_LIMIT_NAME
         return self.settings.max_bytes, LIMIT_NAME
 

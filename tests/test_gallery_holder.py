@@ -107,7 +107,7 @@ def test_a_file_that_is_no_gallery_is_refused_by_its_header_before_any_copy(tmp_
     size = good.stat().st_size
     ev = holder(good, snaps, max_bytes=size - 1).start()
     assert not ev.accepted
-    assert ev.reason == f"{size} bytes, larger than the {size - 1} allowed (drops.max_bytes)"
+    assert ev.reason == f"{size} bytes, larger than the {size - 1} allowed (drops.max_gallery_bytes)"
     assert not list(snaps.glob("edged-gallery-*"))  # no snapshot was even begun
     assert holder(good, snaps, max_bytes=size).start().accepted
 
@@ -223,3 +223,13 @@ def test_snapshots_are_readable_by_owner_and_group_only(tmp_path, umask, mode):
         assert os.stat(h._snapdir).st_mode & 0o777 == 0o700
     finally:
         h.stop()
+
+
+def test_the_gallery_limit_is_its_own_and_fits_a_million_rows():
+    """A 1M-row float32 gallery (about 750 MB) is no drop of a model: its limit is
+    drops.max_gallery_bytes, not the 256 MiB of drops.max_bytes (review)."""
+    from edged.config import loads
+
+    drops = loads("").drops
+    assert drops.max_bytes == 256 << 20
+    assert drops.max_gallery_bytes >= 1_000_000 * (192 * 4 + 8)

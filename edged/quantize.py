@@ -544,7 +544,7 @@ def choose_float_layers(role: str, float_model: bytes, ranges: dict, samples, ro
 
 
 def quantize_all(calibration: Calibration, out: Path, recipes: Sequence[str] = RECIPES,
-                 models_dir=None, float_layers: int = 4, log=print) -> dict:
+                 models_dir=None, float_layers: int = 2, log=print) -> dict:
     """Make every recipe's set under ``out/<recipe>/``, and ``out/report.json``: per set and
     model the output SNR and the worst layers (:func:`layer_errors`) on held-back samples.
     ``mixed`` keeps in float up to ``float_layers`` layers chosen by

@@ -47,9 +47,9 @@ def register(sub, common):
                    help="dynamic (int8 weights), static (int8 weights and activations, "
                         "calibrated), mixed (static with the worst layers in float); "
                         "repeat for several (default: all three)")
-    q.add_argument("--float-layers", type=int, default=4, metavar="N",
+    q.add_argument("--float-layers", type=int, default=2, metavar="N",
                    help="layers of each net the mixed recipe may keep in float, each only "
-                        "if it recovers output SNR (default 4)")
+                        "if it recovers output SNR (default 2)")
     q.add_argument("--max-photos", type=int, default=160, metavar="N",
                    help="dev photos of the calibration people to use, at most (default 160)")
     q.set_defaults(func=cmd_quantize)

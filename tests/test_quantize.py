@@ -155,7 +155,9 @@ def test_layer_report_and_mixed_recipe_keep_the_worst_layers_in_float(calibratio
 def test_dynamic_recipe_needs_no_calibration(prepared):
     _, fl = prepared
     dyn = quantize.quantize_model("pnet", fl["pnet"], "dynamic")
-    assert len(dyn) < len(fl["pnet"])
+    # int8 weights: 13456 of 32352 bytes (with the published op codes unread, the quantiser
+    # took every op for an ADD and quantised nothing: 32032 bytes)
+    assert len(dyn) < 0.5 * len(fl["pnet"])
     open_runner(_pnet_24(dyn), {"type": "cpu"}, name="pnet").run(
         np.zeros((1, 24, 24, 3), np.float32))
 

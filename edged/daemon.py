@@ -51,6 +51,7 @@ from edged.capture import Camera, FrameHub, preflight, quiet_opencv
 from edged.health import Health, camera_down, stuck_after
 from edged.logs import Throttle, fields
 from edged.metrics import LATENCY_BUCKETS, STAGE_BUCKETS, STAGES, Histogram
+from edged.motion import MotionGate
 from edged.sdnotify import Notifier
 from edged.track import Tracker
 from edged.types import Event
@@ -159,6 +160,7 @@ class Daemon:
         self.hub = FrameHub()
         self.cameras: Dict[str, Camera] = {}
         self.trackers: Dict[str, Tracker] = {}
+        self.motion: Dict[str, MotionGate] = {}  # per camera (edged.motion)
         # the set in service (models and gallery), swapped between two frames; the set it
         # replaced is kept until the new one is confirmed (edged.ota) or released (SIGHUP)
         self.models_holder: SwapHolder = SwapHolder(
@@ -255,7 +257,8 @@ class Daemon:
         from edged.ota import ModelBlob
 
         settings = PipelineSettings(detection=cfg.detection, quality=cfg.quality,
-                                    liveness=cfg.liveness, flip=cfg.pipeline.flip)
+                                    liveness=cfg.liveness, flip=cfg.pipeline.flip,
+                                    detect_width=cfg.pipeline.detect_width)
         from edged.ota import load_in_service, load_installed_copy
 
         md = self.models_dir()
@@ -887,12 +890,13 @@ class Daemon:
         ``parts``: the roles that are new (a swap warms up only those)."""
         t0 = time.monotonic()
         parts = set(parts) if parts is not None else {"pnet", "rnet", "onet", "embedder"}
-        shapes = {tuple(c.resolution) for c in self.cameras.values() if c.resolution}
+        shapes = {(*c.resolution, self._detect_width(c.name)) for c in self.cameras.values()
+                  if c.resolution}
         if parts & {"pnet", "rnet", "onet"}:
-            for w, h in sorted(shapes):
+            for w, h, width in sorted(shapes):
                 img = np.zeros((h, w, 3), np.uint8)
                 for p in svc.pipelines:
-                    p.detect(img)
+                    p.detect(img, width)
         if "embedder" in parts:
             svc.pipeline.embedder.embed([np.zeros((112, 112, 3), np.uint8)],
                                         flip=svc.pipeline.settings.flip)
@@ -901,6 +905,7 @@ class Daemon:
     def _add_camera(self, cs) -> None:
         self.trackers[cs.name] = Tracker(cs.name, self.cfg.tracking, match_threshold=self.cfg.match.threshold,
                                          liveness=self.cfg.liveness)
+        self.motion[cs.name] = MotionGate(self.cfg.motion)
         self.fps_done.setdefault(cs.name, RollingStats())
         self._camera_since[cs.name] = time.monotonic()
         cam = Camera(cs, self.hub)
@@ -939,11 +944,12 @@ class Daemon:
                 lease = self.models_holder.acquire()  # ended by the track thread
                 svc = lease.obj if lease is not None else None
             faces, dt = None, 0.0
-            if seq % self.cfg.tracking.detect_every == 0:
+            if self._needs_detection(frame, seq):
                 t0 = time.perf_counter()
                 try:
                     pipes = svc.pipelines
-                    faces = pipes[worker % len(pipes)].detect(frame.image)
+                    faces = pipes[worker % len(pipes)].detect(frame.image,
+                                                              self._detect_width(frame.camera))
                 except Exception as exc:
                     self.errors += 1
                     svc.failures += 1
@@ -956,6 +962,25 @@ class Daemon:
             with self._order:
                 self._detected[(frame.camera, seq)] = (frame, faces, svc, lease)
                 self._order.notify_all()
+
+    def _needs_detection(self, frame, seq: int) -> bool:
+        """Whether a frame goes through the detector: every ``tracking.detect_every``-th frame
+        of its camera, and of those, with ``motion.enabled``, those with motion, a live track,
+        or ``motion.max_idle_s`` since the last detection (edged.motion)."""
+        if seq % self.cfg.tracking.detect_every:
+            return False
+        gate = self.motion.get(frame.camera)
+        if gate is None or not self.cfg.motion.enabled:
+            return True
+        gate.s = self.cfg.motion  # (a reload may have changed them)
+        tracker = self.trackers.get(frame.camera)
+        return gate.decide(frame.image, frame.monotonic, bool(tracker is not None and tracker.tracks))
+
+    def _detect_width(self, camera: str) -> int:
+        """The width ``camera``'s frames are detected at: its own ``detect_width``, else
+        ``pipeline.detect_width`` (0: the frame's own)."""
+        cam = self.cameras.get(camera)
+        return (cam.settings.detect_width if cam is not None else 0) or self.cfg.pipeline.detect_width
 
     def max_in_flight(self) -> int:
         """How many frames may be between the hub and the end of the track thread: one in
@@ -1045,7 +1070,8 @@ class Daemon:
     def process(self, frame, faces, svc) -> List[Event]:
         """One detected frame through track -> embed -> match; returns its events.
 
-        ``faces`` is None when detection did not run on this frame (``detect_every``).
+        ``faces`` is None when detection did not run on this frame (``detect_every``, motion
+        gating).
         """
         tracker = self.trackers.get(frame.camera)
         if tracker is None:
@@ -1519,6 +1545,8 @@ class Daemon:
                                "connected": self.cameras[name].connected,
                                "reconnects": self.cameras[name].reconnects}
                         for name in self.cameras},
+            "motion": {name: gate.status() for name, gate in list(self.motion.items())
+                       if name in self.cameras and self.cfg.motion.enabled},
             "stages_ms": {k: v.summary(now) for k, v in self.stage.items()},
             "latency_ms": self.latency.summary(now),
             "queue_depth": self._events.qsize(),

@@ -106,7 +106,7 @@ class FakePipeline:
     def __init__(self, delay=lambda: 0.0):
         self.delay = delay
 
-    def detect(self, image):
+    def detect(self, image, detect_width=None):
         time.sleep(self.delay())
         return []
 

@@ -105,3 +105,75 @@ def test_the_motion_section_is_checked():
         configmod.build(configmod.Config, {"motion": {"threshold": 0}})
     with pytest.raises(configmod.ConfigError, match=r"motion\.min_area"):
         configmod.build(configmod.Config, {"motion": {"min_area": 2}})
+
+
+# ---------------------------------------------------------------------------- in the daemon
+
+
+def _clip(frames, path):
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    return path
+
+
+def _run_daemon(models_dir, clip, tmp_path, monkeypatch, motion):
+    """The real daemon on ``clip`` (read as fast as it is processed); returns (its events, the
+    frames the detector was given, its stats)."""
+    from edged.daemon import Daemon
+    from edged.pipeline import FacePipeline
+    from edged.sdnotify import Notifier
+
+    detected = []
+    real = FacePipeline.detect
+
+    def counting(self, image, detect_width=None):
+        if image.any():  # (not the warm-up's black frame)
+            detected.append(image.shape)
+        return real(self, image, detect_width)
+
+    monkeypatch.setattr(FacePipeline, "detect", counting)
+    cfg = configmod.build(configmod.Config, {
+        "cameras": [{"name": "hall", "source": str(clip), "realtime": False}],
+        "motion": motion, "models": {"detector": {"type": "cpu", "num_threads": 1}},
+        "paths": {"state_dir": str(tmp_path / "state"), "gallery": str(tmp_path / "none.edgal")},
+        "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
+    d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),
+               exit_when_done=True)
+    events = []
+    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.start(camera_wait=30)
+    assert d.run() == 0
+    return events, detected, d.stats()
+
+
+def test_the_daemon_detects_a_still_empty_scene_once(scene, models_dir, tmp_path, monkeypatch):
+    empty, _ = scene
+    clip = _clip([empty] * 60, tmp_path / "still.avi")
+    events, detected, stats = _run_daemon(models_dir, clip, tmp_path, monkeypatch,
+                                          {"max_idle_s": 3600})
+    assert len(detected) == 1 and events == []
+    assert stats["motion"]["hall"]["frames_detected"] == 1
+    assert stats["motion"]["hall"]["frames_skipped"] == 59
+    assert stats["motion"]["hall"]["moving"] is False
+
+
+def test_the_daemon_detects_a_person_stepping_in(scene, models_dir, tmp_path, monkeypatch):
+    empty, person = scene
+    clip = _clip([empty] * 30 + [person] * 30, tmp_path / "visit.avi")
+    events, detected, stats = _run_daemon(models_dir, clip, tmp_path, monkeypatch,
+                                          {"max_idle_s": 3600})
+    assert "face_appeared" in [e.type for e in events]
+    assert len(detected) == 31  # the first frame, then every frame from his (a live track)
+
+
+def test_the_daemon_without_motion_gating_detects_every_frame(scene, models_dir, tmp_path,
+                                                             monkeypatch):
+    empty, _ = scene
+    clip = _clip([empty] * 40, tmp_path / "still.avi")
+    events, detected, stats = _run_daemon(models_dir, clip, tmp_path, monkeypatch,
+                                          {"enabled": False})
+    assert len(detected) == 40 and "motion" in stats and stats["motion"] == {}

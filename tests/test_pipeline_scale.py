@@ -111,3 +111,23 @@ def pipes_embedder(models_dir):
     from edged.embed import Embedder
 
     return Embedder.from_models(models_dir, ACCEL)
+
+
+def test_a_camera_s_detect_width_overrides_the_pipeline_s():
+    from edged import config as configmod
+    from edged.capture import Camera
+    from edged.daemon import Daemon
+    from edged.sdnotify import Notifier
+
+    cfg = configmod.build(configmod.Config, {
+        "cameras": [{"name": "a", "source": "/dev/video0"},
+                    {"name": "b", "source": "/dev/video1", "detect_width": 1920}],
+        "pipeline": {"detect_width": 480}, "mqtt": {"enabled": False}})
+    d = Daemon(cfg, notifier=Notifier(address=""))
+    for cs in cfg.cameras:
+        d.cameras[cs.name] = Camera(cs, d.hub)  # (not started)
+    assert d._detect_width("a") == 480 and d._detect_width("b") == 1920
+    assert configmod.build(configmod.Config, {}).pipeline.detect_width == 640
+    with pytest.raises(configmod.ConfigError, match=r"cameras\[0\]\.detect_width"):
+        configmod.build(configmod.Config, {"cameras": [{"source": "/dev/video0",
+                                                        "detect_width": -1}]})

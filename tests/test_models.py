@@ -131,7 +131,7 @@ def test_every_corrupt_byte_is_a_model_format_error(models_dir):
 def test_malformed_manifest_is_reported(tmp_path):
     bad = tmp_path / "manifest.json"
     bad.write_text("{\"format\": \"edged-model-manifest\", \"models\": [{\"role\": \"x\"}]}")
-    with pytest.raises(modelstore.ModelError, match="malformed model entry"):
+    with pytest.raises(modelstore.ModelError, match="model entry .file. must be a non-empty string, got None"):
         modelstore.Manifest.load(bad)
     bad.write_text("{not json")
     with pytest.raises(modelstore.ModelError, match="cannot read model manifest"):

@@ -485,7 +485,7 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     assert "cannot read model manifest" in drop("b.json", b"{not json")
     bad = json.loads(json.dumps(ok))
     del bad["models"][0]["sha256"]
-    assert "malformed model entry" in drop("c.json", bad)
+    assert "model entry 'sha256' must be a non-empty string, got None" in drop("c.json", bad)
     assert "the manifest lists no model" in drop("d.json", dict(ok, models=[]))
     assert "not an edged model manifest (a JSON list, not an object)" in drop("d2.json", [ok])
     assert "'models' must be a list of entries, got 5" in drop("d3.json", dict(ok, models=5))

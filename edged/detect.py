@@ -607,10 +607,15 @@ class MtcnnDetector:
         faces.sort(key=lambda f: -f.score)
         return faces
 
-    def detect(self, image_bgr: np.ndarray, detect_width: int = 0) -> List[Face]:
+    def detect(self, image_bgr: np.ndarray, detect_width: int = 0,
+               around: Optional[np.ndarray] = None) -> List[Face]:
         """Faces in a BGR image (gray, BGRA and 16-bit are converted), best score first, in
         the image's pixels; found on a copy ``detect_width`` pixels wide when that is smaller
-        than the image (0: on the image itself; see the module docstring)."""
+        than the image (0: on the image itself; see the module docstring).
+
+        ``around``: boxes (N x 4, ``[x1, y1, x2, y2]`` in the image's pixels) where faces are
+        expected (tracks between two full detections): instead of the P-Net pyramid, R-Net and
+        O-Net refine square crops of them; a box with no face there gives nothing."""
         if image_bgr.dtype != np.uint8 or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
             image_bgr = to_bgr8(image_bgr)
         h, w = image_bgr.shape[:2]
@@ -621,25 +626,40 @@ class MtcnnDetector:
                              f"{MAX_SIDE} px a side); scale it down first")
         size = detection_size(w, h, detect_width)
         if size == (w, h):
-            return self._cascade(image_bgr, float(self.settings.min_face))
+            return self._cascade(image_bgr, float(self.settings.min_face), around)
         sw, sh = size
         small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
-        fx, fy = w / sw, h / sh
-        faces = self._cascade(small, max(12.0, self.settings.min_face * sw / w))
+        k = np.array([w / sw, h / sh], dtype=np.float32)
+        if around is not None:
+            around = np.asarray(around, np.float64).reshape(-1, 4) / np.tile(k, 2)
+        faces = self._cascade(small, max(12.0, self.settings.min_face * sw / w), around)
         for f in faces:  # back to the image's pixels
-            f.box = f.box * np.array([fx, fy, fx, fy], dtype=np.float32)
-            f.landmarks = f.landmarks * np.array([fx, fy], dtype=np.float32)
+            f.box = f.box * np.tile(k, 2)
+            f.landmarks = f.landmarks * k
         return faces
 
-    def _cascade(self, image_bgr: np.ndarray, min_face: float) -> List[Face]:
+    def _cascade(self, image_bgr: np.ndarray, min_face: float,
+                 around: Optional[np.ndarray] = None) -> List[Face]:
         octs = _Octaves(image_bgr)
-        cand = self._stage_pnet(octs, min_face)
+        if around is None:
+            cand = self._stage_pnet(octs, min_face)
+        else:
+            cand = _track_candidates(around)
         if len(cand) == 0:
             return []
         cand = self._stage_rnet(octs, cand)
         if len(cand) == 0:
             return []
         return self._stage_onet(octs, cand)
+
+
+def _track_candidates(boxes: np.ndarray) -> np.ndarray:
+    """R-Net candidates ``[x1, y1, x2, y2, score]`` (integer, inclusive, square) from face
+    boxes with exclusive corners, as P-Net would have proposed them."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+    b = b[np.isfinite(b).all(axis=1)]
+    b[:, 2:] -= 1.0
+    return np.hstack([np.trunc(_square(b)), np.ones((len(b), 1))])
 
 
 def detection_size(width: int, height: int, detect_width: int) -> tuple:

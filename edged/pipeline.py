@@ -93,16 +93,18 @@ class FacePipeline:
     def embedder_sha256(self) -> str:
         return self.embedder.sha256
 
-    def detect(self, image_bgr: np.ndarray, detect_width: Optional[int] = None) -> List[Face]:
+    def detect(self, image_bgr: np.ndarray, detect_width: Optional[int] = None,
+               around: Optional[np.ndarray] = None) -> List[Face]:
         """Faces with box, score, landmarks, aligned crop and quality filled; best score first.
 
         Detection runs on a copy ``detect_width`` pixels wide (None: ``settings.detect_width``;
         0: the frame itself); boxes and landmarks are in the frame's pixels, and the aligned
-        crops come from the full-resolution frame."""
+        crops come from the full-resolution frame.  ``around``: only refine these boxes
+        (:meth:`MtcnnDetector.detect`: tracks between full detections)."""
         image_bgr = _bgr8(image_bgr)
         if detect_width is None:
             detect_width = self.settings.detect_width
-        faces = self.detector.detect(image_bgr, detect_width)
+        faces = self.detector.detect(image_bgr, detect_width, around)
         q = self.settings.quality
         for f in faces:
             f.aligned = align_face(image_bgr, f.landmarks)

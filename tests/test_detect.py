@@ -357,3 +357,44 @@ def test_a_pyramid_larger_than_the_cache_keeps_its_first_levels(models_dir, mult
     assert 0 < n_second < n_first - 2, (n_first, n_second)
     assert det._pnet_pixels <= D.PNET_CACHE_PIXELS
     assert [f.box.tolist() for f in first] == [f.box.tolist() for f in second]
+
+
+@pytest.fixture(scope="module")
+def obama_frame(public_clip):
+    """Frame 10 of the public clip (640x360, Barack Obama's face)."""
+    cap = cv2.VideoCapture(str(public_clip))
+    for _ in range(11):
+        ok, frame = cap.read()
+        assert ok
+    cap.release()
+    return frame
+
+
+def test_refining_a_predicted_box_finds_the_face_there(detector, obama_frame):
+    """Tracking between detections: R-Net and O-Net on a box a few pixels off (a prediction)
+    give the face the full detection gives; a box on the background gives nothing."""
+    (full,) = detector.detect(obama_frame)
+    off = full.box + np.array([6, -4, 6, -4], np.float32)
+    (got,) = detector.detect(obama_frame, around=off[None])
+    side = float(full.box[2] - full.box[0])  # about 180 px
+    np.testing.assert_allclose(got.box, full.box, atol=0.05 * side)
+    np.testing.assert_allclose(got.landmarks, full.landmarks, atol=0.03 * side)
+    assert detector.detect(obama_frame, around=np.array([[0, 0, 60, 60]], np.float32)) == []
+    assert detector.detect(obama_frame, around=np.zeros((0, 4), np.float32)) == []
+
+
+def test_refining_on_a_scaled_copy_maps_back(detector, obama_frame):
+    big = cv2.resize(obama_frame, (1280, 720), interpolation=cv2.INTER_CUBIC)
+    (full,) = detector.detect(obama_frame)
+    (got,) = detector.detect(big, 640, around=(2.0 * full.box)[None])
+    np.testing.assert_allclose(got.box, 2.0 * full.box, atol=0.1 * float(full.box[2] - full.box[0]))
+
+
+def test_refining_runs_no_pnet(detector, obama_frame):
+    """The refinement's cost is R-Net and O-Net on one crop per box: no P-Net pyramid."""
+    (full,) = detector.detect(obama_frame)
+    before = detector._pnet_frame
+    assert len(detector.detect(obama_frame, around=full.box[None])) == 1
+    assert detector._pnet_frame == before
+    detector.detect(obama_frame)
+    assert detector._pnet_frame == before + 1

@@ -1430,8 +1430,10 @@ class Daemon:
         new_cams = {c.name: c for c in cfg.cameras}
         if cfg.mqtt != self.cfg.mqtt:
             log.warning("reload: MQTT settings changed; they take effect at the next restart")
+        if cfg.http != self.cfg.http:
+            log.warning("reload: http settings changed; they take effect at the next restart")
         old_cfg = self.cfg
-        self.cfg = dataclasses.replace(cfg, mqtt=self.cfg.mqtt)
+        self.cfg = dataclasses.replace(cfg, mqtt=self.cfg.mqtt, http=self.cfg.http)
         if self.ota is not None and (cfg.paths.gallery != old_cfg.paths.gallery
                                      or self._drop_dir(cfg) != self._drop_dir(old_cfg)
                                      or cfg.drops != old_cfg.drops):

@@ -134,6 +134,16 @@ def test_metrics_grow_and_healthz_says_healthy(public_clip, gallery, broker, tmp
         code, headers, _ = get(port, "/healthz", "Bearer wrong")
         assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer")
         assert get(port, "/nothing", auth)[0] == 404
+
+        # a reload keeps the listener as it is (a restart moves it), and says so
+        text = cfg.read_text().replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+        cfg.write_text(text)
+        mark = len(d.log())
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log("reload: http settings changed; they take effect at the next restart", 120,
+                   after=mark)
+        d.wait_log("reloaded:", 120, after=mark)
+        assert get(port, "/healthz", auth)[0] == 200
         d.terminate(timeout=20)
         assert d.proc.returncode == 0
     finally:

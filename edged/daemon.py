@@ -8,6 +8,8 @@ Threads (all named, so that ``top -H`` and the journal's THREAD_NAME say what is
   queues the resulting events;
 - ``events``: hands events to the MQTT publisher (which spools them) and logs them with their
   journal fields;
+- ``http``: the /metrics and /healthz endpoint when ``http.listen`` is set
+  (:mod:`edged.httpapi`), with one ``http-request`` thread per request; it only reads;
 - the main thread: signals, the systemd notifications (``READY``, ``STATUS``, ``WATCHDOG``,
   ``RELOADING``, ``STOPPING``), status and stats.
 

@@ -1,8 +1,9 @@
 """The HTTP endpoint (off by default): ``GET /metrics`` and ``GET /healthz``.
 
 ``http.listen`` (``127.0.0.1:9108``; empty: off) is served by the standard library's
-ThreadingHTTPServer in a thread of its own (``http``, one more per request), which only reads
-what the daemon keeps: a scrape never waits for a frame and a frame never waits for a scrape.
+ThreadingHTTPServer in a thread of its own (``http``, plus one ``http-request`` per request),
+which only reads what the daemon keeps: a scrape never waits for a frame and a frame never
+waits for a scrape.
 
 - ``/metrics``: the Prometheus text format (or OpenMetrics when asked) of
   :mod:`edged.metrics`, encoded by prometheus_client;
@@ -128,6 +129,11 @@ def read_secret(path: str) -> str:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def process_request(self, request, client_address):
+        """One named thread per request (``http-request`` in ``top -H`` and the journal)."""
+        threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                         name="http-request", daemon=True).start()
 
 
 class _Server6(_Server):

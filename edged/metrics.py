@@ -150,7 +150,7 @@ class DaemonCollector:
                            ("camera",), [((n,), counts.get((n, "recognized"), 0)) for n in cams])
         yield self._family(self._g, "edged_last_event_timestamp_seconds",
                            "when the camera's last event was handed to the publisher (epoch)",
-                           ("camera",), sorted(((k,), v) for k, v in d.last_event_at.items()))
+                           ("camera",), sorted(((k,), v) for k, v in dict(d.last_event_at).items()))
         yield self._family(c, "edged_pipeline_errors", "frames on which a stage raised",
                            (), [((), d.errors)])
         stages = self._h("edged_stage_seconds", "time per stage and frame (event, for publish)",

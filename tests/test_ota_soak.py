@@ -13,9 +13,10 @@ every valid drop went into service (and the last ones are in service), every inv
 refused with its reason, no drop outcome and no recognition event was lost, and frames kept
 flowing, measured with the daemon's per-frame log against the same run's baseline (the frames
 before the first drop): the baseline's rate was kept, and no gap between two processed frames
-was longer than three median intervals or twice the baseline's longest gap (printed).  Where
-the baseline itself is under 90 % of the camera's rate (a machine busy with other work), the
-numbers are printed and the frame timing is not judged; everything else is.
+was longer than three median intervals or twice the baseline's longest gap (printed).  That
+verdict needs a quiet machine (the load of other work changes while the test runs), so it is
+made only with EDGED_SOAK_TIMING=1; otherwise the numbers are printed and only a frame path
+stalled for 10 s fails the test.
 
 It failed twice on a loaded machine (drops.handled 35, waiting 1): a corrupt model renamed in
 just before its manifest, the two renames in different clock ticks, looked like a file left
@@ -49,6 +50,12 @@ BASE_FRAMES = 100
 #: an upper bound for one drop's outcome, not an expected time (each wait ends on its event):
 #: a machine busy with other work slows the drops down
 DROP_TIMEOUT_S = 300.0
+#: with this set (to anything), the frame rate and the gaps are judged against the baseline:
+#: only meaningful on a machine doing nothing else, as the measurements of docs/ota.md
+TIMING_ENV = "EDGED_SOAK_TIMING"
+#: the longest time without a processed frame accepted on any machine, however busy (the
+#: longest seen in ten runs with both cores kept busy by other processes: 2.3 s)
+STALL_S = 10.0
 
 KINDS = {  # kind: weight
     "det_reencode": 8, "det_known": 4, "emb_reencode": 6, "emb_original": 2,
@@ -226,10 +233,13 @@ def test_fifty_drops_while_frames_flow(shared_dir, models_dir, base_gallery, bro
         for what, secs in sorted(_swap_seconds(log).items()):
             print(f"soak: {what} swaps: {len(secs)}, drop seen to swapped in: median "
                   f"{np.median(secs):.3f} s, max {max(secs):.3f} s")
-    if b_rate < 0.9 * FPS:  # the machine cannot keep the camera's rate even without drops
+    # Frames flowed through every drop, whatever else the machine did: no drop held the frame
+    # path for STALL_S
+    assert worst <= STALL_S * 1000, f"no frame for {worst:.1f} ms"
+    if not os.environ.get(TIMING_ENV):  # a verdict on the timing needs a quiet machine
         with capsys.disabled():
-            print(f"soak: no frame-timing verdict: {b_rate:.2f} frames/s before any drop, "
-                  f"under 90 % of the camera's {FPS:g} (a machine busy with other work)")
+            print(f"soak: frame timing printed, not judged (set {TIMING_ENV}=1 on a quiet "
+                  f"machine)")
         return
     # The rate: frames were processed at the baseline's rate (the camera's) all along: a swap
     # that held up the frame path would cost frames, since the newest frame wins over a

@@ -5,10 +5,10 @@ States (``state`` in the status document, with ``problems``: docs/mqtt.md, docs/
 
 - ``starting``: loading models, waiting for the cameras;
 - ``healthy``: running, nothing wrong;
-- ``degraded``: running, recognising and publishing, but something needs a person: each
-  problem is named with why and since when (``state_dir`` full or read-only: the spool holds
-  events in memory, the status file cannot be replaced...).  It ends by itself when the cause
-  goes away;
+- ``degraded``: running, but something needs a person: each problem is named with why and
+  since when (``state_dir`` full or read-only: still recognising and publishing, the spool
+  holds events in memory, the status file cannot be replaced...; a camera down; the pipeline
+  stuck).  It ends by itself when the cause goes away;
 - ``stopped``: the daemon stopped cleanly.
 
 Problems the daemon names (:meth:`Health.problem`): ``spool`` and ``status_file`` (the state

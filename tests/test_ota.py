@@ -1309,7 +1309,7 @@ def test_drops_over_max_bytes_are_refused_unread_and_hashes_stream(tmp_path):
     gib = 1 << 30
     assert DropSettings().max_bytes == 256 << 20  # the largest published model is ~39 MB
     huge = _sparse(drops / "huge.tflite", 2 * gib, b"\0\0\0\0TFL3")
-    gallery = _sparse(g / "people.edgal", 2 * gib, b"EDGEDGAL")
+    gallery = _sparse(g / "people.edgal", 5 * gib, b"EDGEDGAL")  # (its own limit: 4 GiB)
     manifest = drops / "big.json"
     manifest.write_text(json.dumps({"format": "edged-model-manifest", "version": 1, "models": [
         {"role": "rnet", "file": "r.tflite", "sha256": "ab" * 32, "size": 2 * gib}]}))
@@ -1319,8 +1319,8 @@ def test_drops_over_max_bytes_are_refused_unread_and_hashes_stream(tmp_path):
     why, grown = _big_drops(tmp_path, 256 << 20, [huge, gallery, manifest, fat])
     assert why["huge.tflite"] == f"{huge}: {2 * gib} bytes, more than drops.max_bytes " \
                                  f"({256 << 20}); refused unread"
-    assert why["people.edgal"] == f"{gallery}: {2 * gib} bytes, more than drops.max_bytes " \
-                                  f"({256 << 20}); refused unread"
+    assert why["people.edgal"] == f"{gallery}: {5 * gib} bytes, more than " \
+                                  f"drops.max_gallery_bytes ({4 * gib}); refused unread"
     assert why["big.json"] == f"{manifest}: r.tflite is {2 * gib} bytes, more than " \
                               f"drops.max_bytes ({256 << 20})"
     assert "more than a drop manifest's limit (1048576)" in why["fat.json"]

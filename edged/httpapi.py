@@ -29,7 +29,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional, Tuple
 
 from edged import __version__
@@ -126,18 +125,22 @@ def read_secret(path: str) -> str:
     return line
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def _server(host: str, port: int, handler):
+    """A bound ThreadingHTTPServer (http.server is imported only when the endpoint is on)."""
+    from http.server import ThreadingHTTPServer
 
-    def process_request(self, request, client_address):
-        """One named thread per request (``http-request`` in ``top -H`` and the journal)."""
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         name="http-request", daemon=True).start()
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        def process_request(self, request, client_address):
+            """One named thread per request (``http-request`` in ``top -H``, the journal)."""
+            threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address), name="http-request",
+                             daemon=True).start()
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+    return Server((host, port), handler)
 
 
 class HttpEndpoint:
@@ -149,7 +152,7 @@ class HttpEndpoint:
         self.host, self.port = parse_listen(settings.listen)
         self.expect = self._expected_authorization(settings)
         self.registry = None
-        self.server: Optional[_Server] = None
+        self.server = None  # the ThreadingHTTPServer once started
         self._thread: Optional[threading.Thread] = None
         self._errors = Throttle(log)
         self.requests = 0
@@ -167,8 +170,7 @@ class HttpEndpoint:
         from edged.metrics import registry
 
         self.registry = registry(self.daemon)
-        cls = _Server6 if ":" in self.host else _Server
-        self.server = cls((self.host, self.port), _handler(self))
+        self.server = _server(self.host, self.port, _handler(self))
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={
             "poll_interval": 0.5}, name="http", daemon=True)
@@ -234,6 +236,8 @@ def health_document(daemon) -> dict:
 
 
 def _handler(endpoint: HttpEndpoint):
+    from http.server import BaseHTTPRequestHandler
+
     routes = {"/metrics": lambda h: endpoint.metrics(h.headers.get("Accept")),
               "/healthz": lambda h: endpoint.healthz()}
 

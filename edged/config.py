@@ -220,6 +220,24 @@ class Config:
             seen.setdefault(name, i)
         return errs
 
+    def match_settings(self, embedder_sha256: Optional[str] = None) -> MatchSettings:
+        """``match`` with its threshold decided: the file's; else (``match.threshold: null``)
+        the manifest default of the embedder whose file has ``embedder_sha256`` (the one in
+        service, which a drop may have changed), else of ``models.embedder_model``."""
+        from edged.embed import EmbedderSpec
+        from edged.modelstore import Manifest, ModelError
+
+        if self.match.threshold is not None:
+            return self.match
+        spec = EmbedderSpec.of_model(embedder_sha256) if embedder_sha256 else None
+        if spec is None:
+            try:
+                spec = EmbedderSpec.from_entry(
+                    Manifest.load().model("embedder", self.models.embedder_model))
+            except (ModelError, ValueError):
+                spec = None  # (no manifest, or no such name: loading the models says so)
+        return self.match.for_embedder(spec)
+
 
 # ---------------------------------------------------------------------------- loader
 

@@ -330,11 +330,14 @@ class Daemon:
     def new_gallery_holder(self, embedder_sha256: str, cfg=None):
         """A gallery holder for sets made with ``embedder_sha256``; not watched by itself:
         the drop manager (edged.ota) watches the gallery path for every set."""
+        from edged.embed import EmbedderSpec
         from edged.gallery import GalleryHolder
 
         cfg = cfg or self.cfg
+        spec = EmbedderSpec.of_model(embedder_sha256)  # (None: a model the manifest lacks)
         return GalleryHolder(Path(cfg.paths.gallery), expect_embedder=embedder_sha256,
-                             settings=cfg.match, on_event=None, watch=False,
+                             settings=cfg.match_settings(embedder_sha256), on_event=None,
+                             watch=False, expect_dim=spec.dim if spec else None,
                              snapshot_dir=str(Path(cfg.paths.state_dir) / "gallery-snapshots"),
                              max_bytes=cfg.drops.max_gallery_bytes)
 
@@ -384,6 +387,23 @@ class Daemon:
             if why:
                 out[name + "_fallback"] = why
         return out
+
+    @staticmethod
+    def _threshold(cfg, svc: Optional[ServiceSet]) -> float:
+        """The identification threshold in force: ``match.threshold``, else (unset) that of
+        the embedder in ``svc``, which a drop may have changed (``Config.match_settings``)."""
+        return cfg.match_settings((svc.versions or {}).get("embedder") if svc else None).threshold
+
+    @classmethod
+    def _threshold_note(cls, cfg, svc: ServiceSet) -> str:
+        """``"threshold 0.456 (embedder sface)"``, or ``(match.threshold)`` when set."""
+        from edged.embed import EmbedderSpec
+
+        if cfg.match.threshold is not None:
+            return f"threshold {cfg.match.threshold:g} (match.threshold)"
+        spec = EmbedderSpec.of_model((svc.versions or {}).get("embedder") or "")
+        name = spec.name if spec else cfg.models.embedder_model
+        return f"threshold {cls._threshold(cfg, svc):g} (embedder {name})"
 
     def people(self, svc: Optional[ServiceSet] = None) -> List[str]:
         svc = svc or self.service
@@ -740,6 +760,7 @@ class Daemon:
                  f"{getattr(g, 'rows', '?')} rows {getattr(g, 'dtype_name', '?')}, "
                  f"scan {getattr(g, 'scan', '?')}" if g is not None else "no gallery",
                  acc.get("detector", "?"), acc.get("embedder", "?"))
+        log.info("identification at %s", self._threshold_note(cfg, self.service))
         from edged.publish import Publisher
 
         try:
@@ -904,9 +925,12 @@ class Daemon:
                                         flip=svc.pipeline.settings.flip)
         log.debug("warm-up in %.2f s for %s", time.monotonic() - t0, sorted(shapes))
 
+    def _new_tracker(self, camera: str, cfg, svc: Optional[ServiceSet]) -> Tracker:
+        return Tracker(camera, cfg.tracking, match_threshold=self._threshold(cfg, svc),
+                       liveness=cfg.liveness)
+
     def _add_camera(self, cs) -> None:
-        self.trackers[cs.name] = Tracker(cs.name, self.cfg.tracking, match_threshold=self.cfg.match.threshold,
-                                         liveness=self.cfg.liveness)
+        self.trackers[cs.name] = self._new_tracker(cs.name, self.cfg, self.service)
         self.motion[cs.name] = MotionGate(self.cfg.motion)
         self.fps_done.setdefault(cs.name, RollingStats())
         self._camera_since[cs.name] = time.monotonic()
@@ -1086,6 +1110,12 @@ class Daemon:
         if frame.connection != self._reconnects_seen.get(frame.camera, 0):
             self._reconnects_seen[frame.camera] = frame.connection
             events += tracker.reset("source reconnected")
+        seen = self._versions_seen.get(frame.camera)
+        if seen is not None and seen.get("embedder") != svc.versions.get("embedder"):
+            # a drop swapped the embedder (or a rollback put it back): the tracks hold the
+            # other embedder's embeddings (of another width, perhaps), and its threshold differs
+            events += tracker.end_all(why="embedder changed")
+            tracker = self.trackers[frame.camera] = self._new_tracker(frame.camera, self.cfg, svc)
         self._versions_seen[frame.camera] = svc.versions
         t1 = time.perf_counter()
         evs, todo = tracker.update(frame, faces)
@@ -1384,6 +1414,7 @@ class Daemon:
         log.info("reloading (SIGHUP)")
         cfg = self.cfg
         new = None
+        old_threshold = self._threshold(cfg, self.service)
         try:
             if self.config_path is not None:
                 cfg = configmod.load(self.config_path)
@@ -1417,14 +1448,12 @@ class Daemon:
                     log.exception("reload: closing the unused gallery failed")
             self.notifier.ready(f"reload failed: {(str(exc) or type(exc).__name__).splitlines()[0]}")
             return False
-        if (cfg.tracking != self.cfg.tracking or cfg.match.threshold != self.cfg.match.threshold
+        if (cfg.tracking != self.cfg.tracking or self._threshold(cfg, new) != old_threshold
                 or cfg.liveness != self.cfg.liveness):
             with self._track_lock:
                 for name in list(self.trackers):
                     events = self.trackers[name].end_all(why="reload")
-                    self.trackers[name] = Tracker(name, cfg.tracking,
-                                                  match_threshold=cfg.match.threshold,
-                                                  liveness=cfg.liveness)
+                    self.trackers[name] = self._new_tracker(name, cfg, new)
                     for ev in events:
                         ev.versions = dict(new.versions)
                         self._events.put((ev, time.monotonic(), None))
@@ -1464,8 +1493,9 @@ class Daemon:
                 self._add_camera(cs)
         self.status_text = self._status_line()
         self.notifier.ready(self.status_text)
-        log.info("reloaded: embedder %s, gallery %s", new.versions["embedder"][:12],
-                 (new.versions.get("gallery") or "none")[:12])
+        log.info("reloaded: embedder %s, gallery %s, identification at %s",
+                 new.versions["embedder"][:12], (new.versions.get("gallery") or "none")[:12],
+                 self._threshold_note(self.cfg, new))
         return True
 
     # ------------------------------------------------------------------ status and stats

@@ -426,3 +426,41 @@ def test_v4l2_settings_on_another_kind_of_source_are_a_warning(tmp_path):
         f"ignores it"], r.stderr
     assert config.parse(p.read_text(), "c.yaml").warnings == [
         w.replace(f"warning: {p}", "c.yaml") for w in warnings]
+
+
+@pytest.mark.parametrize("embedder,want", [("sface", 0.456), ("mobilefacenet", 0.58)])
+def test_match_threshold_follows_the_embedder_unless_set(embedder, want):
+    """``match.threshold`` left unset is the configured embedder's manifest default (SFace's
+    0.456, not MobileFaceNet's 0.58); a threshold in the file wins whichever embedder runs."""
+    from edged.embed import EmbedderSpec
+    from edged.modelstore import Manifest
+
+    entry = Manifest.load().model("embedder", embedder)
+    assert EmbedderSpec.from_entry(entry).identification == want
+    cfg = config.loads(f"models: {{embedder_model: {embedder}}}\n")
+    assert cfg.match.threshold is None  # (what the file says: nothing)
+    assert cfg.match_settings().threshold == want
+    # the embedder in service decides when it is known (a drop may have changed it)
+    other = Manifest.load().model("embedder", "mobilefacenet" if embedder == "sface" else "sface")
+    assert cfg.match_settings(other.sha256).threshold == EmbedderSpec.from_entry(other).identification
+    assert cfg.match_settings("00" * 32).threshold == want  # unknown file: the configured one's
+    cfg = config.loads(f"models: {{embedder_model: {embedder}}}\nmatch: {{threshold: 0.5}}\n")
+    assert cfg.match_settings().threshold == 0.5 and cfg.match_settings(other.sha256).threshold == 0.5
+
+
+def test_the_threshold_reference_names_each_embedders_default():
+    """``check-config --defaults`` and the reference say ``null`` = the embedder's, with each
+    embedder's figure as its manifest entry gives it."""
+    from edged.embed import EmbedderSpec
+    from edged.modelstore import Manifest
+
+    m = Manifest.load()
+    line = next(ln for ln in config.defaults_yaml().splitlines()
+                if ln.startswith("  threshold: null  # identification threshold"))
+    assert "null (the default) = the threshold of the embedder in service" in line
+    for name in m.names("embedder"):
+        thr = EmbedderSpec.from_entry(m.model("embedder", name)).identification
+        assert f"{thr} for {name}" in line, (name, thr, line)
+    row = next(ln for ln in config.reference_markdown().splitlines()
+               if ln.startswith("| `match.threshold` |"))
+    assert "| a number or null | `null` |" in row and "0.456 for sface" in row

@@ -120,7 +120,7 @@ def test_match_settings_metadata():
     for f in dataclasses.fields(MatchSettings):
         assert "help" in f.metadata
     s = MatchSettings()
-    assert -1 <= s.threshold <= 1 and s.min_margin == 0.0 and s.top_k == 5
+    assert s.threshold is None and -1 <= s.cutoff <= 1 and s.min_margin == 0.0 and s.top_k == 5
 
 
 @pytest.mark.parametrize("opencv", [True, False])

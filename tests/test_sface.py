@@ -3,8 +3,10 @@
 Core tier: the manifest's embedder entries and their thresholds, the refusal of a gallery of
 the other embedder, 128-wide float16 galleries (compiled scan and widening paths agree), a
 corrupted ``sface.tflite`` and a changed ONNX refused with both hashes, the converter checks.
-Full tier (``shared_dir``): SFace installed from ``../shared/models`` by sha256, and a 128-wide
-gallery built and searched end to end through the CLI.
+Full tier (``shared_dir``): SFace installed from ``../shared/models`` by sha256, a 128-wide
+gallery built and searched end to end through the CLI; the daemon at the embedder's threshold
+(across a reload to another embedder), an SFace drop held back until its 128-wide gallery
+arrives, and ``edged run`` with SFace on the Hamilton clip.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from edged.cli import main
 from edged.config import ConfigError, loads
 from edged.embed import Embedder, EmbedderSpec
 from edged.gallery import Gallery, GalleryError, GalleryHolder, write_gallery
+from test_ota import base_gallery, installed  # noqa: F401 (fixtures)
 
 MANIFEST = modelstore.Manifest.load()
 SFACE = MANIFEST.model("embedder", "sface")
@@ -55,7 +58,10 @@ def test_width_and_default_thresholds_come_from_the_manifest():
     assert (s.name, s.dim, s.size) == ("sface", 128, 112)
     emb = SFACE.spec["embedding"]["thresholds"]
     assert s.identification == emb["identification"] and s.verification == emb["verification"]
-    assert m.identification == G.MatchSettings().threshold  # the config's default today
+    assert G.MatchSettings().threshold is None  # (unset: the embedder's, decided by the daemon)
+    assert G.MatchSettings().for_embedder(s).threshold == s.identification == 0.456
+    assert G.MatchSettings().for_embedder(m).threshold == m.identification == G.FALLBACK_THRESHOLD
+    assert G.MatchSettings(threshold=0.5).for_embedder(s).threshold == 0.5
     assert EmbedderSpec.of_model(MFN.load_sha256) == m and EmbedderSpec.of_model("00" * 32) is None
     bad = replace(SFACE, spec={"embedding": {"dim": "wide"}})
     with pytest.raises(ValueError, match="manifest entry embedder sface: bad 'embedding'"):
@@ -297,5 +303,159 @@ def test_the_daemon_loads_the_configured_embedder_and_pairs_its_gallery(sface_mo
     try:
         assert svc.pipeline.embedder.name == model
         assert (svc.gallery.current is not None) == (model == "sface")
+        # match.threshold unset: the embedder's own (SFace 0.456, MobileFaceNet 0.58)
+        assert svc.gallery.settings.threshold == {"sface": 0.456, "mobilefacenet": 0.58}[model]
+        assert svc.gallery.expect_dim == {"sface": 128, "mobilefacenet": 192}[model]
     finally:
         svc.gallery.stop()
+
+
+@pytest.fixture(scope="module")
+def sface_hamilton_gallery(sface_models, shared_dir, tmp_path_factory):
+    """The Hamilton enrolment photos enrolled by SFace through the CLI (128 values a row)."""
+    g = tmp_path_factory.mktemp("sface-hamilton") / "hamilton-sface.edgal"
+    code = main(["gallery", "build", str(shared_dir / "videos" / "hamilton_enrol"), "-o", str(g),
+                 "--embedder", "sface", "--models", str(sface_models), "-q"])
+    assert code == 0 and g.exists()
+    with Gallery.open(g, expect_embedder=SFACE.sha256) as gal:
+        assert gal.dim == 128 and gal.n_identities >= 2
+    return g
+
+
+def test_the_daemon_threshold_follows_the_embedder_across_a_reload(sface_models, shared_dir,
+                                                                   tmp_path):
+    """``match.threshold`` unset: the daemon matches and tracks at the threshold of the
+    embedder it loads (MobileFaceNet's 0.58), and a SIGHUP reload to ``embedder_model: sface``
+    decides it again (SFace's 0.456) for the gallery holder and the trackers."""
+    import yaml
+
+    from edged import config as configmod
+    from edged.daemon import Daemon
+    from edged.sdnotify import Notifier
+
+    path = tmp_path / "config.yaml"
+    doc = {"cameras": [{"name": "cam", "source": str(shared_dir / "videos" /
+                                                     "facerec_short_hamilton_clip.mp4"),
+                        "loop": True, "fps_limit": 5}],
+           "models": {"embedder_model": "mobilefacenet"},
+           "paths": {"models_dir": str(sface_models), "state_dir": str(tmp_path / "state"),
+                     "gallery": str(tmp_path / "g.edgal")},
+           "drops": {"enabled": False}, "mqtt": {"enabled": False},
+           "logging": {"target": "stderr"}}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = configmod.load(path)
+    margin = cfg.tracking.unknown_margin
+    d = Daemon(cfg, config_path=path, models_dir=str(sface_models), notifier=Notifier(address=""))
+    d.start(camera_wait=30)
+    try:
+        assert d.service.gallery.settings.threshold == 0.58
+        assert d.trackers["cam"].unknown_below == pytest.approx(0.58 - margin)
+        doc["models"]["embedder_model"] = "sface"
+        path.write_text(yaml.safe_dump(doc))
+        assert d.reload()
+        assert d.service.pipeline.embedder.name == "sface"
+        assert d.service.gallery.settings.threshold == 0.456
+        assert d.trackers["cam"].unknown_below == pytest.approx(0.456 - margin)
+        doc["match"] = {"threshold": 0.5}  # set in the file: it wins
+        path.write_text(yaml.safe_dump(doc))
+        assert d.reload() and d.service.gallery.settings.threshold == 0.5
+        assert d.trackers["cam"].unknown_below == pytest.approx(0.5 - margin)
+    finally:
+        d.stop()
+
+
+def test_an_sface_drop_is_held_back_until_its_128_wide_gallery_arrives(
+        sface_models, sface_hamilton_gallery, shared_dir, models_dir, installed, base_gallery,
+        broker, tmp_path):
+    """Over the air, on a device serving MobileFaceNet and its 192-wide gallery: SFace
+    dropped alone is held back; a 192-wide gallery that claims SFace is refused for its width;
+    SFace's own 128-wide gallery completes the set and both swap as one."""
+    from test_ota import gallery_variant, start_device, write_drop
+
+    cfg, mdir, gpath, watch, d = start_device(tmp_path, models_dir, shared_dir, base_gallery,
+                                              broker, installed, "otasface", fps_limit=0.0)
+    try:
+        e0 = installed["embedder"][1]
+        st = watch.wait(lambda s: s["versions"]["embedder"] == e0, 30, "the embedder")
+        g0, rows0 = st["versions"]["gallery"], st["versions"]["gallery_rows"]
+        assert rows0 > 0
+
+        # 1. SFace with its manifest: the gallery in service is MobileFaceNet's: held back
+        write_drop(mdir, [("embedder", "sface.tflite",
+                           (sface_models / "sface.tflite").read_bytes())], "sface")
+        st = watch.handled(1)
+        assert st["held_back"]["embedder"] == SFACE.sha256, st
+        assert st["versions"]["embedder"] == e0 and st["versions"]["gallery"] == g0
+
+        # 2. a 192-wide gallery recording SFace's sha256: refused for its width, still held
+        gallery_variant(base_gallery, gpath, SFACE.sha256, seed=3)
+        st = watch.handled(2)
+        why = st["last_rejected_drop"]["why"]
+        assert "192" in why and "128" in why, st["last_rejected_drop"]
+        assert st["versions"]["embedder"] == e0 and st["versions"]["gallery"] == g0
+        assert st["held_back"]["embedder"] == SFACE.sha256
+
+        # 3. SFace's own gallery (edged drop --as the gallery's name): both swapped at once
+        with Gallery.open(sface_hamilton_gallery, expect_embedder=SFACE.sha256) as gal:
+            g1, rows1 = gal.checksum, gal.rows
+        assert main(["drop", str(sface_hamilton_gallery), "--to", str(gpath.parent),
+                     "--as", gpath.name]) == 0
+        st = watch.handled(3)
+        sw = st["last_swap"]
+        assert sw["kind"] == "models+gallery" and sw["result"] == "swapped", sw
+        assert sw["old"]["embedder"] == e0 and sw["new"]["embedder"] == SFACE.sha256
+        assert sw["old"]["gallery"] == g0 and sw["new"]["gallery"] == g1
+        assert st["versions"]["embedder"] == SFACE.sha256 and st["versions"]["gallery"] == g1
+        assert st["versions"]["gallery_rows"] == rows1 and not st["held_back"]
+        watch.wait(lambda s: s["last_swap"]["confirmed"], 60, "the swap confirmed")
+        assert d.proc.poll() is None, d.log()[-3000:]
+    finally:
+        watch.close()
+        d.terminate()
+        d.kill()
+
+
+def test_the_daemon_names_miranda_on_the_hamilton_clip_with_sface(sface_models,
+                                                                   sface_hamilton_gallery,
+                                                                   shared_dir, tmp_path):
+    """``edged run`` with ``models.embedder_model: sface`` and no ``match.threshold`` (SFace's
+    0.456) on the Hamilton clip: Lin-Manuel Miranda recognised (once in the close shot, and
+    perhaps in the wide shot, where MobileFaceNet misses him); nobody else named: not Alex
+    Lacamoire, not the audience, which is confirmed unknown (as tests/test_daemon_e2e.py with
+    MobileFaceNet)."""
+    from edged_daemon_helpers import DaemonProcess, write_config
+    from test_daemon_e2e import ALEX, CLIP, CUT_TO_AUDIENCE, LIN
+
+    cfg = write_config(
+        tmp_path / "config.yaml", device={"name": "e2e-sface"},
+        cameras=[{"name": "stage", "source": str(shared_dir / CLIP), "realtime": False}],
+        models={"embedder_model": "sface"},
+        paths={"models_dir": str(sface_models), "gallery": str(sface_hamilton_gallery),
+               "state_dir": str(tmp_path / "state")},
+        drops={"enabled": False}, mqtt={"enabled": False},
+        logging={"target": "stderr", "level": "info"})
+    d = DaemonProcess(cfg, tmp_path)
+    try:
+        d.wait_log("end of file", timeout=300)
+        d.terminate(timeout=20)
+        assert d.proc.returncode == 0, d.log()[-3000:]
+    finally:
+        d.kill()
+    events = d.events()
+    assert "threshold 0.456 (embedder sface)" in d.log(), d.log()[-3000:]
+    rec = [e for e in events if e["type"] == "recognized"]
+    assert rec and {e["name"] for e in rec} == {"Lin-Manuel Miranda"}, rec
+    assert all(e["identity"] == LIN and e["score"] >= 0.456 for e in rec), rec
+    close = [e for e in rec if 82 <= e["debug"]["frame_index"] < CUT_TO_AUDIENCE]
+    assert len(close) == 1, rec  # the close shot: one track, named once
+    for e in rec:  # SFace may also name him in the wide shot (his face about 40 px wide there)
+        assert e["debug"]["frame_index"] >= 82 or e["box"][2] - e["box"][0] > 35, e
+    assert all(e["versions"]["embedder"] == SFACE.sha256 for e in rec)
+    audience = {e["track_id"] for e in events
+                if e["type"] == "face_appeared" and e["debug"]["frame_index"] >= CUT_TO_AUDIENCE}
+    assert len(audience) >= 3
+    for e in events:  # nobody else named: not Alex Lacamoire, not the audience
+        assert e["identity"] in (None, LIN) and e["identity"] != ALEX, e
+        if e["track_id"] in audience:
+            assert e["identity"] is None, f"the audience reported as {e['name']}: {e}"
+    assert any(e["type"] == "unknown" and e["track_id"] in audience for e in events)

@@ -130,6 +130,8 @@ def test_a_full_state_partition_degrades_then_recovers_losing_nothing(
     run2.mkdir()
     d2 = DaemonProcess(cfg, run2)
     try:
+        # (everything may have arrived before the kill: wait for the start before SIGTERM)
+        d2.wait_log(" ready: ", timeout=120)
         assert wait_for(lambda: set(produced) <= {e["id"] for e in sub.events(PREFIX)}, 180), \
             f"{len(set(produced) - {e['id'] for e in sub.events(PREFIX)})} event(s) lost"
         named = [e for e in sub.events(PREFIX) if e["id"] in set(produced) and e["identity"] == LIN]

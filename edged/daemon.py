@@ -55,7 +55,7 @@ from edged.logs import Throttle, fields
 from edged.metrics import LATENCY_BUCKETS, STAGE_BUCKETS, STAGES, Histogram
 from edged.motion import MotionGate
 from edged.sdnotify import Notifier
-from edged.track import Tracker
+from edged.track import Refined, Tracker
 from edged.types import Event
 
 log = logging.getLogger("edged.daemon")
@@ -68,6 +68,10 @@ STATUS_FILE = "status.json"
 STATUS_SLACK = 1024  # room kept in status.json's blocks for a longer document (a full disk)
 #: test hook: append one line per frame tracked ("camera index monotonic") to this file
 FRAME_LOG_ENV = "EDGED_FRAME_LOG"
+
+
+#: what :meth:`Daemon._what_to_detect` answers for a full detection (the P-Net pyramid)
+FULL = "full"
 
 
 class StartupError(RuntimeError):
@@ -970,12 +974,16 @@ class Daemon:
                 lease = self.models_holder.acquire()  # ended by the track thread
                 svc = lease.obj if lease is not None else None
             faces, dt = None, 0.0
-            if self._needs_detection(frame, seq):
+            around = self._what_to_detect(frame, seq)
+            if around is not None:
                 t0 = time.perf_counter()
                 try:
                     pipes = svc.pipelines
-                    faces = pipes[worker % len(pipes)].detect(frame.image,
-                                                              self._detect_width(frame.camera))
+                    pipe, width = pipes[worker % len(pipes)], self._detect_width(frame.camera)
+                    if around is FULL:
+                        faces = pipe.detect(frame.image, width)
+                    else:
+                        faces = Refined(pipe.detect(frame.image, width, around=around))
                 except Exception as exc:
                     self.errors += 1
                     svc.failures += 1
@@ -989,18 +997,23 @@ class Daemon:
                 self._detected[(frame.camera, seq)] = (frame, faces, svc, lease)
                 self._order.notify_all()
 
-    def _needs_detection(self, frame, seq: int) -> bool:
-        """Whether a frame goes through the detector: every ``tracking.detect_every``-th frame
-        of its camera, and of those, with ``motion.enabled``, those with motion, a live track,
-        or ``motion.max_idle_s`` since the last detection (edged.motion)."""
+    def _what_to_detect(self, frame, seq: int):
+        """How a frame goes through the detector: :data:`FULL` (the whole P-Net pyramid),
+        boxes (the live tracks' predicted boxes, refined by R-Net and O-Net only), or None
+        (not at all).  Every ``tracking.detect_every``-th frame of a camera is a full
+        detection, unless the motion gate (``motion.enabled``, edged.motion) finds no motion,
+        no live track and less than ``motion.max_idle_s`` since the last one; the frames
+        between refine the live tracks (None when there are none)."""
+        tracker = self.trackers.get(frame.camera)
+        tracking = tracker is not None and bool(tracker.tracks)
         if seq % self.cfg.tracking.detect_every:
-            return False
+            boxes = tracker.predicted_boxes(frame.monotonic) if tracking else ()
+            return boxes if len(boxes) else None
         gate = self.motion.get(frame.camera)
         if gate is None or not self.cfg.motion.enabled:
-            return True
+            return FULL
         gate.s = self.cfg.motion  # (a reload may have changed them)
-        tracker = self.trackers.get(frame.camera)
-        return gate.decide(frame.image, frame.monotonic, bool(tracker is not None and tracker.tracks))
+        return FULL if gate.decide(frame.image, frame.monotonic, tracking) else None
 
     def _detect_width(self, camera: str) -> int:
         """The width ``camera``'s frames are detected at: its own ``detect_width``, else
@@ -1096,8 +1109,9 @@ class Daemon:
     def process(self, frame, faces, svc) -> List[Event]:
         """One detected frame through track -> embed -> match; returns its events.
 
-        ``faces`` is None when detection did not run on this frame (``detect_every``, motion
-        gating).
+        ``faces`` is None when detection did not run on this frame (motion gating, or no
+        live track between full detections), a :class:`Refined` list when only the live
+        tracks were refined (``tracking.detect_every``).
         """
         tracker = self.trackers.get(frame.camera)
         if tracker is None:
@@ -1118,7 +1132,7 @@ class Daemon:
             tracker = self.trackers[frame.camera] = self._new_tracker(frame.camera, self.cfg, svc)
         self._versions_seen[frame.camera] = svc.versions
         t1 = time.perf_counter()
-        evs, todo = tracker.update(frame, faces)
+        evs, todo = tracker.update(frame, faces, refined=isinstance(faces, Refined))
         events += evs
         t2 = time.perf_counter()
         t4, failed = t2, False

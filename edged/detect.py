@@ -628,7 +628,7 @@ class MtcnnDetector:
         if size == (w, h):
             return self._cascade(image_bgr, float(self.settings.min_face), around)
         sw, sh = size
-        small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+        small = _Octaves(image_bgr).resize(sh, sw)  # (from a halving: far cheaper at 1080p)
         k = np.array([w / sw, h / sh], dtype=np.float32)
         if around is not None:
             around = np.asarray(around, np.float64).reshape(-1, 4) / np.tile(k, 2)

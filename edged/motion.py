@@ -7,6 +7,8 @@ compared with it (``cv2.absdiff``): the share of pixels that changed by more tha
 the background (``cv2.accumulateWeighted`` with ``motion.learning_rate``), so that slow light
 changes and things that moved and stopped fade into it.
 
+(The copy samples every k-th pixel of a large frame before averaging: :func:`thumbnail`.)
+
 A frame needs a full detection when its motion area is at least ``motion.min_area``, when the
 camera has a live track (a face that is being followed, moving or not), or when the last
 detection is ``motion.max_idle_s`` old (a person who walked in while nothing else moved, and
@@ -24,7 +26,19 @@ from typing import Optional
 import cv2
 import numpy as np
 
-__all__ = ["MotionSettings", "MotionGate"]
+__all__ = ["MotionSettings", "MotionGate", "thumbnail"]
+
+
+def thumbnail(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A small copy of ``image`` for whole-frame comparisons, cheap at any size: every k-th
+    pixel (k such that at least 4 x 4 samples are left per pixel of the copy), then area
+    averaging.  (Area averaging straight from 1920 x 1080 to 160 x 90 costs 5-10 ms; this,
+    about 0.5.)"""
+    h, w = image.shape[:2]
+    k = min(w // (4 * width), h // (4 * height))
+    if k > 1:
+        image = cv2.resize(image, (w // k, h // k), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 @dataclass
@@ -72,8 +86,7 @@ class MotionGate:
         """The small grey copy of a BGR frame the check compares."""
         h, w = image.shape[:2]
         width = min(self.s.width, w)
-        height = max(1, int(round(h * width / w)))
-        small = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        small = thumbnail(image, width, max(1, int(round(h * width / w))))
         return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
 
     def _measure(self, grey: np.ndarray) -> float:

@@ -55,6 +55,7 @@ import cv2
 import numpy as np
 
 from edged.liveness import LivenessSettings, verdict
+from edged.motion import thumbnail
 from edged.types import Event, Face, Frame, Match
 
 log = logging.getLogger("edged.track")
@@ -62,9 +63,12 @@ log = logging.getLogger("edged.track")
 
 @dataclass
 class TrackingSettings:
-    detect_every: int = field(default=1, metadata={
-        "min": 1, "max": 100, "help": "run detection on every Nth frame; between detections "
-                                      "tracks keep their last box"})
+    detect_every: int = field(default=3, metadata={
+        "min": 1, "max": 100, "help": "run the full detection (the P-Net pyramid) on every "
+                                      "Nth frame; on the frames between, each live track is "
+                                      "refined by R-Net and O-Net around its predicted box "
+                                      "(new faces appear at the next full detection); 1 = "
+                                      "full detection on every frame"})
     iou_threshold: float = field(default=0.3, metadata={
         "min": 0.01, "max": 0.99, "help": "least box overlap (IoU) for a detection to continue "
                                           "a track"})
@@ -117,6 +121,11 @@ class TrackingSettings:
                                        "beyond it)"})
 
 
+class Refined(list):
+    """Faces of the live tracks refined around their predicted boxes between two full
+    detections (what :meth:`Tracker.update` takes with ``refined``)."""
+
+
 def _round(v: Optional[float]) -> Optional[float]:
     return None if v is None else round(float(v), 4)
 
@@ -150,7 +159,7 @@ class SceneCutDetector:
     def is_cut(self, image: np.ndarray) -> bool:
         if not self.correlation and not self.difference:
             return False
-        small = cv2.resize(image, (64, 36), interpolation=cv2.INTER_AREA)
+        small = thumbnail(image, 64, 36)
         hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
         hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
         cv2.normalize(hist, hist)
@@ -197,6 +206,7 @@ class Track:
     best_quality: float = 0.0
     live_weight: float = 0.0  # quality weights of the faces with a liveness score
     live_sum: float = 0.0  # ... and the sum of weight * score
+    velocity: Optional[np.ndarray] = None  # box change per second (constant-velocity prediction)
     # monotonic clock of the first and last sighting: durations and gaps, immune to clock steps
     first_mono: float = 0.0
     last_mono: float = 0.0
@@ -270,6 +280,17 @@ class Tracker:
         tr.reported = True
         return [self._event("face_appeared", tr, t)]
 
+    def predicted_boxes(self, mono: float) -> np.ndarray:
+        """The live tracks' boxes (N x 4) extrapolated to monotonic time ``mono`` at their
+        last velocity: where to refine them between full detections.  Safe to call from
+        another thread than :meth:`update`'s (it reads a snapshot of the tracks)."""
+        out = []
+        for tr in list(self.tracks):
+            box, v = tr.box, tr.velocity
+            dt = min(max(0.0, mono - tr.last_mono), 1.0)
+            out.append(box if v is None else box + v * dt)
+        return np.array(out, np.float32).reshape(-1, 4)
+
     def is_detection_frame(self) -> bool:
         """Whether the next frame given to :meth:`update` should be run through detection."""
         return self._frames % self.s.detect_every == 0
@@ -312,8 +333,13 @@ class Tracker:
         # frames from edged's capture carry time.monotonic(); frames made elsewhere may not
         return frame.monotonic if frame.monotonic else frame.timestamp
 
-    def update(self, frame: Frame, faces: Optional[List[Face]]) -> Tuple[List[Event], List[Tuple[Track, Face]]]:
+    def update(self, frame: Frame, faces: Optional[List[Face]],
+               refined: bool = False) -> Tuple[List[Event], List[Tuple[Track, Face]]]:
         """Take one frame's detections (``None`` when detection did not run on it).
+
+        ``refined``: the faces are the live tracks refined around their predicted boxes
+        (:meth:`predicted_boxes`), not a full detection: they only continue tracks, and a
+        track with no face there is not counted as missed (the next full detection decides).
 
         Returns the events it causes and the ``(track, face)`` pairs to embed and match.
         """
@@ -352,7 +378,7 @@ class Tracker:
         matched_f = {id(f) for _, f in pairs}
         survivors = []
         for tr in self.tracks:
-            if id(tr) in matched_t:
+            if id(tr) in matched_t or refined:
                 survivors.append(tr)
                 continue
             tr.missed += 1
@@ -362,7 +388,7 @@ class Tracker:
                 survivors.append(tr)
         self.tracks = survivors
         for f in faces:
-            if id(f) not in matched_f and len(self.tracks) < s.max_tracks:
+            if id(f) not in matched_f and len(self.tracks) < s.max_tracks and not refined:
                 tr = self._new_track(f, t)
                 self.tracks.append(tr)
                 pairs.append((tr, f))
@@ -372,7 +398,11 @@ class Tracker:
                 tr.hits += 1
                 tr.missed = 0
                 tr.face = f
-                tr.box = np.asarray(f.box, np.float32).copy()
+                box = np.asarray(f.box, np.float32).copy()
+                if mono > tr.last_mono:
+                    v = (box - tr.box) / (mono - tr.last_mono)
+                    tr.velocity = v if tr.velocity is None else 0.5 * (v + tr.velocity)
+                tr.box = box
                 tr.last_time = t
                 tr.last_mono = mono
             q = f.quality

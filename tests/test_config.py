@@ -30,7 +30,7 @@ def test_empty_file_gives_every_default():
     assert cfg == Config()
     assert isinstance(cfg.cameras[0], CameraSettings)
     assert isinstance(cfg.tracking, TrackingSettings)
-    assert cfg.tracking.detect_every == 1
+    assert cfg.tracking.detect_every == 3
     # the stage modules own their sections
     from edged.detect import DetectionSettings
     from edged.gallery import MatchSettings

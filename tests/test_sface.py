@@ -415,9 +415,16 @@ def test_an_sface_drop_is_held_back_until_its_128_wide_gallery_arrives(
         d.kill()
 
 
+@pytest.mark.parametrize("detect_every", [
+    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
+        "detecting every frame, SFace at its 0.456 names the 25-px pianist of the wide shot "
+        "(frames 1-20) Alex Lacamoire, score 0.486 (MobileFaceNet: nobody); with "
+        "detect_every 3 his track gets too few embeddings to be named"))),
+    3])
 def test_the_daemon_names_miranda_on_the_hamilton_clip_with_sface(sface_models,
                                                                    sface_hamilton_gallery,
-                                                                   shared_dir, tmp_path):
+                                                                   shared_dir, tmp_path,
+                                                                   detect_every):
     """``edged run`` with ``models.embedder_model: sface`` and no ``match.threshold`` (SFace's
     0.456) on the Hamilton clip: Lin-Manuel Miranda recognised (once in the close shot, and
     perhaps in the wide shot, where MobileFaceNet misses him); nobody else named: not Alex
@@ -429,7 +436,7 @@ def test_the_daemon_names_miranda_on_the_hamilton_clip_with_sface(sface_models,
     cfg = write_config(
         tmp_path / "config.yaml", device={"name": "e2e-sface"},
         cameras=[{"name": "stage", "source": str(shared_dir / CLIP), "realtime": False}],
-        models={"embedder_model": "sface"},
+        models={"embedder_model": "sface"}, tracking={"detect_every": detect_every},
         paths={"models_dir": str(sface_models), "gallery": str(sface_hamilton_gallery),
                "state_dir": str(tmp_path / "state")},
         drops={"enabled": False}, mqtt={"enabled": False},

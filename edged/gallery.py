@@ -24,14 +24,12 @@ not built by widening blocks of rows to float32 first.  Then the best row of eve
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import math
 import mmap
 import os
 import shutil
-import stat as _stat
 import struct
 import tempfile
 import threading
@@ -44,6 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edged import safefile
 from edged.modelstore import NoRoom, atomic_write, check_room, human_size
 from edged.types import Match
 
@@ -974,63 +973,25 @@ def _read_into(f, view, path: Path) -> int:
         raise GalleryError(path, f"cannot read: {exc.strerror or exc}", transient=True) from None
 
 
-def _check_regular(path: Path, st=None) -> None:
-    """Raise :class:`GalleryError` unless ``path`` (or its stat ``st``) is a regular file
-    (opening a FIFO would block until a writer comes, a device may do anything)."""
-    if st is None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise GalleryError(path, "no such file") from None
-        except OSError as exc:
-            raise GalleryError(path, f"cannot stat: {exc.strerror or exc}",
-                               transient=True) from None
-    if _stat.S_ISDIR(st.st_mode):
-        raise GalleryError(path, "is a directory, not a gallery file")
-    if not _stat.S_ISREG(st.st_mode):
-        raise GalleryError(path, "is not a regular file")
-
-
-def _refuse_link(path: Path) -> None:
-    """:class:`GalleryError` when ``path`` itself is a symbolic link: the daemon never follows
-    one at the gallery path, as no drop is followed (its target could be any file it may
-    read, and the refusal goes onto MQTT; docs/ota.md)."""
-    from edged.ota import SYMLINK_REASON
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise GalleryError(path, "no such file") from None
-    except OSError as exc:
-        raise GalleryError(path, f"cannot stat: {exc.strerror or exc}", transient=True) from None
-    if _stat.S_ISLNK(st.st_mode):
-        raise GalleryError(path, SYMLINK_REASON)
-
-
 def _open_regular(path: Path, confine: bool = False):
     """``path`` opened for reading once it is known to be a regular file (checked before the
-    open and again on the open file, which never blocks).  With ``confine`` (the daemon's
-    reads), a symbolic link at ``path`` is refused (:func:`_refuse_link`), never followed."""
-    if confine:
-        _refuse_link(path)
-    _check_regular(path)
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if confine:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
+    open and again on the open file, which never blocks: :func:`edged.safefile.open_plain`).
+    With ``confine`` (the daemon's reads), a symbolic link at ``path`` is refused, never
+    followed, as no drop is (its target could be any file the daemon may read, and the
+    refusal goes onto MQTT; docs/ota.md)."""
     try:
-        fd = os.open(path, flags)
+        return safefile.open_plain(path, follow_links=not confine)
+    except safefile.NotPlain as exc:
+        reason = exc.reason
+        if reason.startswith("is a directory"):
+            reason = "is a directory, not a gallery file"
+        elif reason != safefile.SYMLINK_REASON:
+            reason = "is not a regular file"
+        raise GalleryError(path, reason) from None
     except FileNotFoundError:
         raise GalleryError(path, "no such file") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
-            _refuse_link(path)
         raise GalleryError(path, f"cannot open: {exc.strerror or exc}", transient=True) from None
-    try:
-        _check_regular(path, os.fstat(fd))
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
 
 
 def peek_embedder(path, confine: bool = True) -> str:

@@ -37,7 +37,6 @@ released.  Every outcome is reported through ``report(record)`` (journal and MQT
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -52,7 +51,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from edged import modelstore
+from edged import modelstore, safefile
+from edged.safefile import SYMLINK_REASON  # noqa: F401 (the reason's wording, docs/ota.md)
 from edged.hotswap import FileWatcher, default_filter
 from edged.runtime.limits import check_drop
 from edged.tflitefile import FILE_IDENTIFIER, ModelFormatError, make_batch_dynamic
@@ -425,22 +425,16 @@ MANIFEST_MAX_BYTES = 1 << 20
 LIMIT_NAME = "drops.max_bytes"
 GALLERY_LIMIT_NAME = "drops.max_gallery_bytes"
 MANIFEST_LIMIT_NAME = "a drop manifest's limit"
-SYMLINK_REASON = ("is a symbolic link: drops are never followed (copy the file itself into "
-                  "the directory)")
 
 
 def check_file(path: Path, st: os.stat_result, limit: int, limit_name: str = LIMIT_NAME) -> None:
     """Refuse, from its ``lstat`` (or ``fstat``) alone, what is never read as a drop: a
     symbolic link (its target may be any file of the system), anything but a regular file
     (reading a FIFO blocks until a writer comes), and a file over ``limit`` bytes."""
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        raise DropRejected(f"{path}: {SYMLINK_REASON}")
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device" if
-                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise DropRejected(f"{path}: is {kind}, not a regular file")
+    try:
+        safefile.check_plain(st)
+    except safefile.NotPlain as exc:
+        raise DropRejected(f"{path}: {exc.reason}") from None
     if st.st_size > limit:
         raise DropRejected(f"{path}: {st.st_size} bytes, more than {limit_name} ({limit}); "
                            f"refused unread")
@@ -451,15 +445,13 @@ def open_drop(path: Path, limit: int, limit_name: str = LIMIT_NAME):
     ``lstat`` (nothing is opened that is not a regular file) and again on the open file; the
     last path component is never followed (``O_NOFOLLOW``).  Raises DropRejected."""
     try:
-        check_file(path, os.lstat(path), limit, limit_name)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        f = safefile.open_plain(path)
+    except safefile.NotPlain as exc:
+        raise DropRejected(f"{path}: {exc.reason}") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
-            raise DropRejected(f"{path}: {SYMLINK_REASON}") from None
         raise DropRejected(f"{path}: cannot read: {exc.strerror or exc}") from None
-    f = os.fdopen(fd, "rb")
     try:
-        check_file(path, os.fstat(fd), limit, limit_name)
+        check_file(path, os.fstat(f.fileno()), limit, limit_name)
     except BaseException:
         f.close()
         raise

@@ -202,7 +202,7 @@ def test_errors_name_the_file(tmp_path, capsys, models_dir, shared_dir):
     shutil.copy(shared_dir / "faces" / "dev" / "Abdullah_Gul" / "Abdullah_Gul_0001.jpg", one)
     code, _, err = run(capsys, "gallery", "build", one.parent, "-o",
                        tmp_path / "g.edgal" / "x.edgal", "--models", models_dir)
-    assert code == 1 and "x.edgal: cannot write: " in err
+    assert code == 2 and f"g.edgal/x.edgal: {tmp_path / 'g.edgal'} is not a directory" in err
     code, _, err = run(capsys, "gallery", "build", tmp_path / "nope", "-o", tmp_path / "x.edgal")
     assert code == 2 and "not a directory" in err
     assert not (tmp_path / "x.edgal").exists()

@@ -242,6 +242,8 @@ def _check_output(out: Path) -> None:
         raise Fail(f"-o {out}: is a directory; give the gallery file's name, e.g. "
                    f"{out / 'gallery.edgal'}", 2)
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise Fail(f"-o {out}: {parent} is not a directory", 2)
     if not parent.is_dir():
         raise Fail(f"-o {out}: the directory {parent} does not exist", 2)
     if not os.access(parent, os.W_OK):

@@ -338,8 +338,11 @@ class Tracker:
         """Take one frame's detections (``None`` when detection did not run on it).
 
         ``refined``: the faces are the live tracks refined around their predicted boxes
-        (:meth:`predicted_boxes`), not a full detection: they only continue tracks, and a
-        track with no face there is not counted as missed (the next full detection decides).
+        (:meth:`predicted_boxes`), not a full detection: they only continue tracks, a track
+        with no face there is not counted as missed (the next full detection decides), and a
+        refined face is embedded only when it beats the track's best embedded quality by
+        ``quality_gain`` (the evidence otherwise comes at the pace of full detections, so
+        that a poor face, embedded at every frame, does not pile up chance matches).
 
         Returns the events it causes and the ``(track, face)`` pairs to embed and match.
         """
@@ -415,9 +418,9 @@ class Tracker:
             if q is None or not q.passed:
                 continue
             qs = float(q.score)
-            if (tr.embeds == 0 or not tr.decided
-                    or tr.since_embed >= s.embed_every
-                    or qs >= tr.best_embedded_quality + s.quality_gain):
+            better = qs >= tr.best_embedded_quality + s.quality_gain
+            if better or (not refined and (tr.embeds == 0 or not tr.decided
+                                           or tr.since_embed >= s.embed_every)):
                 to_embed.append((tr, f))
         return events, to_embed
 

@@ -471,7 +471,11 @@ def test_refined_faces_continue_tracks_and_count_no_miss():
     s.step([(face([10, 10, 50, 50]), lambda: near(ALICE))])
     (tr,) = s.t.tracks
     evs, todo = s.t.update(Frame("cam", 1, 1000.1, s.image), [face([12, 10, 52, 50])], refined=True)
-    assert s.t.tracks == [tr] and tr.hits == 2 and todo
+    assert s.t.tracks == [tr] and tr.hits == 2
+    assert todo == []  # undecided, but no better than its embedded face: not embedded
+    evs, todo = s.t.update(Frame("cam", 1, 1000.1, s.image), [face([12, 10, 52, 50], 0.97)],
+                           refined=True)
+    assert [t for t, _ in todo] == [tr]  # a clearly better face is
     s.t.update(Frame("cam", 2, 1000.2, s.image), [face([100, 10, 140, 50])], refined=True)
     assert s.t.tracks == [tr] and tr.missed == 0
     evs, _ = s.t.update(Frame("cam", 3, 1000.3, s.image), [])  # a full detection: lost

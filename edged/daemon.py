@@ -974,7 +974,13 @@ class Daemon:
                 lease = self.models_holder.acquire()  # ended by the track thread
                 svc = lease.obj if lease is not None else None
             faces, dt = None, 0.0
-            around = self._what_to_detect(frame, seq)
+            try:
+                around = self._what_to_detect(frame, seq)
+            except Exception:  # (never a dead worker: detect the frame instead)
+                log.exception("detect: the motion and track check of frame %d of camera %s "
+                              "failed; detecting the whole frame", frame.index, frame.camera,
+                              extra=fields(camera=frame.camera))
+                around = FULL
             if around is not None:
                 t0 = time.perf_counter()
                 try:

@@ -180,3 +180,17 @@ def test_the_old_behaviour_detects_every_frame(scene, models_dir, tmp_path, monk
     events, detected, stats = _run_daemon(models_dir, clip, tmp_path, monkeypatch,
                                           {"enabled": False}, {"detect_every": 1})
     assert len(detected) == 40 and "motion" in stats and stats["motion"] == {}
+
+
+def test_a_failing_motion_check_detects_the_frame(scene, models_dir, tmp_path, monkeypatch):
+    """A bug in the gate costs a full detection, not the detection worker."""
+    empty, _ = scene
+    clip = _clip([empty] * 10, tmp_path / "still.avi")
+
+    def broken(self, image, now, tracking):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(MotionGate, "decide", broken)
+    events, detected, stats = _run_daemon(models_dir, clip, tmp_path, monkeypatch, {},
+                                          {"detect_every": 1})
+    assert len(detected) == 10

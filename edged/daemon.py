@@ -1130,6 +1130,8 @@ class Daemon:
         if frame.connection != self._reconnects_seen.get(frame.camera, 0):
             self._reconnects_seen[frame.camera] = frame.connection
             events += tracker.reset("source reconnected")
+            if frame.camera in self.motion:  # (another scene, maybe: learn it again)
+                self.motion[frame.camera].reset()
         seen = self._versions_seen.get(frame.camera)
         if seen is not None and seen.get("embedder") != svc.versions.get("embedder"):
             # a drop swapped the embedder (or a rollback put it back): the tracks hold the

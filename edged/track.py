@@ -354,7 +354,11 @@ class Tracker:
         if self._last_mono is not None and s.max_gap and mono - self._last_mono > s.max_gap:
             events += self.reset("gap of %.1f s between frames" % (mono - self._last_mono))
         self._last_mono = mono
-        if self.cuts.is_cut(frame.image):
+        if faces is None and not self.tracks:
+            # nothing a cut could end (a calm scene, motion gating): skip the check; the next
+            # frame is not compared with this one
+            self.cuts.reset()
+        elif self.cuts.is_cut(frame.image):
             self.scene_cuts += 1
             if self.tracks:
                 log.debug("camera %s: scene cut at frame %d: ending %d track(s)", self.camera,

@@ -541,3 +541,18 @@ def test_the_hamilton_clip_is_recognised_as_with_the_old_behaviour(shared_dir, t
         assert e.name in (None, "Lin-Manuel Miranda"), e
     assert len(tracks(new)) <= len(tracks(old)), (len(tracks(new)), len(tracks(old)))
     assert d.faces_embedded > 0
+
+
+def test_no_scene_cut_check_without_tracks_or_detection():
+    """A calm scene with nobody tracked (motion gating: no detection) costs no scene-cut
+    check, and a frame after such a gap is not compared across it."""
+    dark = np.full((90, 160, 3), 20, np.uint8)
+    bright = np.full((90, 160, 3), 230, np.uint8)
+    s = Scene(TrackingSettings(min_hits=1))
+    s.step(None, image=dark)
+    s.step(None, image=bright)  # a cut, but nothing to end and no detection: not checked
+    assert s.t.scene_cuts == 0 and s.t.cuts._gray is None
+    s.step([(face([10, 10, 50, 50]), lambda: near(ALICE))], image=bright)
+    assert s.t.scene_cuts == 0 and len(s.t.tracks) == 1
+    s.step(None, image=dark)  # with a live track the check runs, detection or not
+    assert s.t.scene_cuts == 1 and s.t.tracks == []

@@ -233,3 +233,20 @@ def fill_up(path: Path) -> Path:
                 block = block[:len(block) // 16 or 1]
     finally:
         os.close(fd)
+
+
+def run_in_process(doc: dict, models_dir) -> tuple:
+    """A real Daemon in this process on the configuration mapping ``doc`` (its cameras video
+    files), run until every source has ended: ``(its events, the daemon)``."""
+    from edged import config as configmod
+    from edged.daemon import Daemon
+    from edged.sdnotify import Notifier
+
+    cfg = configmod.build(configmod.Config, doc)
+    d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),
+               exit_when_done=True)
+    events = []
+    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.start(camera_wait=30)
+    assert d.run() == 0
+    return events, d

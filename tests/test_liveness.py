@@ -19,6 +19,7 @@ from edged.pipeline import FacePipeline, PipelineSettings, central_face
 from edged.publish import event_payload
 from edged.track import Tracker, TrackingSettings
 from edged.types import Frame, Match
+from edged_daemon_helpers import run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -251,20 +252,11 @@ def _still_clip(image_path, out, frames=24):
 
 
 def _daemon_events(models_dir, clip, gallery, state, liveness):
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
-
-    cfg = configmod.build(configmod.Config, {
+    events, _ = run_in_process({
         "cameras": [{"name": "door", "source": str(clip), "realtime": False}],
         "liveness": liveness,
         "paths": {"state_dir": str(state), "gallery": str(gallery)},
-        "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
-    d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),
-               exit_when_done=True)
-    events = []
-    d.event_hooks.append(lambda ev, lat: events.append(ev))
-    d.start(camera_wait=30)
-    assert d.run() == 0
+        "mqtt": {"enabled": False}, "logging": {"target": "stderr"}}, models_dir)
     return events
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from edged import config as configmod
 from edged.motion import MotionGate, MotionSettings
+from edged_daemon_helpers import run_in_process
 
 FPS = 30.0
 
@@ -123,9 +124,7 @@ def _clip(frames, path):
 def _run_daemon(models_dir, clip, tmp_path, monkeypatch, motion, tracking=None):
     """The real daemon on ``clip`` (read as fast as it is processed); returns (its events, the
     frames the detector was given, its stats)."""
-    from edged.daemon import Daemon
     from edged.pipeline import FacePipeline
-    from edged.sdnotify import Notifier
 
     detected = []
     real = FacePipeline.detect
@@ -136,17 +135,12 @@ def _run_daemon(models_dir, clip, tmp_path, monkeypatch, motion, tracking=None):
         return real(self, image, detect_width, around)
 
     monkeypatch.setattr(FacePipeline, "detect", counting)
-    cfg = configmod.build(configmod.Config, {
+    events, d = run_in_process({
         "cameras": [{"name": "hall", "source": str(clip), "realtime": False}],
-        "motion": motion, "tracking": tracking or {}, "models": {"detector": {"type": "cpu", "num_threads": 1}},
+        "motion": motion, "tracking": tracking or {},
+        "models": {"detector": {"type": "cpu", "num_threads": 1}},
         "paths": {"state_dir": str(tmp_path / "state"), "gallery": str(tmp_path / "none.edgal")},
-        "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
-    d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),
-               exit_when_done=True)
-    events = []
-    d.event_hooks.append(lambda ev, lat: events.append(ev))
-    d.start(camera_wait=30)
-    assert d.run() == 0
+        "mqtt": {"enabled": False}, "logging": {"target": "stderr"}}, models_dir)
     return events, detected, d.stats()
 
 

@@ -365,6 +365,20 @@ def test_wall_clock_steps_neither_end_tracks_nor_give_negative_durations():
     assert end.frame_time == wall[-1]  # event times stay wall-clock
 
 
+def _one_face_frames(t, n, embedding, answer):
+    """Feed ``t`` n frames (30 fps) of one still face whose embedding is ``embedding``,
+    matched by ``answer(embedding)``; the events."""
+    events = []
+    for i in range(n):
+        fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30, image=np.full(
+            (90, 160, 3), 120, np.uint8), monotonic=50.0 + i / 30)
+        evs, todo = t.update(fr, [face([10, 10, 50, 50])])
+        for _, f in todo:
+            f.embedding = embedding
+        events += evs + t.observe(fr, todo, [answer(f.embedding) for _, f in todo])
+    return events
+
+
 def test_unknown_reports_the_score_and_margin_of_one_match_that_named_nobody():
     """One frame scored 0.70 for Alice, the next ones clear misses: the track ends up unknown,
     and its event reports the best of the misses with that same match's margin, not the
@@ -372,14 +386,7 @@ def test_unknown_reports_the_score_and_margin_of_one_match_that_named_nobody():
     t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
     seq = iter([Match("Alice", "alice", 0.70, 0.30)] + [miss(0.20, 0.02), miss(0.25, 0.05),
                                                           miss(0.10, 0.01)] * 3)
-    events = []
-    for i in range(10):
-        fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30, image=np.full(
-            (90, 160, 3), 120, np.uint8), monotonic=50.0 + i / 30)
-        evs, todo = t.update(fr, [face([10, 10, 50, 50])])
-        for _, f in todo:
-            f.embedding = unit(np.ones(192))
-        events += evs + t.observe(fr, todo, [next(seq) for _ in todo])
+    events = _one_face_frames(t, 10, unit(np.ones(192)), lambda e: next(seq))
     unknown = [e for e in events if e.type == "unknown"]
     assert len(unknown) == 1 and (unknown[0].score, unknown[0].margin) == (0.25, 0.05)
 
@@ -394,15 +401,7 @@ def test_unknown_with_no_gallery_reports_null_score_and_margin(tmp_path):
     assert holder.start() is None
     for answer in (lambda e: holder.match(e)[0], lambda e: decide([], MatchSettings())):
         t = Tracker("cam", TrackingSettings(), match_threshold=0.58)
-        events = []
-        for i in range(10):
-            fr = Frame(camera="cam", index=i, timestamp=1000.0 + i / 30, image=np.full(
-                (90, 160, 3), 120, np.uint8), monotonic=50.0 + i / 30)
-            evs, todo = t.update(fr, [face([10, 10, 50, 50])])
-            for _, f in todo:
-                f.embedding = ALICE
-            events += evs + t.observe(fr, todo, [answer(f.embedding) for _, f in todo])
-        events += t.end_all()
+        events = _one_face_frames(t, 10, ALICE, answer) + t.end_all()
         unknown = [e for e in events if e.type == "unknown"]
         assert len(unknown) == 1 and (unknown[0].score, unknown[0].margin) == (None, None)
         assert events[-1].type == "track_ended" and events[-1].best_score is None

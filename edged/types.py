@@ -46,7 +46,7 @@ class Face:
     quality: Optional[Quality] = None
     aligned: Optional[np.ndarray] = None  # 112 x 112 x 3 BGR uint8
     embedding: Optional[np.ndarray] = None  # 192-d float32, L2-normalised
-    liveness: Optional[float] = None  # [0, 1], 1 = live (edged.liveness); None: not scored
+    liveness: Optional[float] = None  # [0, 1], 1 = live (edged.vision.liveness); None: not scored
 
     @property
     def center(self) -> tuple:

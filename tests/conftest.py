@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import publicdata
-from edged import modelstore
+from edged.runtime import modelstore
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGED_TEST_DATA") or os.environ.get("EDGED_SHARED")

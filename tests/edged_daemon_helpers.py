@@ -129,7 +129,7 @@ class FakeGallery:
 def fake_services(daemon, delay=lambda: 0.0):
     """Make ``daemon`` build service sets of FakePipeline (one per worker) and FakeGallery, and
     skip the warm-up."""
-    from edged.daemon import ServiceSet
+    from edged.daemon.service import ServiceSet
 
     daemon.build_service = lambda cfg: ServiceSet(
         pipelines=[FakePipeline(delay) for _ in range(cfg.pipeline.workers)],
@@ -239,8 +239,8 @@ def run_in_process(doc: dict, models_dir) -> tuple:
     """A real Daemon in this process on the configuration mapping ``doc`` (its cameras video
     files), run until every source has ended: ``(its events, the daemon)``."""
     from edged import config as configmod
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     cfg = configmod.build(configmod.Config, doc)
     d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edged.mqtt import MqttSettings, SpoolSettings  # noqa: E402
-from edged.publish import Publisher  # noqa: E402
+from edged.publish.mqtt import MqttSettings, SpoolSettings  # noqa: E402
+from edged.publish.publisher import Publisher  # noqa: E402
 from edged.types import Event  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edged.align import ARCFACE_TEMPLATE, align_face, similarity_transform
+from edged.vision.align import ARCFACE_TEMPLATE, align_face, similarity_transform
 
 
 def _similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:
@@ -91,7 +91,7 @@ def test_warp_puts_known_landmarks_on_the_template():
 
 def test_real_face_is_upright_and_centred(public_two_people, models_dir):
     """On a real tilted face, the aligned eyes are level and at the template's height."""
-    from edged.detect import MtcnnDetector
+    from edged.vision.detect import MtcnnDetector
 
     det = MtcnnDetector.from_models(models_dir, accel={"type": "cpu", "num_threads": 1})
     img = public_two_people

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from edged.capture import (Camera, CameraSettings, FrameHub, gstreamer_available, guess_kind,
+from edged.daemon.capture import (Camera, CameraSettings, FrameHub, gstreamer_available, guess_kind,
                            preflight)
 from edged.types import Frame
 import publicdata

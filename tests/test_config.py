@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from edged import config
-from edged.capture import CameraSettings
+from edged.daemon.capture import CameraSettings
 from edged.config import Config, ConfigError
-from edged.track import TrackingSettings
+from edged.daemon.track import TrackingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGED = [sys.executable, "-m", "edged"]
@@ -32,10 +32,10 @@ def test_empty_file_gives_every_default():
     assert isinstance(cfg.tracking, TrackingSettings)
     assert cfg.tracking.detect_every == 3
     # the stage modules own their sections
-    from edged.detect import DetectionSettings
+    from edged.vision.detect import DetectionSettings
     from edged.gallery import MatchSettings
-    from edged.mqtt import MqttSettings
-    from edged.quality import QualitySettings
+    from edged.publish.mqtt import MqttSettings
+    from edged.vision.quality import QualitySettings
 
     assert type(cfg.detection) is DetectionSettings
     assert type(cfg.quality) is QualitySettings
@@ -432,8 +432,8 @@ def test_v4l2_settings_on_another_kind_of_source_are_a_warning(tmp_path):
 def test_match_threshold_follows_the_embedder_unless_set(embedder, want):
     """``match.threshold`` left unset is the configured embedder's manifest default (SFace's
     0.456, not MobileFaceNet's 0.58); a threshold in the file wins whichever embedder runs."""
-    from edged.embed import EmbedderSpec
-    from edged.modelstore import Manifest
+    from edged.vision.embed import EmbedderSpec
+    from edged.runtime.modelstore import Manifest
 
     entry = Manifest.load().model("embedder", embedder)
     assert EmbedderSpec.from_entry(entry).identification == want
@@ -451,8 +451,8 @@ def test_match_threshold_follows_the_embedder_unless_set(embedder, want):
 def test_the_threshold_reference_names_each_embedders_default():
     """``check-config --defaults`` and the reference say ``null`` = the embedder's, with each
     embedder's figure as its manifest entry gives it."""
-    from edged.embed import EmbedderSpec
-    from edged.modelstore import Manifest
+    from edged.vision.embed import EmbedderSpec
+    from edged.runtime.modelstore import Manifest
 
     m = Manifest.load()
     line = next(ln for ln in config.defaults_yaml().splitlines()

@@ -246,8 +246,8 @@ def test_detection_workers_keep_capture_order(shared_dir, tmp_path):
     import threading
 
     from edged import config as configmod
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     cfg = configmod.build(configmod.Config, {
         "cameras": [{"name": "c", "source": str(shared_dir / CLIP), "realtime": False}],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from edged.publish import SPOOL_FILE
+from edged.publish.publisher import SPOOL_FILE
 from edged_daemon_helpers import DaemonProcess, Subscriber, write_config
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"

@@ -14,9 +14,9 @@ import yaml
 
 from conftest import wait_for
 from edged import config as configmod
-from edged.daemon import Daemon, StartupError
+from edged.daemon.service import Daemon, StartupError
 from edged_daemon_helpers import fake_services
-from edged.sdnotify import Notifier
+from edged.daemon.sdnotify import Notifier
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"
 
@@ -213,8 +213,8 @@ def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, cap
     frame does not count as progress for the watchdog."""
     import numpy as np
 
-    from edged.daemon import RollingStats, ServiceSet
-    from edged.track import Tracker
+    from edged.daemon.service import RollingStats, ServiceSet
+    from edged.daemon.track import Tracker
     from edged.types import Face, Frame, Quality
 
     cfg = load_doc(tmp_path, {"cameras": [{"name": "c", "source": "/dev/video9"}],
@@ -290,7 +290,7 @@ def test_a_clean_stop_says_stopped_everywhere(shared_dir, broker, tmp_path, capl
     run; the state directory it created is 0750, and running as root is said once."""
     import json
 
-    from edged import daemon as daemonmod
+    from edged.daemon import service as daemonmod
     from edged_daemon_helpers import Subscriber
 
     monkeypatch.setattr(daemonmod._warn_if_root, "said", False, raising=False)  # (once a process)

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edged.detect import (DetectionSettings, MtcnnDetector, nms, nms_union, pnet_model_for,
+from edged.vision.detect import (DetectionSettings, MtcnnDetector, nms, nms_union, pnet_model_for,
                           pyramid_scales, soft_nms)
-from edged.imageio import load_image
+from edged.vision.imageio import load_image
 
 ACCEL = {"type": "cpu", "num_threads": 1}
 
@@ -188,7 +188,7 @@ def test_pnet_interpreters_are_kept_per_level(detector, multi_dir):
 
 def test_pnet_model_for_a_level_gives_the_same_output(models_dir):
     """The P-Net copy declared at a level's size answers exactly like the published one resized."""
-    from edged.modelstore import read_verified
+    from edged.runtime.modelstore import read_verified
     from edged.runtime import open_runner
 
     data, _, _ = read_verified("pnet", models_dir)
@@ -217,7 +217,7 @@ def test_settings_are_checked(models_dir):
 
 
 def test_sha256s_are_the_loaded_files(detector, models_dir):
-    from edged.modelstore import read_verified
+    from edged.runtime.modelstore import read_verified
 
     for role in ("pnet", "rnet", "onet"):
         assert detector.sha256s[role] == read_verified(role, models_dir)[1]
@@ -277,7 +277,7 @@ def test_image_files_of_every_kind(detector, photo, tmp_path):
 
 
 def test_unusable_files_raise_image_error(tmp_path):
-    from edged.imageio import ImageError
+    from edged.vision.imageio import ImageError
 
     (tmp_path / "text.jpg").write_text("this is not a JPEG\n")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -292,7 +292,7 @@ def test_unusable_files_raise_image_error(tmp_path):
 
 
 def test_to_bgr8_rejects_bad_arrays():
-    from edged.imageio import ImageError, to_bgr8
+    from edged.vision.imageio import ImageError, to_bgr8
 
     for bad in (np.zeros((4, 4, 2), np.uint8), np.zeros((0, 5, 3), np.uint8), np.zeros(5, np.uint8),
                 np.zeros((4, 4, 3), np.complex64), "not an array"):
@@ -303,7 +303,7 @@ def test_to_bgr8_rejects_bad_arrays():
 
 def test_many_crops_and_boxes_outside_the_frame():
     """Thousands of candidate boxes (more than one cv2.remap call can hold), some outside."""
-    from edged.detect import _crops, _Octaves
+    from edged.vision.detect import _crops, _Octaves
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
@@ -323,7 +323,7 @@ def test_an_image_too_wide_for_opencv_is_a_clear_error(detector, tmp_path):
     its size, by the loader (with the path) and by the detector (an array), not a cv2.error."""
     import cv2
 
-    from edged.imageio import MAX_SIDE, ImageError, load_image
+    from edged.vision.imageio import MAX_SIDE, ImageError, load_image
 
     wide = np.zeros((60, MAX_SIDE + 1, 3), np.uint8)
     with pytest.raises(ImageError, match=rf"image of {MAX_SIDE + 1}x60 px: too large"):
@@ -340,7 +340,7 @@ def test_a_pyramid_larger_than_the_cache_keeps_its_first_levels(models_dir, mult
     """When one frame's P-Net levels do not fit the interpreter cache (a large frame with a
     small minimum face), the levels that fit stay cached across frames and only the others are
     reopened, instead of every level being evicted just before its turn comes again."""
-    import edged.detect as D
+    import edged.vision.detect as D
 
     det = MtcnnDetector.from_models(models_dir, DetectionSettings(min_face=12), accel=ACCEL)
     img = load_image(multi_dir / "facerec_two_people.jpg")  # 1126 x 661

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edged.embed import Embedder
-from edged.imageio import load_image
-from edged.pipeline import FacePipeline, central_face
+from edged.vision.embed import Embedder
+from edged.vision.imageio import load_image
+from edged.vision.pipeline import FacePipeline, central_face
 
 ACCEL = {"type": "cpu", "num_threads": 1}
 
@@ -77,7 +77,7 @@ def test_batch_independence(pipe, faces):
 
 
 def test_identity_is_the_loaded_file(pipe, models_dir):
-    from edged.modelstore import Manifest, read_verified
+    from edged.runtime.modelstore import Manifest, read_verified
 
     data, digest, _ = read_verified("embedder", models_dir)
     assert pipe.embedder_sha256 == digest == Manifest.load()["embedder"].load_sha256
@@ -120,7 +120,7 @@ def test_central_face(pipe, shared_dir):
 def test_the_published_batch_2_model_is_refused_with_the_fix(models_dir):
     """The MobileFaceNet as published has its batch baked at 2: it would embed pairs and fail
     on the first odd count of faces. The constructor says so and names the fix."""
-    from edged import modelstore
+    from edged.runtime import modelstore
 
     data, digest, _ = modelstore.read_verified("embedder", models_dir, original=True)
     with pytest.raises(ValueError, match=r"cannot embed one face at a time .*baked at 2 .*"

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edged import modelstore
+from edged.runtime import modelstore
 from edged.cli import main
 from edged.gallery import Gallery, write_gallery
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import time
 
-from edged.hass import HassDiscovery, build_discovery, discovery_topic
-from edged.mqtt import HassSettings, MqttSettings
-from edged.publish import Publisher
+from edged.publish.hass import HassDiscovery, build_discovery, discovery_topic
+from edged.publish.mqtt import HassSettings, MqttSettings
+from edged.publish.publisher import Publisher
 from mqtt_producer import Subscriber, wait_until
 
 PREFIX = "edged/testcam"

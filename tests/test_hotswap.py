@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edged.gallery import Gallery, GalleryHolder, MatchSettings, write_gallery
-from edged.hotswap import FileWatcher, SwapHolder
+from edged.ota.hotswap import FileWatcher, SwapHolder
 from conftest import wait_for
 
 SHA = "ab" * 32
@@ -262,7 +262,7 @@ def test_snapshots_of_dead_processes_are_removed(tmp_path):
                              "from edged.gallery import _lock_snapshot_dir\n"
                              "from pathlib import Path\n"
                              "f = _lock_snapshot_dir(Path(%r)); print('locked', flush=True)\n"
-                             "time.sleep(60)" % (str(Path(G.__file__).parents[1]), str(dead))],
+                             "time.sleep(60)" % (str(Path(G.__file__).parents[2]), str(dead))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     alive = root / "edged-gallery-alive"
@@ -469,7 +469,7 @@ def test_rollback_puts_previous_back(tmp_path):
 
 
 def test_group_swaps_together(tmp_path):
-    from edged.hotswap import SwapGroup
+    from edged.ota.hotswap import SwapGroup
 
     (tmp_path / "e.txt").write_text("e1")
     (tmp_path / "g.txt").write_text("g1")

@@ -1,4 +1,4 @@
-"""The HTTP endpoint (edged.httpapi): ``/metrics`` and ``/healthz`` of a real ``edged run``.
+"""The HTTP endpoint (edged.publish.http): ``/metrics`` and ``/healthz`` of a real ``edged run``.
 
 - On the public clip (in a loop), with a bearer token: two scrapes parse with
   prometheus_client's own parser and the counters grow; ``/healthz`` is 200 while frames flow;
@@ -21,7 +21,7 @@ import pytest
 from conftest import free_port
 from conftest import wait_for as _wait_for
 from edged import config
-from edged.health import Health, camera_down, stuck_after
+from edged.daemon.health import Health, camera_down, stuck_after
 from edged_daemon_helpers import EDGED, DaemonProcess, build_gallery, write_config
 from test_stream_reconnect import StreamServer
 

@@ -12,12 +12,12 @@ import pytest
 
 from edged import config as configmod
 from edged.cli import main
-from edged.imageio import load_image
-from edged.liveness import LivenessSettings, LivenessStage, liveness_crop, verdict
+from edged.vision.imageio import load_image
+from edged.vision.liveness import LivenessSettings, liveness_crop, verdict
 from edged.logs import fields
-from edged.pipeline import FacePipeline, PipelineSettings, central_face
-from edged.publish import event_payload
-from edged.track import Tracker, TrackingSettings
+from edged.vision.pipeline import FacePipeline, PipelineSettings, central_face
+from edged.publish.publisher import event_payload
+from edged.daemon.track import Tracker, TrackingSettings
 from edged.types import Frame, Match
 from edged_daemon_helpers import run_in_process
 

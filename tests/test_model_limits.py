@@ -17,8 +17,8 @@ import flatbuffers
 import numpy as np
 import pytest
 
-from edged import modelstore
-from edged import tflitefile as tf
+from edged.runtime import modelstore
+from edged.runtime import tflitefile as tf
 from edged.runtime.limits import (DEFAULT_FRAME, ModelMemoryError, check_declared,
                                   check_model_memory, run_shapes)
 from conftest import wait_for
@@ -168,9 +168,9 @@ def crafted(pnet):
 
 def test_the_crafted_pnet_is_pnet_and_passes_the_24x24_self_test(pnet, crafted):
     """The premise: the old self-test accepts it (its outputs are P-Net's)."""
-    from edged.ota import ModelBlob, self_test
+    from edged.ota.drops import ModelBlob, self_test
     from edged.runtime import open_runner
-    from edged.tflitefile import pnet_model_for
+    from edged.runtime.tflitefile import pnet_model_for
 
     shape = (1, 24, 24, 3)
     self_test(ModelBlob("pnet", crafted, modelstore.sha256_bytes(crafted), "crafted.tflite"),
@@ -226,7 +226,7 @@ def test_the_installed_models_pass_at_every_size_they_run_at(models_dir):
 
 
 def test_run_shapes_are_the_shapes_the_detector_opens(models_dir):
-    from edged.detect import MtcnnDetector
+    from edged.vision.detect import MtcnnDetector
 
     det = MtcnnDetector.from_models(models_dir)
     det.detect(np.zeros((360, 640, 3), np.uint8))

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edged import modelstore
+from edged.runtime import modelstore
 from edged.runtime import open_runner
-from edged.tflitefile import ModelFormatError, check_model_bytes, make_batch_dynamic
+from edged.runtime.tflitefile import ModelFormatError, check_model_bytes, make_batch_dynamic
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGED = [sys.executable, "-m", "edged"]
@@ -112,7 +112,7 @@ def test_every_corrupt_byte_is_a_model_format_error(models_dir):
     """One byte of the flatbuffer's first 2 KiB set to 0xff or 0x80 at a time: the model
     parses, or the checks say it is not a readable model (never a raw TypeError or
     struct.error from the walker: it would escape the install, verify and drop checks)."""
-    from edged.tflitefile import tensor_shapes
+    from edged.runtime.tflitefile import tensor_shapes
 
     data = (models_dir / "mtcnn_pnet.tflite").read_bytes()
     refused = 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edged import config as configmod
-from edged.motion import MotionGate, MotionSettings
+from edged.vision.motion import MotionGate, MotionSettings
 from edged_daemon_helpers import run_in_process
 
 FPS = 30.0
@@ -124,7 +124,7 @@ def _clip(frames, path):
 def _run_daemon(models_dir, clip, tmp_path, monkeypatch, motion, tracking=None):
     """The real daemon on ``clip`` (read as fast as it is processed); returns (its events, the
     frames the detector was given, its stats)."""
-    from edged.pipeline import FacePipeline
+    from edged.vision.pipeline import FacePipeline
 
     detected = []
     real = FacePipeline.detect

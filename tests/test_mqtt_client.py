@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.mqtt import (MqttClient, MqttConfigError, MqttSettings, TlsSettings,
+from edged.publish.mqtt import (MqttClient, MqttConfigError, MqttSettings, TlsSettings,
                         resolve_password)
 from mqtt_producer import Subscriber, make_ca, wait_until
 

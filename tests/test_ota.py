@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged import modelstore
+from edged.runtime import modelstore
 from edged.gallery import read_entries, write_gallery
-from edged.tflitefile import _root, _table_vector, _vector
+from edged.runtime.tflitefile import _root, _table_vector, _vector
 from edged_daemon_helpers import EDGED, DaemonProcess, build_gallery, write_config
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"
@@ -219,7 +219,7 @@ def start_daemon(cfg: Path, tmp_path: Path, env=None) -> DaemonProcess:
 
 
 def test_drop_checks_and_self_test(installed, models_dir, tmp_path):
-    from edged.ota import DropRejected, prepare_model, self_test
+    from edged.ota.drops import DropRejected, prepare_model, self_test
 
     emb, emb_sha = installed["embedder"]
     # the original batch-2 MobileFaceNet gets its dynamic-batch copy, as at install
@@ -458,7 +458,7 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     """The drop manager alone (no daemon): every malformed drop gets its reason."""
     from types import SimpleNamespace
 
-    from edged.ota import DropManager, DropSettings
+    from edged.ota.drops import DropManager, DropSettings
 
     drops = tmp_path / "drops"
     drops.mkdir()
@@ -511,7 +511,7 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     # a file named by a manifest, corrupt (whole size), there before the manifest: it could be
     # the previous version of the file, whose replacement is still to come, so the manifest
     # waits (STALE_WAIT_S, 60 s) before it is refused; here the wait is over at once
-    import edged.ota as ota
+    import edged.ota.drops as ota
 
     (drops / "r.tflite").write_bytes(installed["rnet"][0][:-10] + b"0" * 10)
     time.sleep(0.02)
@@ -562,7 +562,7 @@ class _FakeDaemon:
     def __init__(self, installed, gallery_current=None):
         from types import SimpleNamespace
 
-        from edged.ota import ModelBlob
+        from edged.ota.drops import ModelBlob
 
         models = {r: ModelBlob(r, b, sha, r) for r, (b, sha) in installed.items()}
         gallery = _FakeHolder(installed["embedder"][1])
@@ -603,7 +603,7 @@ class _FakeDaemon:
 
 
 def _drop_manager(fake, tmp_path, **settings):
-    from edged.ota import DropManager, DropSettings
+    from edged.ota.drops import DropManager, DropSettings
 
     drops = tmp_path / "drops"
     drops.mkdir(exist_ok=True)
@@ -615,8 +615,8 @@ def test_kept_models_never_remove_files_edged_did_not_write(installed, models_di
     """Finding 9b: <state_dir>/models may hold other files (with state_dir: /var/lib/edged it
     *is* the models directory): only the daemon's own ROLE-<16 hex>.tflite files go."""
     from edged.config import load
-    from edged.daemon import Daemon, StartupError
-    from edged.ota import ModelBlob, load_in_service, save_in_service
+    from edged.daemon.service import Daemon, StartupError
+    from edged.ota.drops import ModelBlob, load_in_service, save_in_service
 
     kept = tmp_path / "state" / "models"
     kept.mkdir(parents=True)
@@ -733,8 +733,8 @@ def test_reload_is_serialised_with_drops_and_never_raises(shared_dir, installed,
     from types import SimpleNamespace
 
     from edged.config import load
-    from edged.daemon import Daemon
-    from edged.ota import DropManager
+    from edged.daemon.service import Daemon
+    from edged.ota.drops import DropManager
 
     gpath = tmp_path / "people.edgal"
     gallery_variant(base_gallery, gpath, installed["embedder"][1], seed=0)
@@ -807,7 +807,7 @@ def test_a_frame_in_flight_keeps_its_set_until_it_is_tracked(installed, base_gal
     """Finding 5: a detection worker leases the set for its frame; a swap and the release of
     the previous set (a reload, a confirmed drop) close it only when that frame is done."""
     from edged.config import load
-    from edged.daemon import Daemon
+    from edged.daemon.service import Daemon
 
     gpath = tmp_path / "people.edgal"
     gallery_variant(base_gallery, gpath, installed["embedder"][1], seed=0)
@@ -943,7 +943,7 @@ def test_held_back_state_on_disk(installed, tmp_path):
     start (with a warning), not retried at every start."""
     from types import SimpleNamespace
 
-    from edged.ota import DropManager, DropRejected, ModelBlob, _Held, load_held, save_held
+    from edged.ota.drops import DropManager, DropRejected, ModelBlob, _Held, load_held, save_held
 
     data, sha = installed["embedder"]
     save_held(tmp_path, _Held(ModelBlob("embedder", data, sha, "/drops/mfn.tflite"),
@@ -1062,7 +1062,7 @@ def test_a_drop_renamed_in_during_the_start_is_found(installed, tmp_path):
 def test_the_drop_directory_cannot_be_the_state_directory(tmp_path):
     """The daemon's own files there (status.json, written by rename every few seconds) would
     be taken as drops and refused, each refusal changing the status again: an endless loop."""
-    from edged.ota import check_paths
+    from edged.ota.drops import check_paths
 
     state = tmp_path / "state"
     why = check_paths(state, tmp_path / "models", state)
@@ -1119,7 +1119,7 @@ def test_an_installed_model_replaced_by_a_drop_does_not_stop_the_next_start(
     import logging
 
     from edged.config import load
-    from edged.daemon import Daemon, StartupError
+    from edged.daemon.service import Daemon, StartupError
 
     models = tmp_path / "models"
     shutil.copytree(models_dir, models)
@@ -1161,7 +1161,7 @@ def test_a_manifest_before_its_same_size_file_waits_for_it(installed, tmp_path, 
     retrained model keeps its layout): the manifest sees the old file, which is older than
     itself: it waits for the new one instead of refusing the drop.  A file that never comes
     gets the manifest refused after STALE_WAIT_S, with the file's sha256 mismatch."""
-    import edged.ota as ota
+    import edged.ota.drops as ota
 
     fake = _FakeDaemon(installed)
     dm, drops = _drop_manager(fake, tmp_path)
@@ -1216,7 +1216,7 @@ def test_a_manifest_written_over_a_waiting_one_replaces_it(installed, tmp_path):
 
 def test_a_drop_directory_that_does_not_exist_yet_is_created(installed, tmp_path):
     fake = _FakeDaemon(installed)
-    from edged.ota import DropManager, DropSettings
+    from edged.ota.drops import DropManager, DropSettings
 
     drops = tmp_path / "var" / "drops"
     dm = DropManager(fake, drops, tmp_path / "g" / "people.edgal", modelstore.Manifest.load(),
@@ -1258,8 +1258,8 @@ _BIG_DROPS = r"""
 import json, os, resource, sys, time
 from pathlib import Path
 from types import SimpleNamespace
-from edged import modelstore
-from edged.ota import DropManager, DropSettings
+from edged.runtime import modelstore
+from edged.ota.drops import DropManager, DropSettings
 
 drops, gal = Path(sys.argv[1]), Path(sys.argv[2])
 reports = []
@@ -1301,7 +1301,7 @@ def test_drops_over_max_bytes_are_refused_unread_and_hashes_stream(tmp_path):
     """A 2 GiB file took the daemon's RSS from 229 to 2278 MB before its refusal: a drop over
     drops.max_bytes is refused by its size before it is read, a non-model by its first bytes,
     and an unknown model is hashed as it is read."""
-    from edged.ota import DropSettings
+    from edged.ota.drops import DropSettings
 
     drops, g = tmp_path / "drops", tmp_path / "g"
     drops.mkdir()
@@ -1339,7 +1339,7 @@ def test_drops_over_max_bytes_are_refused_unread_and_hashes_stream(tmp_path):
 def test_symlinks_are_refused_and_file_contents_never_reported(installed, tmp_path):
     """A link in the drop directory put the first bytes of its target (/etc/passwd) onto the
     retained MQTT status: links are never followed, and no reason quotes a file's bytes."""
-    from edged.ota import open_drop
+    from edged.ota.drops import open_drop
 
     fake = _FakeDaemon(installed)
     dm, drops = _drop_manager(fake, tmp_path)
@@ -1378,7 +1378,7 @@ def test_a_file_still_open_for_writing_is_not_taken(installed, tmp_path):
     refused on the retained status before its real outcome: a file is taken once its writer
     has closed it, however long the writer pauses."""
     from conftest import wait_for
-    from edged.ota import DropManager, DropSettings
+    from edged.ota.drops import DropManager, DropSettings
 
     fake = _FakeDaemon(installed)
     drops = tmp_path / "drops"

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from conftest import wait_for
-from edged import modelstore
+from edged.runtime import modelstore
 from edged_daemon_helpers import Subscriber
 from test_ota import (MODEL_FILES, StatusWatch, base_gallery, gallery_variant, poison,  # noqa: F401
                       reencode, setup_device,

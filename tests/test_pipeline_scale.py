@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edged.align import align_face
-from edged.detect import DetectionSettings, MtcnnDetector, detection_size, pnet_levels
-from edged.pipeline import FacePipeline, PipelineSettings
+from edged.vision.align import align_face
+from edged.vision.detect import DetectionSettings, MtcnnDetector, detection_size, pnet_levels
+from edged.vision.pipeline import FacePipeline, PipelineSettings
 
 ACCEL = {"type": "cpu", "num_threads": 1}
 
@@ -108,16 +108,16 @@ def test_detect_width_0_is_detection_on_the_frame_itself(models_dir, frames):
 
 
 def pipes_embedder(models_dir):
-    from edged.embed import Embedder
+    from edged.vision.embed import Embedder
 
     return Embedder.from_models(models_dir, ACCEL)
 
 
 def test_a_camera_s_detect_width_overrides_the_pipeline_s():
     from edged import config as configmod
-    from edged.capture import Camera
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.capture import Camera
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     cfg = configmod.build(configmod.Config, {
         "cameras": [{"name": "a", "source": "/dev/video0"},

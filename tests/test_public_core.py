@@ -18,8 +18,8 @@ import pytest
 
 import publicdata
 from conftest import wait_for
-from edged.imageio import load_image
-from edged.pipeline import FacePipeline, central_face
+from edged.vision.imageio import load_image
+from edged.vision.pipeline import FacePipeline, central_face
 from edged_daemon_helpers import (EDGED, DaemonProcess, NotifyListener, Subscriber, build_gallery,
                                   write_config)
 

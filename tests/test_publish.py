@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from edged.mqtt import MqttSettings
-from edged.publish import SPOOL_FILE, Publisher, event_payload, iso_utc
+from edged.publish.mqtt import MqttSettings
+from edged.publish.publisher import SPOOL_FILE, Publisher, event_payload, iso_utc
 from edged.types import Event
 from mqtt_producer import Subscriber, wait_until
 
@@ -350,7 +350,7 @@ def test_stats_carry_spool_and_mqtt_parts(broker, pub_factory):
 
 
 def test_full_spool_drops_oldest_and_reports_it(broker_factory, pub_factory):
-    from edged.mqtt import SpoolSettings
+    from edged.publish.mqtt import SpoolSettings
 
     b = broker_factory()  # down while the spool overflows
     p = pub_factory(b.port, spool=SpoolSettings(max_events=10))

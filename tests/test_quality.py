@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edged.align import ARCFACE_TEMPLATE
-from edged.pipeline import FacePipeline, PipelineSettings
-from edged.quality import QualitySettings, assess, frontal_score, sharpness
+from edged.vision.align import ARCFACE_TEMPLATE
+from edged.vision.pipeline import FacePipeline, PipelineSettings
+from edged.vision.quality import QualitySettings, assess, frontal_score, sharpness
 from edged.types import Face
 
 ACCEL = {"type": "cpu", "num_threads": 1}
@@ -103,7 +103,7 @@ def test_sharpness_is_the_laplacian_variance():
 
 def test_real_profile_face_from_video_fails_frontal(models_dir, shared_dir):
     """Frame 40 of the Hamilton clip: a man in full profile, cut by the frame's lower edge."""
-    from edged.detect import DetectionSettings
+    from edged.vision.detect import DetectionSettings
 
     cap = cv2.VideoCapture(str(shared_dir / "videos" / "facerec_short_hamilton_clip.mp4"))
     frame = None

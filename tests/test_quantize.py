@@ -1,4 +1,4 @@
-"""Int8 variants of the real models (issue 21): ``edged models quantize`` and edged.quantize.
+"""Int8 variants of the real models (issue 21): ``edged models quantize`` and edged.runtime.quantize.
 
 Calibrated on public core-tier photos (obama.jpg, biden.jpg, zidane.jpg); the int8 embeddings
 are compared with float on other photos (obama2.jpg, obama3.jpg), never on calibration ones.
@@ -18,11 +18,12 @@ if sys.version_info < (3, 10):
     pytest.skip("ai-edge-quantizer needs Python >= 3.10 (edged[quantize] is not installable here)",
                 allow_module_level=True)
 
-from edged import modelstore, ota, quantize  # noqa: E402
-from edged.align import align_face  # noqa: E402
-from edged.detect import MtcnnDetector  # noqa: E402
-from edged.embed import Embedder  # noqa: E402
-from edged.pipeline import central_face  # noqa: E402
+from edged.ota import drops as ota  # noqa: E402
+from edged.runtime import modelstore, quantize  # noqa: E402
+from edged.vision.align import align_face  # noqa: E402
+from edged.vision.detect import MtcnnDetector  # noqa: E402
+from edged.vision.embed import Embedder  # noqa: E402
+from edged.vision.pipeline import central_face  # noqa: E402
 from edged.runtime import open_runner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ def test_dynamic_recipe_needs_no_calibration(prepared):
 
 
 def _pnet_24(data: bytes) -> bytes:
-    from edged.tflitefile import pnet_model_for
+    from edged.runtime.tflitefile import pnet_model_for
 
     return pnet_model_for(data, (1, 24, 24, 3))
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edged import modelstore
+from edged.runtime import modelstore
 from edged.runtime import (DelegateError, SettingsError, open_runner, parse_settings,
                            plugin_types, time_invoke)
 
@@ -123,7 +123,7 @@ def test_a_delegate_that_refuses_a_new_batch_size_falls_back_to_the_cpu(onet, tm
     import shutil
     import subprocess
 
-    from edged.detect import BatchRunner
+    from edged.vision.detect import BatchRunner
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:

@@ -1,4 +1,4 @@
-"""The compiled float16 scan (``edged._scan``): the same scores as widening to float32 and a
+"""The compiled float16 scan (``edged.gallery._scan``): the same scores as widening to float32 and a
 float32 product, for every kernel, shape and value class; and what it does with bad input."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from edged import gallery as G
 from edged.gallery import Gallery, write_gallery
 
 try:
-    from edged import _scan as scan
+    from edged.gallery import _scan as scan
 except ImportError:  # not built: the tests below need it, the first says why it is missing
     scan = None
-needs_ext = pytest.mark.skipif(scan is None, reason="edged._scan is not built (no C compiler)")
+needs_ext = pytest.mark.skipif(scan is None, reason="edged.gallery._scan is not built (no C compiler)")
 
 SHA = "cd" * 32
 
@@ -35,7 +35,7 @@ def real_embeddings(shared_dir, models_dir):
     """Embeddings of real photos (6 people, 2 photos each) by the real embedder."""
     import cv2
 
-    from edged.pipeline import FacePipeline, central_face
+    from edged.vision.pipeline import FacePipeline, central_face
     pipe = FacePipeline.from_models(models_dir)
     dev = shared_dir / "faces" / "dev"
     people = sorted(p for p in dev.iterdir() if p.is_dir() and p.name != "unknown"
@@ -55,8 +55,8 @@ def test_the_fast_kernel_is_built_here():
     AVX2 the vector kernel runs, on AArch64 the NEON one."""
     if scan is None:
         assert not (shutil.which("cc") or shutil.which("gcc")), \
-            "a C compiler is here but edged._scan was not built: see the pip install log"
-        pytest.skip("no C compiler here: edged._scan cannot be built")
+            "a C compiler is here but edged.gallery._scan was not built: see the pip install log"
+        pytest.skip("no C compiler here: edged.gallery._scan cannot be built")
     assert G.scan_kernel() == G.scan_kernel(128) == G.scan_kernel(192) == scan.KERNEL
     flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
     if platform.machine() in ("x86_64", "AMD64") and all(

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from edged import logs
-from edged.sdnotify import Notifier, socket_address, watchdog_interval
+from edged.daemon.sdnotify import Notifier, socket_address, watchdog_interval
 
 
 def bound(path_or_abstract):

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from edged import gallery as G
-from edged import modelstore, onnxconvert
+from edged.runtime import modelstore
+from edged.runtime import onnxconvert
 from edged.cli import main
 from edged.config import ConfigError, loads
-from edged.embed import Embedder, EmbedderSpec
+from edged.vision.embed import Embedder, EmbedderSpec
 from edged.gallery import Gallery, GalleryError, GalleryHolder, write_gallery
 from test_ota import base_gallery, installed  # noqa: F401 (fixtures)
 
@@ -117,7 +118,7 @@ def test_a_gallery_of_the_other_embedder_is_refused_naming_both(tmp_path):
 @pytest.mark.parametrize("path", ["compiled", "opencv", "numpy"])
 def test_128_wide_float16_gallery_every_scan_agrees(tmp_path, monkeypatch, path):
     if path == "compiled" and not G._fused(128):
-        pytest.skip("edged._scan with a vector kernel is not built here")
+        pytest.skip("edged.gallery._scan with a vector kernel is not built here")
     if path != "compiled":
         monkeypatch.setattr(G, "_scan_ext", None)
     if path == "numpy":
@@ -273,7 +274,7 @@ def test_models_install_embedder_sface_through_the_cli(shared_dir, tmp_path, cap
 def test_an_sface_drop_passes_the_self_test_at_its_own_width(sface_models):
     """The OTA self-test takes the width from the manifest: 128 for SFace, 192 for
     MobileFaceNet; a known model giving another width than its entry is refused."""
-    from edged.ota import DropRejected, prepare_model, self_test
+    from edged.ota.drops import DropRejected, prepare_model, self_test
 
     data = (sface_models / "sface.tflite").read_bytes()
     blob = prepare_model("embedder", data, "sface.tflite", SFACE.sha256, SFACE.size)
@@ -290,8 +291,8 @@ def test_the_daemon_loads_the_configured_embedder_and_pairs_its_gallery(sface_mo
                                                                         model):
     """models.embedder_model: sface loads SFace, which serves an SFace gallery; the same
     gallery is refused by a daemon configured for MobileFaceNet."""
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     g = tmp_path / "g.edgal"
     _gallery(g, 128, SFACE.sha256)
@@ -330,8 +331,8 @@ def test_the_daemon_threshold_follows_the_embedder_across_a_reload(sface_models,
     import yaml
 
     from edged import config as configmod
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     path = tmp_path / "config.yaml"
     doc = {"cameras": [{"name": "cam", "source": str(shared_dir / "videos" /

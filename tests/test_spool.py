@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edged.spool import Spool
+from edged.publish.spool import Spool
 
 
 def payload(i: int, event_id: str = None, pad: int = 0) -> bytes:
@@ -176,7 +176,7 @@ def test_a_wall_clock_set_forward_does_not_expire_the_new_events(tmp_path, monke
     """A board without a real-time clock starts with an old time and NTP sets it days ahead:
     the events stored before that keep their age instead of all expiring at once. Events
     from before the start are aged by the wall clock as before."""
-    import edged.spool as S
+    import edged.publish.spool as S
 
     sp = Spool(tmp_path / "s.db", max_age_s=3600)
     try:
@@ -236,7 +236,7 @@ def test_a_full_disk_holds_events_in_memory_then_stores_them_in_order(full_disk,
 
 
 def test_a_disk_still_full_is_tried_again_with_a_back_off(full_disk, monkeypatch):
-    from edged import spool as spoolmod
+    from edged.publish import spool as spoolmod
     from edged_daemon_helpers import fill_up
 
     clock = [1000.0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
-from edged.hotswap import SwapEvent
+from edged.ota.hotswap import SwapEvent
 from edged_daemon_helpers import EDGED, build_gallery, write_config
 
 

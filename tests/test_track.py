@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edged.track import SceneCutDetector, Tracker, TrackingSettings, iou_matrix
+from edged.daemon.track import SceneCutDetector, Tracker, TrackingSettings, iou_matrix
 from edged.types import Face, Frame, Match, Quality
 
 RNG = np.random.default_rng(5)
@@ -413,7 +413,7 @@ def test_unknown_with_no_gallery_reports_null_score_and_margin(tmp_path):
 
 def _live_scene(live, scores, qualities=None):
     """alice at one place, each detection's face with the next liveness score of ``scores``."""
-    from edged.liveness import LivenessSettings
+    from edged.vision.liveness import LivenessSettings
 
     s = Scene()
     s.t = Tracker("cam", TrackingSettings(), liveness=LivenessSettings(**live))
@@ -494,8 +494,8 @@ def test_predicted_boxes_extrapolate_the_velocity():
 
 def _hamilton_events(shared_dir, gallery, state, extra):
     from edged import config as configmod
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     data = {"cameras": [{"name": "stage", "realtime": False,
                          "source": str(shared_dir / "videos" / "facerec_short_hamilton_clip.mp4")}],

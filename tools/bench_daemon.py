@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end benchmark of the daemon: the defaults against the old behaviour, side by side.
 
-Runs the real daemon (edged.daemon.Daemon: capture thread, detection worker threads, track
+Runs the real daemon (edged.daemon.service.Daemon: capture thread, detection worker threads, track
 thread, events thread) in two modes, interleaved run by run (the machine is shared and noisy:
 compare the ratios of one repeat, not absolute figures of different hours):
 
@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edged import config as configmod  # noqa: E402
-from edged.daemon import Daemon  # noqa: E402
-from edged.sdnotify import Notifier  # noqa: E402
+from edged.daemon.service import Daemon  # noqa: E402
+from edged.daemon.sdnotify import Notifier  # noqa: E402
 
 SHARED = Path(os.environ.get("EDGED_SHARED", ROOT.parent / "shared"))
 HAMILTON = SHARED / "videos" / "facerec_short_hamilton_clip.mp4"
@@ -59,8 +59,8 @@ OLD = {"pipeline": {"detect_width": 0}, "motion": {"enabled": False},
 
 def build_gallery(path: Path) -> None:
     from edged.gallery import write_gallery
-    from edged.imageio import load_image
-    from edged.pipeline import FacePipeline, central_face
+    from edged.vision.imageio import load_image
+    from edged.vision.pipeline import FacePipeline, central_face
 
     p = FacePipeline.from_models()
     ids, rows, embs = [], [], []

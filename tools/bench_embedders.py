@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The daemon's cost with each embedder: SFace against MobileFaceNet, interleaved run by run.
 
-Each run is the real daemon (``edged.daemon.Daemon`` with the configuration's defaults:
+Each run is the real daemon (``edged.daemon.service.Daemon`` with the configuration's defaults:
 tracking, motion gating, detection at 640 wide; ``realtime: false``, MQTT off) in a child
 process of its own, on one shared clip, with ``models.embedder_model`` set to the embedder
 under test and a gallery that embedder enrolled from ../shared/videos/hamilton_enrol
@@ -46,8 +46,8 @@ def child(spec: dict) -> dict:
     import logging
 
     from edged import config as configmod
-    from edged.daemon import Daemon
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon
+    from edged.daemon.sdnotify import Notifier
 
     logging.basicConfig(level=logging.WARNING)
     data = {"device": {"name": "bench"},
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
-    from edged.modelstore import resolve_models_dir
+    from edged.runtime.modelstore import resolve_models_dir
 
     models = str(resolve_models_dir(args.models or None))
     runs = {(c, e): [] for c in args.clips for e in args.embedders}

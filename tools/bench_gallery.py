@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="keep the synthetic galleries here")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-ext", action="store_true",
-                    help="without edged._scan: float16 widened per block (the fallback path)")
+                    help="without edged.gallery._scan: float16 widened per block (the fallback path)")
     ap.add_argument("--reference", action="store_true",
                     help="only the bare numpy X @ q over 1M x 128 and 1M x 192 float32")
     ap.add_argument("--one", nargs=2, metavar=("FILE", "THREADS"), help=argparse.SUPPRESS)

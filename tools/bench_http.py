@@ -3,7 +3,7 @@
 second against off, interleaved in one run (off, on, off, on...), so that the load of a shared
 machine falls on both alike.
 
-Each run is the real daemon (edged.daemon.Daemon) on the public clip (tests/publicdata.py: 640x360,
+Each run is the real daemon (edged.daemon.service.Daemon) on the public clip (tests/publicdata.py: 640x360,
 two visitors and an empty scene) in a loop, read as fast as the pipeline takes frames
 (``realtime: false``), detection on every frame, a gallery of the two visitors, MQTT off.  With
 the endpoint on, a separate process (as Prometheus would be) GETs ``/metrics`` and ``/healthz``
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from edged import config as configmod  # noqa: E402
-from edged.daemon import Daemon  # noqa: E402
-from edged.sdnotify import Notifier  # noqa: E402
+from edged.daemon.service import Daemon  # noqa: E402
+from edged.daemon.sdnotify import Notifier  # noqa: E402
 
 SCRAPER = r"""
 import sys, time, urllib.request
@@ -123,8 +123,8 @@ def scrape_cpu_ms(d, n: int = 30) -> float:
 
 def observe_us(n: int = 200_000) -> float:
     """Microseconds a stage histogram adds to one ``RollingStats.add``."""
-    from edged.daemon import RollingStats
-    from edged.metrics import STAGE_BUCKETS, Histogram
+    from edged.daemon.service import RollingStats
+    from edged.publish.metrics import STAGE_BUCKETS, Histogram
 
     def per_call(stats) -> float:
         best = float("inf")

@@ -49,14 +49,14 @@ from bench_pipeline import letterbox  # noqa: E402
 from eval_identification import list_people, threshold_at_far  # noqa: E402
 from eval_verification import best_threshold, roc_auc  # noqa: E402
 
-from edged import modelstore  # noqa: E402
-from edged.align import align_face  # noqa: E402
-from edged.detect import MtcnnDetector  # noqa: E402
-from edged.embed import Embedder  # noqa: E402
+from edged.runtime import modelstore  # noqa: E402
+from edged.vision.align import align_face  # noqa: E402
+from edged.vision.detect import MtcnnDetector  # noqa: E402
+from edged.vision.embed import Embedder  # noqa: E402
 from edged.gallery import Gallery, write_gallery  # noqa: E402
-from edged.imageio import ImageError, load_image  # noqa: E402
-from edged.pipeline import central_face  # noqa: E402
-from edged.quantize import ROLES, person_of  # noqa: E402
+from edged.vision.imageio import ImageError, load_image  # noqa: E402
+from edged.vision.pipeline import central_face  # noqa: E402
+from edged.runtime.quantize import ROLES, person_of  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- model sets

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from edged.mqtt import MqttSettings, SpoolSettings  # noqa: E402
-from edged.publish import Publisher  # noqa: E402
+from edged.publish.mqtt import MqttSettings, SpoolSettings  # noqa: E402
+from edged.publish.publisher import Publisher  # noqa: E402
 from edged.types import Event  # noqa: E402
 
 

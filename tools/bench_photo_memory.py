@@ -26,8 +26,8 @@ def one(width: int, height: int, models) -> dict:
     sys.path.insert(0, str(ROOT))
     import cv2
 
-    from edged.imageio import load_image
-    from edged.pipeline import FacePipeline
+    from edged.vision.imageio import load_image
+    from edged.vision.pipeline import FacePipeline
 
     big = cv2.resize(load_image(PHOTO), (width, height), interpolation=cv2.INTER_CUBIC)
     pipe = FacePipeline.from_models(models)

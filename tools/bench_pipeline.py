@@ -34,11 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.align import align_face  # noqa: E402
-from edged.detect import MtcnnDetector  # noqa: E402
-from edged.embed import Embedder  # noqa: E402
-from edged.pipeline import FacePipeline, PipelineSettings  # noqa: E402
-from edged.quality import assess  # noqa: E402
+from edged.vision.align import align_face  # noqa: E402
+from edged.vision.detect import MtcnnDetector  # noqa: E402
+from edged.vision.embed import Embedder  # noqa: E402
+from edged.vision.pipeline import FacePipeline, PipelineSettings  # noqa: E402
+from edged.vision.quality import assess  # noqa: E402
 
 
 def letterbox(frame: np.ndarray, w: int = 640, h: int = 480) -> np.ndarray:

@@ -7,7 +7,7 @@ Runs the daemon on the looping Hamilton clip (shared/videos, MQTT off, a gallery
 hamilton_enrol), sends SIGHUP ``--reloads`` times, each after the previous set went into
 service and 2 s of frames, and prints VmRSS (MB) after the start and after each reload.
 Measured on the development machine: 215 -> 285 MB over 10 reloads before the heap trim in
-edged.hotswap, 216 -> 223 MB after it.
+edged.ota.hotswap, 216 -> 223 MB after it.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 widened in registers straight into the products (the kernel), against widened into the L1
 buffer first (the way several queries take).
 
-Builds ``edged/_scan.c`` twice in a temporary directory (the second with
+Builds ``edged/gallery/_scan.c`` twice in a temporary directory (the second with
 ``-DEDGED_ONE_QUERY_IN_REGISTERS=0``), loads both in this process, checks that they give the
 same scores, then times ``scan_f16_best`` on random 192-d float16 rows, 4 per identity, the
 rows split over the threads as ``Gallery.search`` splits them, alternating the two builds call
@@ -37,7 +37,7 @@ def build(cc: str, out: Path, defines=()) -> object:
     so = out / ("_scan" + sysconfig.get_config_var("EXT_SUFFIX"))
     subprocess.run([cc, "-O3", "-shared", "-fPIC", *defines,
                     "-I" + sysconfig.get_paths()["include"], "-o", str(so),
-                    str(ROOT / "edged" / "_scan.c")], check=True)
+                    str(ROOT / "edged" / "gallery" / "_scan.c")], check=True)
     spec = importlib.util.spec_from_file_location("_scan", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -51,12 +51,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.detect import MtcnnDetector  # noqa: E402
-from edged.embed import Embedder, EmbedderSpec  # noqa: E402
+from edged.vision.detect import MtcnnDetector  # noqa: E402
+from edged.vision.embed import Embedder, EmbedderSpec  # noqa: E402
 from edged.gallery import Gallery, MatchSettings, write_gallery  # noqa: E402
-from edged.imageio import ImageError, load_image  # noqa: E402
-from edged.modelstore import Manifest  # noqa: E402
-from edged.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
+from edged.vision.imageio import ImageError, load_image  # noqa: E402
+from edged.runtime.modelstore import Manifest  # noqa: E402
+from edged.vision.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

@@ -77,8 +77,8 @@ def identify(gallery: Path, images, common) -> dict:
 
 
 def main(argv=None) -> int:
-    from edged.embed import EmbedderSpec
-    from edged.modelstore import Manifest
+    from edged.vision.embed import EmbedderSpec
+    from edged.runtime.modelstore import Manifest
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dev", type=Path, default=SHARED / "faces" / "dev")

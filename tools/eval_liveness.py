@@ -11,7 +11,7 @@
   people, bona fide presentations for this purpose (they are press photographs, which is a
   stricter test than a door camera: see docs/accuracy.md).
 - **Clips** (``../shared/videos/*.mp4``): every face of every ``--clip-step``-th frame, and
-  per track: the clip runs through :class:`edged.track.Tracker` with every embedded face
+  per track: the clip runs through :class:`edged.daemon.track.Tracker` with every embedded face
   counted as a match of one enrolled person, so each track ends ``recognized`` or
   ``spoof_suspected`` by its quality-weighted liveness, as the daemon would decide it with
   ``liveness.require: true``.
@@ -43,10 +43,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.imageio import ImageError, load_image  # noqa: E402
-from edged.liveness import DEFAULT_THRESHOLD, LivenessSettings, liveness_crop  # noqa: E402
-from edged.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
-from edged.track import Tracker, TrackingSettings  # noqa: E402
+from edged.vision.imageio import ImageError, load_image  # noqa: E402
+from edged.vision.liveness import DEFAULT_THRESHOLD, LivenessSettings, liveness_crop  # noqa: E402
+from edged.vision.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
+from edged.daemon.track import Tracker, TrackingSettings  # noqa: E402
 from edged.types import Frame, Match  # noqa: E402
 
 DOUBTFUL = {"vmfas_true_001.jpg", "vmfas_true_002.jpg"}  # the README's provenance doubt

@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edged.imageio import ImageError, load_image  # noqa: E402
-from edged.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
+from edged.vision.imageio import ImageError, load_image  # noqa: E402
+from edged.vision.pipeline import FacePipeline, PipelineSettings, central_face  # noqa: E402
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--errors", type=int, default=20, help="list at most this many misclassified pairs")
     ap.add_argument("--centre", choices=("landmarks", "box"), default="landmarks",
-                    help="which face is 'central': landmarks = edged.pipeline.central_face (mean of "
+                    help="which face is 'central': landmarks = edged.vision.pipeline.central_face (mean of "
                          "the 5 landmarks nearest the image centre), box = the box centre instead")
     args = ap.parse_args(argv)
 

@@ -15,7 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "../edged/_scan_kernel.h"
+#include "../edged/gallery/_scan_kernel.h"
 
 static uint32_t state = 12345u;
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from edged.modelstore import atomic_write
+from edged.runtime.modelstore import atomic_write
 
 
 def register(sub, common):

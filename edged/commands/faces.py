@@ -102,8 +102,8 @@ class _Fail(Exception):
 
 
 def _pipeline(args, name: str):
-    from edged.modelstore import ModelError
-    from edged.pipeline import FacePipeline, PipelineSettings
+    from edged.runtime.modelstore import ModelError
+    from edged.vision.pipeline import FacePipeline, PipelineSettings
     from edged.runtime import DelegateError, SettingsError
 
     settings = PipelineSettings()
@@ -126,7 +126,7 @@ def _pipeline(args, name: str):
 
 def _load(path: str):
     """(image, None) or (None, error message)."""
-    from edged.imageio import ImageError, load_image
+    from edged.vision.imageio import ImageError, load_image
 
     try:
         return load_image(path), None
@@ -149,7 +149,7 @@ def _face_json(f) -> dict:
 
 def _live_json(f, live) -> dict:
     """``liveness`` and ``live`` of a face scored by the stage ``live``."""
-    from edged.liveness import verdict
+    from edged.vision.liveness import verdict
 
     score = f.liveness
     return {"liveness": None if score is None else round(float(score), 4),
@@ -269,7 +269,7 @@ def cmd_faces(args) -> int:
 
 def _central(pipe, path: str, name: str):
     """(face, image) of the most central face, or raise _Fail with the per-image message."""
-    from edged.pipeline import central_face
+    from edged.vision.pipeline import central_face
 
     image, error = _load(path)
     if error:

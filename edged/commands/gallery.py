@@ -47,10 +47,10 @@ def pipeline_options(p: argparse.ArgumentParser) -> None:
 def make_pipeline(args, embedder: Optional[str] = None):
     """The face pipeline with the embedder ``--embedder`` names, else ``embedder``, else the
     manifest's default."""
-    from edged.detect import MtcnnDetector
-    from edged.embed import Embedder
-    from edged.modelstore import ModelError
-    from edged.pipeline import FacePipeline, PipelineSettings
+    from edged.vision.detect import MtcnnDetector
+    from edged.vision.embed import Embedder
+    from edged.runtime.modelstore import ModelError
+    from edged.vision.pipeline import FacePipeline, PipelineSettings
 
     settings = PipelineSettings(flip=bool(getattr(args, "flip", False)))
     threads = args.threads if args.threads is not None else max(1, min(os.cpu_count() or 1, 4))
@@ -84,7 +84,7 @@ def register(sub, common):
     b.add_argument("-o", "--output", required=True, metavar="FILE", help="gallery file to write")
     b.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage type of the embeddings (default float32; float16 halves "
-                        "the file and, with edged._scan built, scans galleries of 100k rows "
+                        "the file and, with edged.gallery._scan built, scans galleries of 100k rows "
                         "or more about twice as fast; docs/benchmarks.md)")
     b.add_argument("--keep-low-quality", action="store_true",
                    help="enrol faces below the quality minimums too")
@@ -199,8 +199,8 @@ class Progress:
 
 def enrol_image(pipe, path, keep_low_quality: bool, say) -> "np.ndarray | None":
     """The embedding of the face nearest the centre of ``path``, or None (reported)."""
-    from edged.imageio import ImageError, load_image
-    from edged.pipeline import central_face
+    from edged.vision.imageio import ImageError, load_image
+    from edged.vision.pipeline import central_face
 
     try:
         img = load_image(path)

@@ -52,7 +52,7 @@ def _identify(args) -> int:
     import numpy as np
 
     from edged.gallery import Gallery, GalleryError, MatchSettings, embedder_name, peek_embedder
-    from edged.imageio import ImageError, load_image
+    from edged.vision.imageio import ImageError, load_image
 
     if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise Fail(f"--threshold must be in [-1, 1], got {args.threshold}", EXIT_ERROR)

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from edged import modelstore
+from edged.runtime import modelstore
 
 
 def register(sub, common):
@@ -121,7 +121,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from edged import quantize
+    from edged.runtime import quantize
 
     src = args.calibration or quantize.default_calibration_source()
     if src is None:

@@ -83,7 +83,7 @@ def cmd_check(args) -> int:
         print(f"note: {args.file}: {note}", file=sys.stderr)
     # Valid, but can it work on this machine?  (A GStreamer pipeline without GStreamer, a
     # missing video file.)  Warnings only: the file may be meant for another board.
-    from edged.capture import preflight
+    from edged.daemon.capture import preflight
 
     for i, cam in enumerate(doc.config.cameras):
         why = preflight(cam)
@@ -94,8 +94,8 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     from edged import config, logs
-    from edged.daemon import Daemon, StartupError
-    from edged.sdnotify import Notifier
+    from edged.daemon.service import Daemon, StartupError
+    from edged.daemon.sdnotify import Notifier
 
     log = logging.getLogger("edged")
     try:

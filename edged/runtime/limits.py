@@ -55,8 +55,8 @@ def _batches(sample: tuple, max_batch: int) -> List[tuple]:
 def run_shapes(role: str, frames: Iterable[Sequence[int]] = (), detection=None) -> List[tuple]:
     """Every input shape ``role`` runs at: P-Net's pyramid levels for the ``(width, height)``
     frames (:data:`DEFAULT_FRAME` when none), the batch sizes of the other models."""
-    from edged.detect import ONET_MAX_BATCH, RNET_MAX_BATCH, DetectionSettings, pnet_levels
-    from edged.embed import MAX_BATCH
+    from edged.vision.detect import ONET_MAX_BATCH, RNET_MAX_BATCH, DetectionSettings, pnet_levels
+    from edged.vision.embed import MAX_BATCH
 
     if role == "rnet":
         return _batches((24, 24, 3), RNET_MAX_BATCH)
@@ -94,14 +94,14 @@ def camera_frames(daemon) -> List[tuple]:
 
 
 def _model_for(role: str, data: bytes, shape) -> bytes:
-    from edged.tflitefile import pnet_model_for
+    from edged.runtime.tflitefile import pnet_model_for
 
     return pnet_model_for(data, shape) if role == "pnet" else data
 
 
 def check_declared(role: str, data: bytes, shapes, limit_bytes: int, where) -> None:
     """Refuse a non-constant tensor whose declared shape takes more than ``limit_bytes``."""
-    from edged.tflitefile import ModelFormatError, tensor_infos
+    from edged.runtime.tflitefile import ModelFormatError, tensor_infos
 
     variants = [(None, data)] + ([(s, _model_for(role, data, s)) for s in shapes]
                                  if role == "pnet" else [])
@@ -164,7 +164,7 @@ def check_model_memory(role: str, data: bytes, where, shapes, limit_mb: int = DE
 
 def check_drop(role: str, data: bytes, where, daemon) -> dict:
     """The memory check of a model dropped into ``daemon`` (at its cameras' sizes, with its
-    detection settings and ``models.max_memory_mb``); raises :class:`edged.ota.DropRejected`."""
+    detection settings and ``models.max_memory_mb``); raises :class:`edged.ota.drops.DropRejected`."""
     cfg = daemon.cfg
     limit = getattr(cfg.models, "max_memory_mb", DEFAULT_MAX_MB)
     try:
@@ -172,7 +172,7 @@ def check_drop(role: str, data: bytes, where, daemon) -> dict:
                                   run_shapes(role, camera_frames(daemon),
                                              getattr(cfg, "detection", None)), limit)
     except ModelMemoryError as exc:
-        from edged.ota import DropRejected
+        from edged.ota.drops import DropRejected
 
         raise DropRejected(exc.reason) from None
 

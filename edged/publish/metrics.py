@@ -17,7 +17,7 @@ import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from edged import __version__
-from edged.health import STATES
+from edged.daemon.health import STATES
 from edged.types import EVENT_TYPES
 
 #: stage timings (seconds): capture (camera to detection worker), detect, embed, match, track,

@@ -15,7 +15,7 @@ Problems the daemon names (:meth:`Health.problem`): ``spool`` and ``status_file`
 disk full or read-only), ``camera:<name>`` (:func:`camera_down`: no frame for longer than its
 ``stall_timeout``, and not connected) and ``pipeline`` (:meth:`Health.pipeline_stuck`: frames
 come in and none went through the pipeline for :func:`stuck_after` seconds).  The retained
-status, ``edged status``, sd_notify's STATUS and ``GET /healthz`` (:mod:`edged.httpapi`) all
+status, ``edged status``, sd_notify's STATUS and ``GET /healthz`` (:mod:`edged.publish.http`) all
 read this one state: ``/healthz`` answers 200 only while it is ``healthy``.
 
 The systemd watchdog is fed while frames go through (:meth:`Health.progressed`); a degraded
@@ -92,7 +92,7 @@ class Health:
 
     def document(self) -> dict:
         """``state`` and ``problems`` (key -> why, since) in the status document."""
-        from edged.publish import iso_utc
+        from edged.publish.publisher import iso_utc
 
         with self._lock:
             problems = {k: {"why": why, "since": iso_utc(since)}

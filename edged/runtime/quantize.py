@@ -41,8 +41,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from edged import modelstore
-from edged.tflitefile import ModelFormatError, check_model_bytes, pnet_model_for
+from edged.runtime import modelstore
+from edged.runtime.tflitefile import ModelFormatError, check_model_bytes, pnet_model_for
 
 ROLES = ("pnet", "rnet", "onet", "embedder")
 RECIPES = ("dynamic", "static", "mixed")
@@ -332,7 +332,7 @@ def person_of(path: Path) -> str:
 
 
 def _recorder_class():
-    from edged.detect import MtcnnDetector
+    from edged.vision.detect import MtcnnDetector
 
     class _Recorder:
         def __init__(self, inner, sink: list):
@@ -381,9 +381,9 @@ def calibrate_on_images(mtcnn_images: Sequence[np.ndarray], face_images: Sequenc
                         models_dir=None, description: Optional[dict] = None) -> Calibration:
     """Record the float pipeline's inputs to each net: MTCNN on ``mtcnn_images`` (BGR), the
     embedder on the central aligned face of each of ``face_images``."""
-    from edged.align import align_face
-    from edged.embed import Embedder
-    from edged.pipeline import central_face
+    from edged.vision.align import align_face
+    from edged.vision.embed import Embedder
+    from edged.vision.pipeline import central_face
 
     blobs = {r: modelstore.read_verified(r, models_dir)[0] for r in ("pnet", "rnet", "onet")}
     det = _recorder_class()(blobs["pnet"], blobs["rnet"], blobs["onet"])
@@ -441,7 +441,7 @@ def calibration_from_dir(source: Path, models_dir=None, max_photos: int = 160,
     """Calibration from a data folder laid out as ../shared: ``videos/*.mp4`` (every
     VIDEO_STEP-th frame, at most ``frames_per_clip`` a clip) and the photos of the dev-set
     people in the calibration split (:func:`calibration_person`), at most ``max_photos``."""
-    from edged.imageio import ImageError, load_image
+    from edged.vision.imageio import ImageError, load_image
 
     source = Path(source)
     dev = source / "faces" / "dev"
@@ -459,7 +459,7 @@ def calibration_from_dir(source: Path, models_dir=None, max_photos: int = 160,
     desc = {"source": str(source.resolve()),
             "dev_people": sorted({person_of(p) for p in photos}),
             "dev_split": f"people with int(sha256(name)[:8], 16) % {CAL_MOD} == 0 "
-                         f"(edged.quantize.calibration_person); evaluations leave them out",
+                         f"(edged.runtime.quantize.calibration_person); evaluations leave them out",
             "dev_photos": len(images), "clip_frames": used}
     return calibrate_on_images(images + frames, images, models_dir, desc)
 

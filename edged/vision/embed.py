@@ -5,7 +5,7 @@ default; installed as its dynamic-batch copy) or SFace (128 values, ``edged mode
 --embedder sface``).  What a model takes and gives (width, input size, default thresholds) is
 its manifest entry's ``embedding`` block (:class:`EmbedderSpec`), checked against the model
 itself when it is loaded.  Batches are split into power-of-two chunks, each with an
-interpreter sized once (see :class:`edged.detect.BatchRunner`).  :attr:`Embedder.sha256` is
+interpreter sized once (see :class:`edged.vision.detect.BatchRunner`).  :attr:`Embedder.sha256` is
 the sha256 of the model file actually loaded: a gallery is only valid for the embedder that
 made it.
 """
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edged.detect import BatchRunner
+from edged.vision.detect import BatchRunner
 
 __all__ = ["Embedder", "EmbedderSpec", "DEFAULT_EMBEDDER"]
 
@@ -39,7 +39,7 @@ class EmbedderSpec:
 
     @classmethod
     def from_entry(cls, entry) -> "EmbedderSpec":
-        """The spec of a :class:`edged.modelstore.ModelEntry`; a :class:`ValueError` naming
+        """The spec of a :class:`edged.runtime.modelstore.ModelEntry`; a :class:`ValueError` naming
         the entry when its ``embedding`` block is missing or wrong."""
         emb = (entry.spec or {}).get("embedding")
         what = f"manifest entry {entry.role} {entry.name or entry.file}"
@@ -61,7 +61,7 @@ class EmbedderSpec:
     @classmethod
     def of_model(cls, sha256: str, manifest=None) -> Optional["EmbedderSpec"]:
         """The spec of the manifest's embedder whose (loaded) file has ``sha256``, if any."""
-        from edged.modelstore import Manifest, ModelError
+        from edged.runtime.modelstore import Manifest, ModelError
 
         try:
             entry = (manifest or Manifest.load()).by_sha256(sha256)
@@ -77,7 +77,7 @@ def _opt_float(v) -> Optional[float]:
 
 
 class Embedder:
-    """An embedder model on faces aligned by :func:`edged.align.align_face` (BGR uint8
+    """An embedder model on faces aligned by :func:`edged.vision.align.align_face` (BGR uint8
     112 x 112).  ``spec`` says what the model gives; by default the manifest's entry for
     ``sha256``, else (a model the manifest does not name) what the model's output says."""
 
@@ -114,7 +114,7 @@ class Embedder:
     @classmethod
     def from_models(cls, models_dir=None, accel=None, name: Optional[str] = None) -> "Embedder":
         """The installed embedder ``name`` (``"sface"``; None: the manifest's default)."""
-        from edged.modelstore import Manifest, read_verified
+        from edged.runtime.modelstore import Manifest, read_verified
 
         manifest = Manifest.load()
         data, digest, _ = read_verified("embedder", models_dir, manifest, name=name)

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-from edged.imageio import to_bgr8
+from edged.vision.imageio import to_bgr8
 from edged.logs import fields
 from edged.types import Frame
 

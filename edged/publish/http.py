@@ -6,10 +6,10 @@ which only reads what the daemon keeps: a scrape never waits for a frame and a f
 waits for a scrape.
 
 - ``/metrics``: the Prometheus text format (or OpenMetrics when asked) of
-  :mod:`edged.metrics`, encoded by prometheus_client;
+  :mod:`edged.publish.metrics`, encoded by prometheus_client;
 - ``/healthz``: 200 and ``{"state": "healthy", ...}`` while the daemon is healthy; 503 with
   ``reason`` otherwise: starting, stopped, or degraded with its problems (a camera down past
-  its stall timeout, the pipeline stuck, the state disk full): :mod:`edged.health`, the state
+  its stall timeout, the pipeline stuck, the state disk full): :mod:`edged.daemon.health`, the state
   the systemd status line and the retained MQTT status carry.
 
 Access: a bearer token read from ``http.token_file``, or basic auth (``http.username`` and
@@ -167,7 +167,7 @@ class HttpEndpoint:
         return None
 
     def start(self) -> "HttpEndpoint":
-        from edged.metrics import registry
+        from edged.publish.metrics import registry
 
         self.registry = registry(self.daemon)
         self.server = _server(self.host, self.port, _handler(self))
@@ -218,7 +218,7 @@ class HttpEndpoint:
 
 
 def health_document(daemon) -> dict:
-    """What ``/healthz`` answers: the health (:mod:`edged.health`), with ``reason`` when it is
+    """What ``/healthz`` answers: the health (:mod:`edged.daemon.health`), with ``reason`` when it is
     not healthy, and each camera's connection."""
     health = daemon.health
     doc = dict(health.document(), device=daemon.device, edged_version=__version__,

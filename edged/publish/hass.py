@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 from edged import __version__
-from edged.modelstore import atomic_write
-from edged.mqtt import ascii_id, topic_segment
+from edged.runtime.modelstore import atomic_write
+from edged.publish.mqtt import ascii_id, topic_segment
 from edged.types import EVENT_TYPES
 
 log = logging.getLogger("edged.hass")

@@ -123,7 +123,7 @@ class LivenessStage:
     @classmethod
     def from_models(cls, models_dir=None, settings: Optional[LivenessSettings] = None,
                     accel=None) -> "LivenessStage":
-        from edged.modelstore import read_verified
+        from edged.runtime.modelstore import read_verified
 
         data, digest, _ = read_verified("antispoof", models_dir)
         return cls(data, digest, settings, accel)

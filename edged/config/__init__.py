@@ -1,10 +1,10 @@
 """The daemon's configuration: a typed tree of dataclasses loaded from YAML.
 
 This module is a *generic* loader.  Each stage owns its settings as a plain
-``@dataclasses.dataclass`` in its own module (``DetectionSettings`` in :mod:`edged.detect`,
-``QualitySettings`` in :mod:`edged.quality`, ``MatchSettings`` in :mod:`edged.gallery`,
-``MqttSettings`` in :mod:`edged.mqtt`, ``CameraSettings`` in :mod:`edged.capture`,
-``TrackingSettings`` in :mod:`edged.track`, ``LoggingSettings`` in :mod:`edged.logs`), with
+``@dataclasses.dataclass`` in its own module (``DetectionSettings`` in :mod:`edged.vision.detect`,
+``QualitySettings`` in :mod:`edged.vision.quality`, ``MatchSettings`` in :mod:`edged.gallery`,
+``MqttSettings`` in :mod:`edged.publish.mqtt`, ``CameraSettings`` in :mod:`edged.daemon.capture`,
+``TrackingSettings`` in :mod:`edged.daemon.track`, ``LoggingSettings`` in :mod:`edged.logs`), with
 every default written once there and per-field metadata ``{"min", "max", "choices", "help"}``.
 :func:`build` checks a mapping against those dataclasses: unknown keys, wrong types,
 out-of-range values and missing required keys are all reported at once, each with the key's
@@ -109,7 +109,7 @@ class ModelsSettings:
         return errs
 
     def _embedder_model_errors(self):
-        from edged.modelstore import Manifest, ModelError
+        from edged.runtime.modelstore import Manifest, ModelError
 
         try:
             names = Manifest.load().names("embedder")
@@ -159,17 +159,17 @@ class PathsSettings:
 # ---------------------------------------------------------------------------- stage sections
 
 
-from edged.capture import CameraSettings  # noqa: E402
-from edged.detect import DetectionSettings  # noqa: E402
+from edged.daemon.capture import CameraSettings  # noqa: E402
+from edged.vision.detect import DetectionSettings  # noqa: E402
 from edged.gallery import MatchSettings  # noqa: E402
-from edged.httpapi import HttpSettings  # noqa: E402
-from edged.liveness import LivenessSettings  # noqa: E402
+from edged.publish.http import HttpSettings  # noqa: E402
+from edged.vision.liveness import LivenessSettings  # noqa: E402
 from edged.logs import LoggingSettings  # noqa: E402
-from edged.motion import MotionSettings  # noqa: E402
-from edged.mqtt import MqttSettings  # noqa: E402
-from edged.ota import DropSettings  # noqa: E402
-from edged.quality import QualitySettings  # noqa: E402
-from edged.track import TrackingSettings  # noqa: E402
+from edged.vision.motion import MotionSettings  # noqa: E402
+from edged.publish.mqtt import MqttSettings  # noqa: E402
+from edged.ota.drops import DropSettings  # noqa: E402
+from edged.vision.quality import QualitySettings  # noqa: E402
+from edged.daemon.track import TrackingSettings  # noqa: E402
 
 
 def _example_cameras():
@@ -224,8 +224,8 @@ class Config:
         """``match`` with its threshold decided: the file's; else (``match.threshold: null``)
         the manifest default of the embedder whose file has ``embedder_sha256`` (the one in
         service, which a drop may have changed), else of ``models.embedder_model``."""
-        from edged.embed import EmbedderSpec
-        from edged.modelstore import Manifest, ModelError
+        from edged.vision.embed import EmbedderSpec
+        from edged.runtime.modelstore import Manifest, ModelError
 
         if self.match.threshold is not None:
             return self.match

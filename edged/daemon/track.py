@@ -32,7 +32,7 @@ Boxes are not identity:
   identity, or, once recognized, a clear non-match) end the track and start a new one at the
   same place, with no name.
 
-Liveness, when the stage is on (:mod:`edged.liveness`), is evidence too: each embedded face
+Liveness, when the stage is on (:mod:`edged.vision.liveness`), is evidence too: each embedded face
 with a liveness score adds it, weighted by the face's quality, to the track's liveness (the
 weighted mean; unknown while no face was scored).  ``recognized`` events carry it as
 ``liveness: {score, live}``.  With ``liveness.require`` a track whose identity evidence is
@@ -54,8 +54,8 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from edged.liveness import LivenessSettings, verdict
-from edged.motion import thumbnail
+from edged.vision.liveness import LivenessSettings, verdict
+from edged.vision.motion import thumbnail
 from edged.types import Event, Face, Frame, Match
 
 log = logging.getLogger("edged.track")

@@ -15,7 +15,7 @@ opening costs the same for any size (the matrix is not read) unless ``verify=Tru
 also checks the body sha256 and every row (finite, unit norm) in one pass.
 
 Search is a matrix product over the mapped matrix: float32 by numpy (one gemv for one query,
-block-wise for several); float16 by the compiled scan ``edged._scan`` (groups of rows widened
+block-wise for several); float16 by the compiled scan ``edged.gallery._scan`` (groups of rows widened
 in registers or in the L1 cache and multiplied there, see ``_scan_kernel.h``), or where it is
 not built by widening blocks of rows to float32 first.  Then the best row of every identity
 (rows are grouped by identity: in the compiled scan, else one ``np.maximum.reduceat``), then
@@ -43,7 +43,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from edged import safefile
-from edged.modelstore import NoRoom, atomic_write, check_room, human_size
+from edged.runtime.modelstore import NoRoom, atomic_write, check_room, human_size
 from edged.types import Match
 
 log = logging.getLogger("edged.gallery")
@@ -129,7 +129,7 @@ class MatchSettings:
 
     def for_embedder(self, spec) -> "MatchSettings":
         """These settings with ``threshold`` decided: the configured one, else ``spec``'s (an
-        :class:`edged.embed.EmbedderSpec`, or None) identification threshold, else
+        :class:`edged.vision.embed.EmbedderSpec`, or None) identification threshold, else
         :data:`FALLBACK_THRESHOLD`."""
         if self.threshold is not None:
             return self
@@ -159,8 +159,8 @@ def _check_sha(value: str, what: str) -> bytes:
 # ---------------------------------------------------------------------------- fp16 widening
 
 
-try:  # the compiled float16 scan (setup.py builds it when it can; edged/_scan_kernel.h)
-    from edged import _scan as _scan_ext
+try:  # the compiled float16 scan (setup.py builds it when it can; edged/gallery/_scan_kernel.h)
+    from edged.gallery import _scan as _scan_ext
 except ImportError:  # pragma: no cover - depends on the install
     _scan_ext = None
 
@@ -933,7 +933,7 @@ def _check_embedder(path: Path, made_by: str, expect_embedder: Optional[str]) ->
 def embedder_name(sha256: str) -> str:
     """The manifest's name of the embedder whose loaded file has ``sha256`` (``"sface"``), or
     ``""`` for one the manifest does not name."""
-    from edged.modelstore import Manifest, ModelError
+    from edged.runtime.modelstore import Manifest, ModelError
 
     try:
         entry = Manifest.load().by_sha256(sha256)
@@ -1023,10 +1023,10 @@ class GalleryHolder:
     version, crc32, sections, dimension, embedder: nothing else of a file that is not a
     gallery is read), then copied to a private snapshot (so an in-place copy over the watched
     file can never change the pages of the gallery in service), hashed while it is copied,
-    then checked fully off the hot path, then swapped in.  See :mod:`edged.hotswap`.
+    then checked fully off the hot path, then swapped in.  See :mod:`edged.ota.hotswap`.
 
     A snapshot is written only when it fits with a margin
-    (:func:`edged.modelstore.check_room`).  When it cannot be written (a full or read-only
+    (:func:`edged.runtime.modelstore.check_room`).  When it cannot be written (a full or read-only
     state directory), the candidate is read into memory and checked and served from there:
     the gallery in service never depends on a copy that could not be written.  Then
     :attr:`snapshot_error` says why (one ERROR is logged) until :meth:`retry_snapshot`
@@ -1049,7 +1049,7 @@ class GalleryHolder:
                  snapshot_dir=None, debounce: float = 0.2, settle: float = 1.0,
                  watch: bool = True, threads: Optional[int] = None, keep_previous: bool = False,
                  lock: Optional[threading.Lock] = None, max_bytes: Optional[int] = None):
-        from edged.hotswap import SwapHolder
+        from edged.ota.hotswap import SwapHolder
 
         self.path = Path(path)
         self.expect_embedder = expect_embedder
@@ -1297,7 +1297,7 @@ class GalleryHolder:
         before and unchanged since is not read again: the event returned says so, and is not
         reported to ``on_event``.
         """
-        from edged.hotswap import SwapEvent
+        from edged.ota.hotswap import SwapEvent
 
         self._clean_stale()
         known = _known_refusal(self._refusal_key(self.path), _identity(self.path))

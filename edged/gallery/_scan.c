@@ -1,4 +1,4 @@
-/* edged._scan: the float16 gallery scan for Python (the kernels: _scan_kernel.h).
+/* edged.gallery._scan: the float16 gallery scan for Python (the kernels: _scan_kernel.h).
  *
  * Optional: setup.py builds it when a C compiler and the Python headers are there; without
  * it edged.gallery widens float16 blocks with OpenCV or numpy instead (same scores, slower).
@@ -156,7 +156,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "edged._scan",
+    PyModuleDef_HEAD_INIT, "edged.gallery._scan",
     "The float16 gallery scan (C; optional, see edged.gallery).", -1, methods,
     NULL, NULL, NULL, NULL,
 };

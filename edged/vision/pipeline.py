@@ -5,7 +5,7 @@
 >>> face = central_face(faces, image_bgr.shape)
 
 Faces below the quality minimums are returned with ``embedding = None``.  With a liveness
-stage (``liveness.enabled``, :mod:`edged.liveness`) the faces that are embedded also get
+stage (``liveness.enabled``, :mod:`edged.vision.liveness`) the faces that are embedded also get
 ``Face.liveness`` (None below ``liveness.min_size``).  A pipeline is not thread-safe (its
 interpreters are reused between calls): use one per thread.
 """
@@ -17,12 +17,12 @@ from typing import List, Optional
 
 import numpy as np
 
-from edged.align import align_face
-from edged.detect import DetectionSettings, MtcnnDetector
-from edged.embed import Embedder
-from edged.imageio import to_bgr8
-from edged.liveness import LivenessSettings, LivenessStage
-from edged.quality import QualitySettings, assess
+from edged.vision.align import align_face
+from edged.vision.detect import DetectionSettings, MtcnnDetector
+from edged.vision.embed import Embedder
+from edged.vision.imageio import to_bgr8
+from edged.vision.liveness import LivenessSettings, LivenessStage
+from edged.vision.quality import QualitySettings, assess
 from edged.types import Face
 
 __all__ = ["PipelineSettings", "FacePipeline", "central_face", "cosine", "DEFAULT_MATCH_THRESHOLD"]

@@ -16,7 +16,7 @@ topic                           retained  QoS     payload
 ==============================  ========  ======  ============================================
 
 Delivery of events: :meth:`Publisher.publish_event` commits the event to the spool
-(:mod:`edged.spool`) and returns; a sender thread hands spooled events to paho oldest first,
+(:mod:`edged.publish.spool`) and returns; a sender thread hands spooled events to paho oldest first,
 at most ``max_inflight`` unacknowledged at a time, and deletes each row when its PUBACK
 arrives.  paho itself resends the unacknowledged ones after a reconnect; new events wait until
 those are acknowledged, so the order per camera holds.  Events still in the spool when edged
@@ -43,16 +43,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from edged import __version__
-from edged.hass import HassDiscovery
-from edged.mqtt import MqttClient, MqttSettings, topic_segment
-from edged.spool import Spool
+from edged.publish.hass import HassDiscovery
+from edged.publish.mqtt import MqttClient, MqttSettings, topic_segment
+from edged.publish.spool import Spool
 from edged.types import EVENT_TYPES, Event
 
 log = logging.getLogger("edged.publish")
 
 SCHEMA_VERSION = 1
 SPOOL_FILE = "mqtt-spool.db"
-HASS_FILE = "hass-discovery.json"  # what Home Assistant was told (edged.hass)
+HASS_FILE = "hass-discovery.json"  # what Home Assistant was told (edged.publish.hass)
 
 
 def iso_utc(t: float) -> str:

@@ -46,8 +46,8 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-from edged.imageio import MAX_SIDE, ImageError, to_bgr8
-from edged.tflitefile import pnet_model_for  # noqa: F401  (re-exported: edged.ota uses it)
+from edged.vision.imageio import MAX_SIDE, ImageError, to_bgr8
+from edged.runtime.tflitefile import pnet_model_for  # noqa: F401  (re-exported: edged.ota uses it)
 from edged.types import Face
 
 log = logging.getLogger("edged.detect")
@@ -426,7 +426,7 @@ class MtcnnDetector:
 
     def __init__(self, pnet: bytes, rnet: bytes, onet: bytes,
                  settings: Optional[DetectionSettings] = None, accel=None):
-        from edged.modelstore import sha256_bytes
+        from edged.runtime.modelstore import sha256_bytes
         from edged.runtime import open_runner
 
         self.settings = settings or DetectionSettings()
@@ -454,7 +454,7 @@ class MtcnnDetector:
     @classmethod
     def from_models(cls, models_dir=None, settings: Optional[DetectionSettings] = None,
                     accel=None) -> "MtcnnDetector":
-        from edged.modelstore import read_verified
+        from edged.runtime.modelstore import read_verified
 
         blobs = {role: read_verified(role, models_dir)[0] for role in ("pnet", "rnet", "onet")}
         return cls(blobs["pnet"], blobs["rnet"], blobs["onet"], settings, accel)

@@ -28,117 +28,36 @@ A clean :meth:`Publisher.stop` leaves no stale retained state: everyone absent, 
 """
 from __future__ import annotations
 
-import base64
-import copy
 import json
 import logging
-import math
 import queue
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-from edged import __version__
 from edged.publish.hass import HassDiscovery
 from edged.publish.mqtt import MqttClient, MqttSettings, topic_segment
+from edged.publish.payloads import _merge  # noqa: F401  (imported from here by the daemon)
+from edged.publish.payloads import event_payload, iso_utc, snapshot_payload
+from edged.publish.presence import PresenceTopics
+from edged.publish.retained import RetainedState
 from edged.publish.spool import Spool
-from edged.types import EVENT_TYPES, Event
+from edged.types import Event
 
 log = logging.getLogger("edged.publish")
 
-SCHEMA_VERSION = 1
 SPOOL_FILE = "mqtt-spool.db"
 HASS_FILE = "hass-discovery.json"  # what Home Assistant was told (edged.publish.hass)
 
 
-def iso_utc(t: float) -> str:
-    """Epoch seconds as ISO 8601 UTC with milliseconds, e.g. 2026-11-21T12:00:00.123Z."""
-    return datetime.fromtimestamp(float(t), timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+class Publisher(PresenceTopics, RetainedState):
+    """edged's MQTT side.  All public methods are thread-safe and never block on the network.
 
-
-def _num(v):
-    """A number for JSON (4 decimals), or None: never NaN or infinity, which are not JSON."""
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return round(f, 4) if math.isfinite(f) else None
-
-
-def _liveness(live: dict) -> dict:
-    """``{"score": number or None, "live": True, False or None}``."""
-    verdict = live.get("live")
-    return {"score": _num(live.get("score")), "live": None if verdict is None else bool(verdict)}
-
-
-def event_payload(event: Event, device: str, publish_time: float) -> dict:
-    """The JSON document published on ``<prefix>/events`` (never embeddings or images);
-    ``liveness`` only on events that carry it (the liveness stage on)."""
-    if event.type not in EVENT_TYPES:
-        raise ValueError(f"event {event.id}: type {event.type!r} is not one of {EVENT_TYPES}")
-    doc = {
-        "schema": SCHEMA_VERSION,
-        "id": event.id,
-        "type": event.type,
-        "device": device,
-        "camera": event.camera,
-        "track_id": int(event.track_id),
-        "name": event.name,
-        "identity": event.identity,
-        "score": _num(event.score),
-        "margin": _num(event.margin),
-        "box": ([round(float(v), 1) for v in event.box]
-                if event.box is not None and all(math.isfinite(float(v)) for v in event.box)
-                else None),
-        "quality": _num(event.quality),
-        "duration": _num(event.duration),
-        "best_score": _num(event.best_score),
-        "frame_time": iso_utc(event.frame_time),
-        "publish_time": iso_utc(publish_time),
-        "versions": dict(event.versions or {}),
-    }
-    if event.liveness is not None:
-        doc["liveness"] = _liveness(event.liveness)
-    return doc
-
-
-def _merge(dst: dict, src: dict, replace=()) -> None:
-    """Recursive dict merge; a None value deletes the key.  The top-level keys of ``src``
-    named in ``replace`` replace their old values whole instead of merging into them."""
-    for k in replace:
-        if k in src:
-            dst.pop(k, None)
-    for k, v in src.items():
-        if v is None:
-            dst.pop(k, None)
-        elif isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-
-
-@dataclass
-class _Person:
-    name: str
-    present: bool = False
-    camera: Optional[str] = None
-    last_seen: Optional[float] = None  # epoch (frame time)
-    last_mono: float = 0.0  # monotonic time of the last sighting or track end
-    tracks: Set[Tuple[str, int]] = field(default_factory=set)
-    score: Optional[float] = None
-    event_id: Optional[str] = None
-    dirty: bool = True
-
-
-class Publisher:
-    """edged's MQTT side.  All public methods are thread-safe and never block on the network."""
+    This class delivers: start and stop, the spooled events, the sender thread and its in-flight
+    window.  Its mixins, sharing its state, say what the retained topics hold: presence
+    (:class:`~edged.publish.presence.PresenceTopics`) and status and discovery
+    (:class:`~edged.publish.retained.RetainedState`)."""
 
     FLUSH_TIMEOUT_S = 3.0
 
@@ -158,30 +77,19 @@ class Publisher:
         self._acks: "queue.SimpleQueue[Tuple[int, bool, str]]" = queue.SimpleQueue()
         self._inflight: Dict[int, int] = {}  # mid -> spool row id (sender thread only)
         self._ctl_inflight: Dict[int, str] = {}  # mid -> topic of a retained state message
-        self._ctl_pending: "OrderedDict[str, Tuple[bytes, bool]]" = OrderedDict()
         self._budget = settings.max_inflight
         self._cursor = 0  # highest spool row id handed to paho
         self._conn_gen = 0  # bumped by each CONNACK (network thread)
         self._seen_gen = 0
         self._resync_since: Optional[float] = None
-        self._hass_due = False
-        self._status_due = False
-        self._people: Dict[str, _Person] = {}
-        self._clear: Set[str] = set()  # people removed from the gallery: clear their topic
-        self._enrolled: List[str] = []
-        self._cameras: List[str] = []
         self._thread: Optional[threading.Thread] = None
         self.sent = 0
         self.acked = 0
         self.rejected = 0
         self.loops = 0  # rounds of the sender thread (woken, or 0.5 s passed)
         self.started_at = time.time()
-        self._status: dict = {
-            "device": device,
-            "edged_version": __version__,
-            "started": iso_utc(self.started_at),
-        }
-        self._last_status_dropped = 0
+        self._init_retained(device, self.started_at)
+        self._init_presence()
         self.spool: Optional[Spool] = None
         self.client: Optional[MqttClient] = None
         self.hass: Optional[HassDiscovery] = None
@@ -252,22 +160,6 @@ class Publisher:
         log.info("MQTT publisher stopped (%s); %d event(s) left in the spool for next start",
                  "clean" if clean else "not clean", left)
 
-    def _say_stopped(self) -> None:
-        """What a clean stop leaves retained: nobody present, the status stopped."""
-        with self._lock:
-            for p in self._people.values():
-                if p.present or p.tracks:
-                    p.present = False
-                    p.tracks.clear()
-                    p.dirty = True
-            parts: dict = {"state": "stopped"}
-            if self._status.get("cameras"):
-                parts["cameras"] = {c: {"connected": False, "fps": None}  # None: no fps
-                                    for c in self._status["cameras"]}
-            _merge(self._status, parts)
-            self._status_due = True
-        self._wake.set()
-
     def _unsent(self) -> bool:
         """Whether events or retained state are still to be sent or acknowledged."""
         with self._lock:
@@ -281,6 +173,22 @@ class Publisher:
         while time.monotonic() < deadline and self.client.connected and self._unsent():
             self._wake.set()
             time.sleep(0.02)
+
+    def _wait_ack(self, mid: Optional[int], timeout: float) -> bool:
+        if mid is None:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.client.connected:
+            try:
+                m, ok, _ = self._acks.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            rowid = self._inflight.pop(m, None)
+            if rowid is not None:  # an event acknowledged after the sender stopped
+                self.spool.delete([rowid])
+            if m == mid:
+                return True
+        return False
 
     def publish_event(self, event: Event) -> None:
         """Spool the event (committed before this returns) and queue it for sending."""
@@ -298,19 +206,6 @@ class Publisher:
             self._publish_snapshot(event)
         self._wake.set()
 
-    def update_status(self, *, _replace=(), **parts) -> None:
-        """Merge ``parts`` into the retained status document (None deletes a key), republish.
-
-        The keys of ``parts`` named in ``_replace`` replace the old values whole, in one step.
-        """
-        with self._lock:
-            _merge(self._status, parts, _replace)
-            cams = parts.get("cameras")
-            if isinstance(cams, dict):
-                self._note_cameras(self._status.get("cameras", {}).keys())
-            self._status_due = True
-        self._wake.set()
-
     def publish_stats(self, stats: dict) -> None:
         """Publish one stats message (QoS 0, not retained); the spool and MQTT parts are added."""
         if not self.enabled:
@@ -326,32 +221,6 @@ class Publisher:
         if self.client.connected:
             self.client.publish(self.t_stats, json.dumps(doc, default=str), qos=0)
         self._wake.set()
-
-    def set_people(self, names: Sequence[str]) -> None:
-        """The enrolled people: their presence topics and Home Assistant entities."""
-        with self._lock:
-            names = sorted({str(n) for n in names})
-            for n in names:
-                self._people.setdefault(n, _Person(n))
-            self._clear -= set(names)  # removed, then back before its clearing was sent
-            seen: Dict[str, str] = {}
-            for n in names:
-                other = seen.setdefault(topic_segment(n), n)
-                if other != n:
-                    log.warning("MQTT: %r and %r share the presence topic %s; rename one of "
-                                "them in the gallery", other, n, self.person_topic(n))
-            self._enrolled = names
-            for n in [n for n in self._people if n not in names and not self._people[n].present]:
-                del self._people[n]
-                self._clear.add(n)  # its retained presence is cleared
-            self._hass_due = True
-        self._wake.set()
-
-    def person_topic(self, name: str) -> str:
-        return f"{self.prefix}/person/{topic_segment(name)}"
-
-    def snapshot_topic(self, camera: str) -> str:
-        return f"{self.prefix}/snapshot/{topic_segment(camera)}"
 
     # -- paho callbacks (network thread; no blocking, no locks held across paho calls) ------
     def _on_connected(self) -> None:
@@ -415,14 +284,7 @@ class Publisher:
         rm = c.receive_maximum
         self._budget = max(1, min(self.settings.max_inflight, rm)) if rm else \
             self.settings.max_inflight
-        with self._lock:
-            self._ctl_pending[self.t_availability] = (b"online", True)
-            self._ctl_pending.move_to_end(self.t_availability, last=False)
-            if self.hass:
-                self._hass_due = True
-            self._status_due = True
-            for p in self._people.values():
-                p.dirty = True
+        self._retain_anew()
         if self.hass:
             c.subscribe(self.hass.birth_topic, qos=1)
         if self._inflight or self._ctl_inflight:
@@ -458,19 +320,6 @@ class Publisher:
         Receive Maximum (MQTT 5) or mqtt.max_inflight."""
         return self._budget - len(self._inflight) - len(self._ctl_inflight)
 
-    def _send_ctl(self) -> None:
-        """Retained state (availability, person, status, discovery): the latest per topic."""
-        while self._room() > 0:
-            with self._lock:
-                if not self._ctl_pending:
-                    return
-                topic, (payload, retain) = self._ctl_pending.popitem(last=False)
-            mid = self.client.publish(topic, payload, qos=1, retain=retain)
-            if mid is not None:
-                self._ctl_inflight[mid] = topic
-                if self.hass and topic == self.hass.topic:
-                    self.hass.published += 1
-
     def _fill(self) -> None:
         room = self._room()
         if room <= 0:
@@ -483,45 +332,6 @@ class Publisher:
             self._inflight[mid] = rec.rowid
             self.sent += 1
 
-    def _collect_state(self) -> None:
-        """Queue what changed (latest document per topic wins)."""
-        with self._lock:
-            pending = self._ctl_pending
-            # the discovery change goes first: Home Assistant drops an entity before its
-            # state topic is cleared (an empty payload on a live entity is a template error)
-            if self.hass and self._hass_due:
-                self._hass_due = False
-                doc = self.hass.payload(self._enrolled, self._cameras)
-                pending[self.hass.topic] = (json.dumps(doc).encode(), True)
-            for p in self._people.values():
-                if p.dirty:
-                    p.dirty = False
-                    pending[self.person_topic(p.name)] = (
-                        json.dumps(self._person_doc(p)).encode(), True)
-            if not self._discovery_unacked():
-                for name in self._clear:
-                    pending[self.person_topic(name)] = (b"", True)
-                self._clear = set()
-            if self.spool.dropped != self._last_status_dropped:
-                self._status_due = True
-            if self._status_due:
-                self._status_due = False
-                self._last_status_dropped = self.spool.dropped
-                pending[self.t_status] = (json.dumps(self._status_doc(), default=str).encode(),
-                                          True)
-
-    def _discovery_unacked(self) -> bool:
-        """Whether a discovery message is queued or not yet acknowledged by the broker."""
-        return bool(self.hass) and (self.hass.topic in self._ctl_pending
-                                    or self.hass.topic in self._ctl_inflight.values())
-
-    def _status_doc(self) -> dict:
-        doc = copy.deepcopy(self._status)
-        doc["time"] = iso_utc(time.time())
-        doc["spool"] = self.spool.stats()
-        doc["mqtt"] = self.mqtt_stats()
-        return doc
-
     def mqtt_stats(self) -> dict:
         """The connection's counters, as in the status and stats documents."""
         c = self.client
@@ -529,84 +339,12 @@ class Publisher:
                 "acked": self.acked, "rejected": self.rejected,
                 "inflight": len(self._inflight), "last_error": c.last_error}
 
-    def _note_cameras(self, names) -> None:
-        names = sorted(set(self._cameras) | {str(n) for n in names})
-        if names != self._cameras:
-            self._cameras = names
-            self._hass_due = True
-
-    # -- presence -----------------------------------------------------------------------------
-    def _presence_event(self, ev: Event) -> None:
-        if not ev.name or ev.type == "spoof_suspected":  # (its name is the audit trail's)
-            return
-        p = self._people.get(ev.name)
-        if p is None:
-            p = self._people[ev.name] = _Person(ev.name)
-        key = (ev.camera, int(ev.track_id))
-        p.last_mono = time.monotonic()
-        p.camera = ev.camera
-        p.last_seen = ev.frame_time
-        if ev.type == "track_ended":
-            p.tracks.discard(key)
-        else:
-            p.tracks.add(key)
-            if ev.type == "recognized":
-                p.score, p.event_id = ev.score, ev.id
-            if not p.present:
-                p.present = True
-                log.info("%s is present (camera %s)", ev.name, ev.camera)
-        p.dirty = True
-
-    def _presence_tick(self, now: float) -> None:
-        timeout = self.settings.presence_timeout_s
-        with self._lock:
-            for p in self._people.values():
-                if not p.present:
-                    continue
-                idle = now - p.last_mono
-                if p.tracks and idle > max(600.0, 10 * timeout):
-                    p.tracks.clear()  # a track_ended was never received
-                if not p.tracks and idle > timeout:
-                    p.present = False
-                    p.dirty = True
-                    log.info("%s has left (last seen on %s)", p.name, p.camera)
-            for n in [n for n, p in self._people.items()
-                      if not p.present and not p.dirty and n not in self._enrolled]:
-                del self._people[n]  # left the gallery and the scene
-                self._clear.add(n)
-        # no wake-up here: the same round collects what changed, and while disconnected
-        # nothing is collected, so a wake-up would only spin this thread until the broker is back
-
-    def _person_doc(self, p: _Person) -> dict:
-        return {"name": p.name, "present": p.present, "camera": p.camera,
-                "last_seen": iso_utc(p.last_seen) if p.last_seen else None,
-                "score": _num(p.score), "event_id": p.event_id}
-
     # -- snapshots ----------------------------------------------------------------------------
+    def snapshot_topic(self, camera: str) -> str:
+        return f"{self.prefix}/snapshot/{topic_segment(camera)}"
+
     def _publish_snapshot(self, ev: Event) -> None:
         if not self.client.connected:
             return
-        if self.settings.snapshot_encoding == "base64":
-            payload = json.dumps({"event_id": ev.id, "camera": ev.camera, "type": ev.type,
-                                  "name": ev.name, "time": iso_utc(ev.frame_time),
-                                  "content_type": "image/jpeg",
-                                  "jpeg": base64.b64encode(ev.snapshot).decode("ascii")})
-        else:
-            payload = bytes(ev.snapshot)
+        payload = snapshot_payload(ev, self.settings.snapshot_encoding)
         self.client.publish(self.snapshot_topic(ev.camera), payload, qos=0)
-
-    def _wait_ack(self, mid: Optional[int], timeout: float) -> bool:
-        if mid is None:
-            return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.client.connected:
-            try:
-                m, ok, _ = self._acks.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            rowid = self._inflight.pop(m, None)
-            if rowid is not None:  # an event acknowledged after the sender stopped
-                self.spool.delete([rowid])
-            if m == mid:
-                return True
-        return False

@@ -94,7 +94,17 @@ class SpoolRecord:
 
 
 class Spool:
-    """An SQLite (WAL) queue of event payloads.  Thread-safe."""
+    """An SQLite (WAL) queue of event payloads.  Thread-safe.
+
+    One class of about 490 lines, on purpose: the spool is one state machine under one lock.
+    The rows on disk, the events held in memory while the disk refuses writes and the
+    acknowledged rows waiting for deletion share one sequence of row ids (``_hi``), one set of
+    bounds and one depth (``_depth - len(_acked) + len(_held)``), and every operation
+    (:meth:`put`, :meth:`fetch`, :meth:`delete`, :meth:`close`) first tries :meth:`retry` to
+    leave the degraded state, then chooses between the disk and memory.  Split into a storage
+    class and a holding class, each would have to reach into the other's counters inside the
+    other's transactions; read whole, each operation shows both of its paths.
+    """
 
     def __init__(self, path, max_events: int = 100000, max_bytes: int = 64 * 1024 * 1024,
                  max_age_s: float = 7 * 86400.0, fsync: str = "normal"):

@@ -96,7 +96,7 @@ class SpoolRecord:
 class Spool:
     """An SQLite (WAL) queue of event payloads.  Thread-safe.
 
-    One class of about 490 lines, on purpose: the spool is one state machine under one lock.
+    One class of about 500 lines, on purpose: the spool is one state machine under one lock.
     The rows on disk, the events held in memory while the disk refuses writes and the
     acknowledged rows waiting for deletion share one sequence of row ids (``_hi``), one set of
     bounds and one depth (``_depth - len(_acked) + len(_held)``), and every operation

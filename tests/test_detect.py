@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edged.vision.detect import (DetectionSettings, MtcnnDetector, nms, nms_union, pnet_model_for,
-                          pyramid_scales, soft_nms)
+from edged.vision.boxes import nms, nms_union, soft_nms
+from edged.vision.detect import DetectionSettings, MtcnnDetector, pnet_model_for, pyramid_scales
 from edged.vision.imageio import load_image
 
 ACCEL = {"type": "cpu", "num_threads": 1}

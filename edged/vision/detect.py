@@ -34,10 +34,11 @@ never more than 2x smaller than its source), with zero padding where a box cross
 border, so such boxes never fail; the boxes returned are not clipped to the frame (a face cut
 by the border has a box reaching outside it).  A detector is not thread-safe: use one per
 thread.
+
+The box arithmetic (suppression, regression, squaring) is in :mod:`edged.vision.boxes`.
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -46,14 +47,13 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
+from edged.vision.boxes import nms, nms_union, regress, soft_nms, square
 from edged.vision.imageio import MAX_SIDE, ImageError, to_bgr8
 from edged.runtime.tflitefile import pnet_model_for  # noqa: F401  (re-exported: edged.ota uses it)
 from edged.types import Face
 
-log = logging.getLogger("edged.detect")
-
-__all__ = ["DetectionSettings", "MtcnnDetector", "BatchRunner", "nms", "soft_nms",
-           "pyramid_scales", "detection_size"]
+__all__ = ["DetectionSettings", "MtcnnDetector", "BatchRunner", "pyramid_scales", "pnet_levels",
+           "detection_size"]
 
 PNET_CACHE = 24  # at most this many P-Net interpreters kept, one per pyramid level size
 PNET_CACHE_PIXELS = 2_000_000  # ... and at most this many input pixels over all of them
@@ -109,120 +109,6 @@ class DetectionSettings:
         errs = self.config_errors()
         if errs:
             raise ValueError("; ".join(f"detection.{k}: {m}" for k, m in errs))
-
-
-# ---------------------------------------------------------------------------- box helpers
-
-
-def _areas(b: np.ndarray) -> np.ndarray:
-    return (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-
-
-def _overlap(box: np.ndarray, others: np.ndarray, area: float, others_area: np.ndarray,
-             mode: str) -> np.ndarray:
-    xx1 = np.maximum(box[0], others[:, 0])
-    yy1 = np.maximum(box[1], others[:, 1])
-    xx2 = np.minimum(box[2], others[:, 2])
-    yy2 = np.minimum(box[3], others[:, 3])
-    inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
-    if mode == "min":
-        return inter / np.minimum(area, others_area)
-    return inter / (area + others_area - inter)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
-    """Greedy non-maximum suppression; indices kept, best score first.
-
-    ``boxes`` are ``[x1, y1, x2, y2]`` with inclusive corners; ``mode`` "union" (IoU) or "min"
-    (intersection over the smaller box).
-    """
-    if len(boxes) == 0:
-        return np.zeros(0, dtype=np.int64)
-    boxes = np.asarray(boxes, dtype=np.float64)
-    areas = _areas(boxes)
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        if order.size == 1:
-            break
-        rest = order[1:]
-        ov = _overlap(boxes[i], boxes[rest], areas[i], areas[rest], mode)
-        order = rest[ov <= threshold]
-    return np.asarray(keep, dtype=np.int64)
-
-
-_HAVE_CV2_NMS = hasattr(cv2, "dnn") and hasattr(cv2.dnn, "NMSBoxes")
-
-
-def nms_union(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
-    """IoU suppression (indices kept, best first): OpenCV's C++ NMSBoxes when available."""
-    n = len(boxes)
-    if n <= 1:
-        return np.arange(n, dtype=np.int64)
-    global _HAVE_CV2_NMS
-    if _HAVE_CV2_NMS:
-        xywh = np.empty((n, 4), dtype=np.float64)
-        xywh[:, :2] = boxes[:, :2]
-        xywh[:, 2:] = boxes[:, 2:4] - boxes[:, :2] + 1.0
-        try:
-            keep = cv2.dnn.NMSBoxes(xywh, np.asarray(scores, dtype=np.float32), 0.0,
-                                    float(threshold))
-            return np.asarray(keep, dtype=np.int64).reshape(-1)
-        except (cv2.error, TypeError) as exc:  # an OpenCV build whose bindings differ
-            log.info("OpenCV NMSBoxes unusable (%s); using numpy suppression", exc)
-            _HAVE_CV2_NMS = False
-    return nms(boxes, scores, threshold, "union")
-
-
-def soft_nms(boxes: np.ndarray, scores: np.ndarray, sigma: float, min_score: float) -> tuple:
-    """Gaussian Soft-NMS: ``(indices kept, their decayed scores)``, best first."""
-    n = len(boxes)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    boxes = np.asarray(boxes, dtype=np.float64)
-    areas = _areas(boxes)
-    s = np.asarray(scores, dtype=np.float64).copy()
-    idx = np.arange(n)
-    keep, kept_scores = [], []
-    while idx.size:
-        j = int(np.argmax(s[idx]))
-        i = idx[j]
-        if s[i] < min_score:
-            break
-        keep.append(i)
-        kept_scores.append(s[i])
-        idx = np.delete(idx, j)
-        if idx.size == 0:
-            break
-        iou = _overlap(boxes[i], boxes[idx], areas[i], areas[idx], "union")
-        s[idx] *= np.exp(-(iou * iou) / sigma)
-        idx = idx[s[idx] >= min_score]
-    return np.asarray(keep, dtype=np.int64), np.asarray(kept_scores, dtype=np.float32)
-
-
-def _regress(boxes: np.ndarray, reg: np.ndarray, plus_one: bool = True) -> np.ndarray:
-    w = boxes[:, 2] - boxes[:, 0] + (1 if plus_one else 0)
-    h = boxes[:, 3] - boxes[:, 1] + (1 if plus_one else 0)
-    out = boxes.copy()
-    out[:, 0] += reg[:, 0] * w
-    out[:, 1] += reg[:, 1] * h
-    out[:, 2] += reg[:, 2] * w
-    out[:, 3] += reg[:, 3] * h
-    return out
-
-
-def _square(boxes: np.ndarray) -> np.ndarray:
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    side = np.maximum(w, h)
-    out = boxes.copy()
-    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
-    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
-    out[:, 2] = out[:, 0] + side
-    out[:, 3] = out[:, 1] + side
-    return out
 
 
 def pyramid_scales(height: int, width: int, min_face: int, factor: float) -> List[float]:
@@ -552,8 +438,8 @@ class MtcnnDetector:
         b = np.concatenate(found)
         keep = nms_union(b[:, :4], b[:, 4], nms_all)
         b = b[keep]
-        boxes = _regress(b[:, :4], b[:, 5:9], plus_one=False)
-        boxes = np.trunc(_square(boxes))
+        boxes = regress(b[:, :4], b[:, 5:9], plus_one=False)
+        boxes = np.trunc(square(boxes))
         return np.hstack([boxes, b[:, 4:5]])
 
     def _stage_rnet(self, img: "_Octaves", cand: np.ndarray) -> np.ndarray:
@@ -570,8 +456,8 @@ class MtcnnDetector:
             return np.zeros((0, 5))
         boxes, score, reg = cand[ok, :4], score[ok], reg[ok]
         keep = nms_union(boxes, score, s.nms_thresholds[2])
-        boxes = _regress(boxes[keep], reg[keep])
-        boxes = np.trunc(_square(boxes))
+        boxes = regress(boxes[keep], reg[keep])
+        boxes = np.trunc(square(boxes))
         return np.hstack([boxes, score[keep, None].astype(np.float64)])
 
     def _stage_onet(self, img: "_Octaves", cand: np.ndarray) -> List[Face]:
@@ -591,7 +477,7 @@ class MtcnnDetector:
         h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
         lx = boxes[:, 0:1] + w * pts[:, 0:5]
         ly = boxes[:, 1:2] + h * pts[:, 5:10]
-        boxes = _regress(boxes, reg)
+        boxes = regress(boxes, reg)
         if s.soft_nms:
             keep, score_k = soft_nms(boxes, score, s.soft_nms_sigma, s.thresholds[2])
         else:
@@ -659,7 +545,7 @@ def _track_candidates(boxes: np.ndarray) -> np.ndarray:
     b = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
     b = b[np.isfinite(b).all(axis=1)]
     b[:, 2:] -= 1.0
-    return np.hstack([np.trunc(_square(b)), np.ones((len(b), 1))])
+    return np.hstack([np.trunc(square(b)), np.ones((len(b), 1))])
 
 
 def detection_size(width: int, height: int, detect_width: int) -> tuple:

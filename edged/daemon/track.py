@@ -54,9 +54,10 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from edged.vision.liveness import LivenessSettings, verdict
+from edged.daemon.evidence import TrackEvidence, rounded
+from edged.vision.liveness import LivenessSettings
 from edged.vision.motion import thumbnail
-from edged.types import Event, Face, Frame, Match
+from edged.types import Event, Face, Frame
 
 log = logging.getLogger("edged.track")
 
@@ -124,10 +125,6 @@ class TrackingSettings:
 class Refined(list):
     """Faces of the live tracks refined around their predicted boxes between two full
     detections (what :meth:`Tracker.update` takes with ``refined``)."""
-
-
-def _round(v: Optional[float]) -> Optional[float]:
-    return None if v is None else round(float(v), 4)
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -222,8 +219,12 @@ class Track:
         return self.live_sum / self.live_weight if self.live_weight > 0 else None
 
 
-class Tracker:
-    """The tracks of one camera; see the module's documentation."""
+class Tracker(TrackEvidence):
+    """The tracks of one camera; see the module's documentation.
+
+    This class follows the faces from frame to frame (:meth:`update`); what the gallery's
+    answers mean for a track's identity (:meth:`observe`) is its mixin
+    :class:`~edged.daemon.evidence.TrackEvidence`."""
 
     _ids = itertools.count(1)  # track ids are unique in the process, across cameras and cuts
 
@@ -271,7 +272,7 @@ class Tracker:
         return [self._event("track_ended", track, track.last_time,
                             name=track.name, identity=track.identity,
                             duration=round(max(0.0, track.last_mono - track.first_mono), 3),
-                            best_score=_round(track.best_score),
+                            best_score=rounded(track.best_score),
                             quality=round(track.best_quality, 4))]
 
     def _appear(self, tr: Track, t: float) -> List[Event]:
@@ -346,15 +347,40 @@ class Tracker:
 
         Returns the events it causes and the ``(track, face)`` pairs to embed and match.
         """
-        s = self.s
         t = frame.timestamp
         mono = self._mono = self._monotonic(frame)
         self._frames += 1
+        events = self._check_gap(mono)
+        events += self._check_cut(frame, t, detected=faces is not None)
+        if faces is None:
+            return events, []
+        faces = sorted(faces, key=lambda f: -f.width * f.height)[: self.s.max_tracks]
+        pairs = self._match(faces)
+        events += self._drop_missed(pairs, t, refined)
+        if not refined:
+            pairs += self._start_tracks(faces, pairs, t)
+        to_embed = []
+        for tr, f in pairs:
+            if tr.face is not f:  # an existing track seen again
+                self._follow(tr, f, t, mono)
+            events += self._count_face(tr, f, t)
+            tr.since_embed += 1
+            if self._worth_embedding(tr, f, refined):
+                to_embed.append((tr, f))
+        return events, to_embed
+
+    def _check_gap(self, mono: float) -> List[Event]:
+        """A gap of more than ``max_gap`` seconds since the last frame ends every track."""
+        s = self.s
         events: List[Event] = []
         if self._last_mono is not None and s.max_gap and mono - self._last_mono > s.max_gap:
             events += self.reset("gap of %.1f s between frames" % (mono - self._last_mono))
         self._last_mono = mono
-        if faces is None and not self.tracks:
+        return events
+
+    def _check_cut(self, frame: Frame, t: float, detected: bool) -> List[Event]:
+        """A scene cut since the previous frame ends every track."""
+        if not detected and not self.tracks:
             # nothing a cut could end (a calm scene, motion gating): skip the check; the next
             # frame is not compared with this one
             self.cuts.reset()
@@ -363,10 +389,13 @@ class Tracker:
             if self.tracks:
                 log.debug("camera %s: scene cut at frame %d: ending %d track(s)", self.camera,
                           frame.index, len(self.tracks))
-            events += self.end_all(t, "scene cut")
-        if faces is None:
-            return events, []
-        faces = sorted(faces, key=lambda f: -f.width * f.height)[: s.max_tracks]
+            return self.end_all(t, "scene cut")
+        return []
+
+    def _match(self, faces: List[Face]) -> List[Tuple[Track, Face]]:
+        """``(track, face)`` pairs by box overlap: greedy, best IoU first, at least
+        ``iou_threshold``."""
+        s = self.s
         boxes = np.array([np.asarray(f.box, np.float32) for f in faces]).reshape(-1, 4)
         iou = iou_matrix(np.array([tr.box for tr in self.tracks]).reshape(-1, 4), boxes)
         pairs = []
@@ -381,8 +410,15 @@ class Tracker:
                 used_t.add(ti)
                 used_f.add(fi)
                 pairs.append((self.tracks[ti], faces[fi]))
+        return pairs
+
+    def _drop_missed(self, pairs: List[Tuple[Track, Face]], t: float,
+                     refined: bool) -> List[Event]:
+        """Count a miss for each track without a face (not after a refinement); end the tracks
+        missed more than ``max_missed`` times in a row."""
+        s = self.s
+        events: List[Event] = []
         matched_t = {id(tr) for tr, _ in pairs}
-        matched_f = {id(f) for _, f in pairs}
         survivors = []
         for tr in self.tracks:
             if id(tr) in matched_t or refined:
@@ -394,162 +430,53 @@ class Tracker:
             else:
                 survivors.append(tr)
         self.tracks = survivors
-        for f in faces:
-            if id(f) not in matched_f and len(self.tracks) < s.max_tracks and not refined:
-                tr = self._new_track(f, t)
-                self.tracks.append(tr)
-                pairs.append((tr, f))
-        to_embed = []
-        for tr, f in pairs:
-            if tr.face is not f:  # an existing track seen again
-                tr.hits += 1
-                tr.missed = 0
-                tr.face = f
-                box = np.asarray(f.box, np.float32).copy()
-                if mono > tr.last_mono:
-                    v = (box - tr.box) / (mono - tr.last_mono)
-                    tr.velocity = v if tr.velocity is None else 0.5 * (v + tr.velocity)
-                tr.box = box
-                tr.last_time = t
-                tr.last_mono = mono
-            q = f.quality
-            if q is not None:
-                tr.best_quality = max(tr.best_quality, float(q.score))
-            if not tr.reported and tr.hits >= s.min_hits:
-                tr.reported = True
-                events.append(self._event("face_appeared", tr, t))
-            tr.since_embed += 1
-            if q is None or not q.passed:
-                continue
-            qs = float(q.score)
-            better = qs >= tr.best_embedded_quality + s.quality_gain
-            if better or (not refined and (tr.embeds == 0 or not tr.decided
-                                           or tr.since_embed >= s.embed_every)):
-                to_embed.append((tr, f))
-        return events, to_embed
-
-    def observe(self, frame: Frame, pairs: List[Tuple[Track, Face]], matches: List[Match]) -> List[Event]:
-        """Take the gallery's answers for the faces :meth:`update` asked to embed."""
-        events = []
-        t = frame.timestamp
-        self._mono = self._monotonic(frame)
-        for (tr, face), m in zip(pairs, matches):
-            if tr not in self.tracks or face.embedding is None:
-                continue
-            events += self._observe_one(tr, face, m, t)
         return events
 
-    def _observe_one(self, tr: Track, face: Face, m: Match, t: float) -> List[Event]:
-        s = self.s
-        e = np.asarray(face.embedding, np.float32)
-        q = float(face.quality.score) if face.quality is not None else 1.0
-        w = max(q, 1e-3)
-        tr.embeds += 1
-        tr.since_embed = 0
-        tr.best_embedded_quality = max(tr.best_embedded_quality, q)
-        disagrees = False
-        if tr.mean is not None:
-            mean = tr.mean / max(float(np.linalg.norm(tr.mean)), 1e-9)
-            sim = float(np.dot(mean, e))
-            if sim < s.split_similarity:
-                disagrees = True
-            if tr.state == "recognized" and (
-                    (m.identity is not None and m.identity != tr.identity)
-                    or (m.identity is None and m.candidates and self.unknown_below is not None
-                        and m.score < self.unknown_below)):
-                disagrees = True  # someone else, or clearly nobody enrolled, in its place
-        if disagrees:
-            tr.disagree += 1
-            if tr.disagree < s.split_after:
-                return []
-            # A new person in the old one's place: end the track, start a fresh one here.
-            self.splits += 1
-            log.debug("camera %s: track %d split (its new faces disagree with its identity)",
-                      self.camera, tr.id)
-            events = self._end(tr, tr.last_time, "split")
-            new = self._new_track(face, t)
-            new.hits = tr.hits
-            new.reported = True
-            self.tracks[self.tracks.index(tr)] = new
-            events.append(self._event("face_appeared", new, t))
-            return events + self._observe_one(new, face, m, t)
-        tr.disagree = 0
-        tr.mean = e * w if tr.mean is None else tr.mean + e * w
-        if face.liveness is not None:
-            tr.live_weight += w
-            tr.live_sum += w * float(face.liveness)
-        if m.identity is None and not m.candidates:
-            # compared with nobody (no gallery in service, or an empty one): a stranger by
-            # definition, with no score to report (null, not 0.0)
-            tr.unknown_weight += w
-            tr.unknown_count += 1
-            return self._decide(tr, t)
-        if tr.best_score is None or m.score > tr.best_score:
-            tr.best_score = float(m.score)
-        if m.identity is not None:
-            tr.evidence[m.identity] = tr.evidence.get(m.identity, 0.0) + w
-            tr.matches[m.identity] = tr.matches.get(m.identity, 0) + 1
-            tr.names[m.identity] = m.name
-            best = tr.best.get(m.identity)
-            if best is None or m.score > best[0]:
-                tr.best[m.identity] = (float(m.score), float(m.margin))
-        else:
-            if tr.best_miss is None or m.score > tr.best_miss[0]:
-                tr.best_miss = (float(m.score), None if m.margin is None else float(m.margin))
-            if self.unknown_below is not None and m.score >= self.unknown_below:
-                # a near miss: neither this person nor surely a stranger; it holds back "unknown"
-                self.ambiguous += 1
-                tr.ambiguous_weight += w
-            else:
-                tr.unknown_weight += w
-                tr.unknown_count += 1
-        return self._decide(tr, t)
+    def _start_tracks(self, faces: List[Face], pairs: List[Tuple[Track, Face]],
+                      t: float) -> List[Tuple[Track, Face]]:
+        """A new track for each face without one, up to ``max_tracks``; their pairs."""
+        matched_f = {id(f) for _, f in pairs}
+        new = []
+        for f in faces:
+            if id(f) not in matched_f and len(self.tracks) < self.s.max_tracks:
+                tr = self._new_track(f, t)
+                self.tracks.append(tr)
+                new.append((tr, f))
+        return new
 
-    def _liveness(self, tr: Track) -> Optional[dict]:
-        """``{"score", "live"}`` of the track when the stage is on, else None."""
-        if self.live is None:
-            return None
-        score = tr.liveness
-        return {"score": _round(score), "live": verdict(score, self.live.threshold)}
+    @staticmethod
+    def _follow(tr: Track, f: Face, t: float, mono: float) -> None:
+        """An existing track seen again: its new box, and its velocity (smoothed)."""
+        tr.hits += 1
+        tr.missed = 0
+        tr.face = f
+        box = np.asarray(f.box, np.float32).copy()
+        if mono > tr.last_mono:
+            v = (box - tr.box) / (mono - tr.last_mono)
+            tr.velocity = v if tr.velocity is None else 0.5 * (v + tr.velocity)
+        tr.box = box
+        tr.last_time = t
+        tr.last_mono = mono
 
-    def _recognize(self, tr: Track, ident: str, t: float) -> List[Event]:
-        """The identity evidence is enough: ``recognized`` unless liveness forbids it."""
-        live = self._liveness(tr)
-        score, margin = tr.best[ident]
-        kw = dict(name=tr.names[ident], identity=ident, score=round(score, 4),
-                  margin=round(margin, 4), liveness=live)
-        if live is not None and self.live.require and live["live"] is not True:
-            if live["live"] is None:
-                return []  # not scored yet (faces too small): wait for a face that can be
-            tr.state = "spoof"  # never recognized; its track_ended names nobody
-            self.spoofs += 1
-            log.debug("camera %s: track %d: liveness %.3f below %.3f: spoof suspected",
-                      self.camera, tr.id, live["score"], self.live.threshold)
-            return self._appear(tr, t) + [self._event("spoof_suspected", tr, t, **kw)]
-        tr.state = "recognized"
-        tr.identity, tr.name = ident, tr.names[ident]
-        return self._appear(tr, t) + [self._event("recognized", tr, t, **kw)]
-
-    def _decide(self, tr: Track, t: float) -> List[Event]:
-        s = self.s
-        if tr.state in ("recognized", "spoof"):
-            return []
-        total = sum(tr.evidence.values()) + tr.unknown_weight + tr.ambiguous_weight
-        if tr.evidence:
-            ident = max(tr.evidence, key=tr.evidence.get)
-            ev = tr.evidence[ident]
-            if (ev >= s.recognize_evidence and tr.matches[ident] >= s.min_matches
-                    and ev >= s.min_agreement * total):
-                return self._recognize(tr, ident, t)
-        if (not tr.unknown_sent and tr.unknown_weight >= s.unknown_evidence
-                and tr.unknown_count >= s.min_unknown
-                and tr.unknown_weight >= s.min_agreement * total):
-            tr.state = "unknown"
-            tr.unknown_sent = True
-            pre = self._appear(tr, t)
-            # the score and margin of the same match: the best of those that named nobody
-            # (none when the track was compared with nobody)
-            score, margin = tr.best_miss or (None, None)
-            return pre + [self._event("unknown", tr, t, score=_round(score),
-                                      margin=_round(margin))]
+    def _count_face(self, tr: Track, f: Face, t: float) -> List[Event]:
+        """The track's best quality; ``face_appeared`` once it has been seen ``min_hits`` times."""
+        q = f.quality
+        if q is not None:
+            tr.best_quality = max(tr.best_quality, float(q.score))
+        if not tr.reported and tr.hits >= self.s.min_hits:
+            tr.reported = True
+            return [self._event("face_appeared", tr, t)]
         return []
+
+    def _worth_embedding(self, tr: Track, f: Face, refined: bool) -> bool:
+        """Whether to embed this face of the track (see :meth:`update`): it passes the quality
+        minimums, and it beats the best embedded one by ``quality_gain``, or (a full
+        detection) the track has no embedding yet, is undecided, or is due one."""
+        s = self.s
+        q = f.quality
+        if q is None or not q.passed:
+            return False
+        qs = float(q.score)
+        better = qs >= tr.best_embedded_quality + s.quality_gain
+        return better or (not refined and (tr.embeds == 0 or not tr.decided
+                                           or tr.since_embed >= s.embed_every))

@@ -116,7 +116,7 @@ def test_a_symbolic_link_at_the_gallery_path_is_refused_never_followed(tmp_path)
     """Once: a link to /etc/passwd was followed, and its first bytes went onto MQTT.  Now a
     link there is refused as every drop that is a link is (docs/ota.md), whatever it names,
     and the refusal names no target and quotes no byte."""
-    from edged.ota.drops import SYMLINK_REASON
+    from edged.ota.intake import SYMLINK_REASON
 
     d, elsewhere = tmp_path / "lib", tmp_path / "etc"
     d.mkdir()

@@ -168,7 +168,8 @@ def crafted(pnet):
 
 def test_the_crafted_pnet_is_pnet_and_passes_the_24x24_self_test(pnet, crafted):
     """The premise: the old self-test accepts it (its outputs are P-Net's)."""
-    from edged.ota.drops import ModelBlob, self_test
+    from edged.ota.modelcheck import self_test
+    from edged.ota.store import ModelBlob
     from edged.runtime import open_runner
     from edged.runtime.tflitefile import pnet_model_for
 

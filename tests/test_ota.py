@@ -219,7 +219,8 @@ def start_daemon(cfg: Path, tmp_path: Path, env=None) -> DaemonProcess:
 
 
 def test_drop_checks_and_self_test(installed, models_dir, tmp_path):
-    from edged.ota.drops import DropRejected, prepare_model, self_test
+    from edged.ota.intake import DropRejected
+    from edged.ota.modelcheck import prepare_model, self_test
 
     emb, emb_sha = installed["embedder"]
     # the original batch-2 MobileFaceNet gets its dynamic-batch copy, as at install
@@ -562,7 +563,7 @@ class _FakeDaemon:
     def __init__(self, installed, gallery_current=None):
         from types import SimpleNamespace
 
-        from edged.ota.drops import ModelBlob
+        from edged.ota.store import ModelBlob
 
         models = {r: ModelBlob(r, b, sha, r) for r, (b, sha) in installed.items()}
         gallery = _FakeHolder(installed["embedder"][1])
@@ -616,7 +617,7 @@ def test_kept_models_never_remove_files_edged_did_not_write(installed, models_di
     *is* the models directory): only the daemon's own ROLE-<16 hex>.tflite files go."""
     from edged.config import load
     from edged.daemon.service import Daemon, StartupError
-    from edged.ota.drops import ModelBlob, load_in_service, save_in_service
+    from edged.ota.store import ModelBlob, load_in_service, save_in_service
 
     kept = tmp_path / "state" / "models"
     kept.mkdir(parents=True)
@@ -943,7 +944,8 @@ def test_held_back_state_on_disk(installed, tmp_path):
     start (with a warning), not retried at every start."""
     from types import SimpleNamespace
 
-    from edged.ota.drops import DropManager, DropRejected, ModelBlob, _Held, load_held, save_held
+    from edged.ota.drops import DropManager, DropRejected
+    from edged.ota.store import HeldEmbedder as _Held, ModelBlob, load_held, save_held
 
     data, sha = installed["embedder"]
     save_held(tmp_path, _Held(ModelBlob("embedder", data, sha, "/drops/mfn.tflite"),
@@ -1062,7 +1064,7 @@ def test_a_drop_renamed_in_during_the_start_is_found(installed, tmp_path):
 def test_the_drop_directory_cannot_be_the_state_directory(tmp_path):
     """The daemon's own files there (status.json, written by rename every few seconds) would
     be taken as drops and refused, each refusal changing the status again: an endless loop."""
-    from edged.ota.drops import check_paths
+    from edged.ota.store import check_paths
 
     state = tmp_path / "state"
     why = check_paths(state, tmp_path / "models", state)
@@ -1339,7 +1341,7 @@ def test_drops_over_max_bytes_are_refused_unread_and_hashes_stream(tmp_path):
 def test_symlinks_are_refused_and_file_contents_never_reported(installed, tmp_path):
     """A link in the drop directory put the first bytes of its target (/etc/passwd) onto the
     retained MQTT status: links are never followed, and no reason quotes a file's bytes."""
-    from edged.ota.drops import open_drop
+    from edged.ota.intake import open_drop
 
     fake = _FakeDaemon(installed)
     dm, drops = _drop_manager(fake, tmp_path)

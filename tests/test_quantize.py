@@ -18,7 +18,7 @@ if sys.version_info < (3, 10):
     pytest.skip("ai-edge-quantizer needs Python >= 3.10 (edged[quantize] is not installable here)",
                 allow_module_level=True)
 
-from edged.ota import drops as ota  # noqa: E402
+from edged.ota import modelcheck as ota  # noqa: E402
 from edged.runtime import modelstore, quantize  # noqa: E402
 from edged.vision.align import align_face  # noqa: E402
 from edged.vision.detect import MtcnnDetector  # noqa: E402

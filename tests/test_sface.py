@@ -274,7 +274,8 @@ def test_models_install_embedder_sface_through_the_cli(shared_dir, tmp_path, cap
 def test_an_sface_drop_passes_the_self_test_at_its_own_width(sface_models):
     """The OTA self-test takes the width from the manifest: 128 for SFace, 192 for
     MobileFaceNet; a known model giving another width than its entry is refused."""
-    from edged.ota.drops import DropRejected, prepare_model, self_test
+    from edged.ota.intake import DropRejected
+    from edged.ota.modelcheck import prepare_model, self_test
 
     data = (sface_models / "sface.tflite").read_bytes()
     blob = prepare_model("embedder", data, "sface.tflite", SFACE.sha256, SFACE.size)

@@ -37,11 +37,9 @@ released.  Every outcome is reported through ``report(record)`` (journal and MQT
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import stat
 import threading
 import time
@@ -49,24 +47,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
-
-from edged import safefile
-
 from edged.runtime import modelstore
-from edged.safefile import SYMLINK_REASON  # noqa: F401 (the reason's wording, docs/ota.md)
 from edged.ota.hotswap import FileWatcher, default_filter
 from edged.runtime.limits import check_drop
-from edged.runtime.tflitefile import FILE_IDENTIFIER, ModelFormatError, make_batch_dynamic
+from edged.ota.intake import (
+    GALLERY_LIMIT_NAME, GALLERY_SUFFIX, LIMIT_NAME, MANIFEST_LIMIT_NAME, MANIFEST_MAX_BYTES,
+    MANIFEST_SUFFIX, MODEL_SUFFIXES, ROLES, DropRejected, arrival_ns, arrived_before, check_file,
+    digest_file, digest_model, iso, load_manifest, read_model, short, signature)
+from edged.ota.modelcheck import prepare_model, self_test
+from edged.ota.store import HELD_DIR, PENDING_DOC, HeldEmbedder, ModelBlob, load_held, save_held
+# (the daemon imports these from here until it is re-pointed)
+from edged.ota.store import (check_paths, load_in_service, load_installed_copy,  # noqa: F401
+                             save_in_service, save_installed_copy)
 
 log = logging.getLogger("edged.ota")
-
-ROLES = ("pnet", "rnet", "onet", "embedder")
-DETECTOR_ROLES = ("pnet", "rnet", "onet")
-MODEL_SUFFIXES = (".tflite",)
-MANIFEST_SUFFIX = ".json"
-GALLERY_SUFFIX = ".edgal"
-
 
 
 @dataclass
@@ -102,290 +96,6 @@ class DropSettings:
         "help": "... or after this long without a failure (no frame: camera down, no face)"})
 
 
-
-#: Self-test per role: the input shape fed and the output shapes expected (any order).
-#: P-Net's input is declared for one small level (24 x 24) so that no big plan is made.
-#: The embedder's width "W" is its manifest entry's (192 MobileFaceNet, 128 SFace), or for a
-#: model the manifest does not name its own, 1 to 4096 values: :func:`_expected_outputs`.
-SELF_TEST = {
-    "pnet": ((1, 24, 24, 3), [(1, 7, 7, 2), (1, 7, 7, 4)]),
-    "rnet": ((1, 24, 24, 3), [(1, 2), (1, 4)]),
-    "onet": ((1, 48, 48, 3), [(1, 2), (1, 4), (1, 10)]),
-    "embedder": ((1, 112, 112, 3), [(1, "W")]),
-}
-
-#: Test hook only: sha256s (comma separated) whose self-test is skipped, so that a model that
-#: fails at run time can be put in service to exercise the rollback.
-SKIP_SELFTEST_ENV = "EDGED_TEST_SKIP_SELFTEST"
-
-
-class DropRejected(Exception):
-    """A drop is refused; ``reason`` says why (reported on MQTT status and in the journal)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def short(sha: Optional[str]) -> str:
-    return (sha or "none")[:12]
-
-
-@dataclass
-class ModelBlob:
-    """A verified model ready to load: the bytes actually loaded and their sha256."""
-
-    role: str
-    data: bytes
-    sha256: str  # of ``data`` (the derived dynamic-batch copy for a baked embedder)
-    file: str  # where it came from
-    dropped_sha256: str = ""  # of the file as dropped, when a copy was derived from it
-
-
-def prepare_model(role: str, data: bytes, where, expected_sha: Optional[str] = None,
-                  expected_size: int = 0, derived_sha: Optional[str] = None) -> ModelBlob:
-    """Check a dropped model's bytes and return what will be loaded; raise DropRejected."""
-    if role not in ROLES:
-        raise DropRejected(f"{where}: role {role!r} is not used by the daemon "
-                           f"(roles: {', '.join(ROLES)})")
-    check_magic(where, data[:8])
-    try:
-        if expected_sha:
-            modelstore.check_blob(data, expected_sha.lower(), where, expected_size)
-        else:
-            from edged.runtime.tflitefile import check_model_bytes
-            check_model_bytes(data)
-    except modelstore.ModelError as exc:
-        raise DropRejected(str(exc)) from None
-    except ModelFormatError as exc:
-        raise DropRejected(f"{where}: {exc}") from None
-    sha = modelstore.sha256_bytes(data)
-    if role == "embedder":
-        try:
-            derived = make_batch_dynamic(data)
-        except ModelFormatError:
-            derived = None  # no RESHAPE to [2, 192]: already dynamic (or not MobileFaceNet:
-            # the self-test says so)
-        if derived is not None:
-            dsha = modelstore.sha256_bytes(derived)
-            if derived_sha and dsha != derived_sha.lower():
-                raise DropRejected(f"{where}: its dynamic-batch copy has sha256 {dsha}, the "
-                                   f"manifest says {derived_sha}")
-            return ModelBlob(role, derived, dsha, str(where), dropped_sha256=sha)
-    return ModelBlob(role, data, sha, str(where))
-
-
-def self_test(blob: ModelBlob, accel) -> None:
-    """Build the model with ``accel``, run it once on a fixed input; raise DropRejected."""
-    from edged.vision.detect import pnet_model_for
-    from edged.runtime import open_runner
-
-    skip = {s.strip().lower() for s in os.environ.get(SKIP_SELFTEST_ENV, "").split(",") if s.strip()}
-    if blob.sha256 in skip or blob.dropped_sha256 in skip:
-        log.warning("self-test of %s skipped (%s, test hook)", blob.file, SKIP_SELFTEST_ENV)
-        return
-    shape, expected = SELF_TEST[blob.role]
-    try:
-        data = pnet_model_for(blob.data, shape) if blob.role == "pnet" else blob.data
-        runner = open_runner(data, accel, name=f"selftest-{blob.role}", sha256=blob.sha256,
-                             where=f"models.{'embedder' if blob.role == 'embedder' else 'detector'}")
-        if tuple(runner.input_details()[0]["shape"]) != shape:
-            runner.resize(shape)
-        x = np.random.default_rng(20261121).uniform(-1.0, 1.0, shape).astype(np.float32)
-        outs = runner.run(x)
-    except Exception as exc:
-        raise DropRejected(f"{blob.file}: self-test as {blob.role} failed: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    got = sorted(tuple(int(d) for d in np.shape(o)) for o in outs)
-    expected = _expected_outputs(blob, expected, got)
-    if got != sorted(expected):
-        raise DropRejected(f"{blob.file}: self-test as {blob.role}: output shapes {got}, "
-                           f"expected {sorted(expected)}")
-    for o in outs:
-        if not np.isfinite(np.asarray(o, dtype=np.float64)).all():
-            raise DropRejected(f"{blob.file}: self-test as {blob.role}: non-finite output "
-                               f"(NaN or inf) on the fixed input")
-
-
-def _expected_outputs(blob: ModelBlob, expected: list, got: list) -> list:
-    """``expected`` with an embedder's width filled in: its manifest entry's when the manifest
-    names the model, else the model's own when it gives one row of 1 to 4096 values."""
-    if blob.role != "embedder":
-        return expected
-    from edged.vision.embed import EmbedderSpec
-
-    spec = EmbedderSpec.of_model(blob.sha256) or EmbedderSpec.of_model(blob.dropped_sha256)
-    if spec is not None:
-        return [(1, spec.dim)]
-    if len(got) == 1 and len(got[0]) == 2 and got[0][0] == 1 and 1 <= got[0][1] <= 4096:
-        return got
-    return [(1, "1..4096")]
-
-
-# ---------------------------------------------------------------------------- persistence
-
-IN_SERVICE_DIR = "models"  # under paths.state_dir
-IN_SERVICE_MANIFEST = "in-service.json"
-#: the names :func:`save_in_service` gives the models it keeps; nothing else there is removed
-OWN_FILE = re.compile(r"(?:%s)-[0-9a-f]{16}\.tflite" % "|".join(ROLES))
-
-
-def in_service_dir(state_dir) -> Path:
-    return Path(state_dir) / IN_SERVICE_DIR
-
-
-def check_paths(state_dir, models_dir, drop_dir) -> Optional[str]:
-    """Why ``<state_dir>/models`` (where the models in service are kept, and old ones removed)
-    cannot be used with these directories; None when it can."""
-    kept = os.path.realpath(in_service_dir(state_dir))
-    for key, d in (("paths.models_dir", models_dir), ("paths.drop_dir", drop_dir)):
-        if d and os.path.realpath(d) == kept:
-            return (f"paths.state_dir ({state_dir}) and {key} ({d}): {kept} would be both the "
-                    f"{'models' if key == 'paths.models_dir' else 'drop'} directory and where "
-                    f"the daemon keeps the models in service (<state_dir>/{IN_SERVICE_DIR}, "
-                    f"whose old files it removes); use another paths.state_dir "
-                    f"(default /var/lib/edged/state)")
-    if drop_dir and os.path.realpath(drop_dir) == os.path.realpath(state_dir):
-        return (f"paths.drop_dir ({drop_dir}) is paths.state_dir: the daemon's own files there "
-                f"(status.json, the MQTT spool) would be taken as drops; use another directory")
-    return None
-
-
-def save_in_service(state_dir, models: Dict[str, ModelBlob]) -> Path:
-    """Keep the models in service across restarts and SIGHUP reloads: their bytes (as loaded)
-    under ``<state_dir>/models/`` and a manifest of them (the repository's format), each file
-    written atomically, the manifest last; files no longer named are removed."""
-    d = Path(state_dir) / IN_SERVICE_DIR
-    blobs = [models[role] for role in ROLES]
-    doc = {"format": "edged-model-manifest", "version": 1,
-           "note": "the models edged had in service; written by the daemon (docs/ota.md)",
-           "models": [{"role": role, "file": _own_name(b), "sha256": b.sha256,
-                       "size": len(b.data), "dropped_as": b.file}
-                      for role, b in zip(ROLES, blobs)]}
-    _write_model_dir(d, blobs, IN_SERVICE_MANIFEST, doc)
-    return d / IN_SERVICE_MANIFEST
-
-
-def _own_name(b: "ModelBlob") -> str:
-    return f"{b.role}-{b.sha256[:16]}.tflite"
-
-
-def _write_model_dir(d: Path, blobs, doc_name: str, doc: Optional[dict]) -> None:
-    """Keep ``blobs`` in ``d`` as ``ROLE-<16 hex>.tflite`` (each rewritten, atomically, only
-    when it differs) and ``doc`` as ``doc_name`` (last); remove the model files of that form
-    no longer named, and ``doc_name`` itself when ``doc`` is None.  Nothing else is touched."""
-    keep = set()
-    if doc is not None:
-        d.mkdir(parents=True, exist_ok=True)
-        for b in blobs:
-            name = _own_name(b)
-            if not (d / name).is_file() or modelstore.sha256_file(d / name) != b.sha256:
-                modelstore.atomic_write(d / name, b.data)
-            keep.add(name)
-        modelstore.atomic_write(d / doc_name, (json.dumps(doc, indent=2) + "\n").encode())
-        keep.add(doc_name)
-    if not d.is_dir():
-        return
-    for f in os.listdir(d):
-        if f not in keep and (f == doc_name or OWN_FILE.fullmatch(f)):
-            try:
-                os.unlink(d / f)
-            except OSError:
-                pass
-
-
-def load_in_service(state_dir) -> Optional[Dict[str, ModelBlob]]:
-    """The models kept by :func:`save_in_service`, verified by sha256; None when there are none.
-    Raises ``modelstore.ModelError`` when they are there but unusable."""
-    path = Path(state_dir) / IN_SERVICE_DIR / IN_SERVICE_MANIFEST
-    if not path.is_file():
-        return None
-    manifest = modelstore.Manifest.load(path)
-    out = {}
-    for role in ROLES:
-        data, digest, p = modelstore.read_verified(role, path.parent, manifest)
-        out[role] = ModelBlob(role, data, digest, str(p))
-    return out
-
-
-INSTALLED_COPY_DIR = "installed-copy"  # under paths.state_dir
-INSTALLED_COPY_DOC = "installed-copy.json"
-
-
-def save_installed_copy(state_dir, blobs: List[ModelBlob]) -> None:
-    """Keep a copy of the installed models the daemon started with (``blobs``: those read from
-    the models directory) under ``<state_dir>/installed-copy/``.  When the drop directory is the
-    models directory (the default), a drop may overwrite an installed file and then not be
-    confirmed (held back, refused, rolled back): the next start finds that file changed and
-    loads this copy of the model the repository's manifest names (:func:`load_installed_copy`)."""
-    doc = {"format": "edged-installed-copy", "version": 1,
-           "note": "copies of the installed models, by sha256 (docs/ota.md)",
-           "models": [{"role": b.role, "file": _own_name(b), "sha256": b.sha256,
-                       "copied_from": b.file} for b in blobs]}
-    _write_model_dir(Path(state_dir) / INSTALLED_COPY_DIR, blobs, INSTALLED_COPY_DOC,
-                     doc if blobs else None)
-
-
-def load_installed_copy(state_dir, role: str, sha256: str) -> Optional[ModelBlob]:
-    """The copy of the installed model for ``role`` whose content is ``sha256`` (checked);
-    None when there is none."""
-    path = Path(state_dir) / INSTALLED_COPY_DIR / f"{role}-{sha256[:16]}.tflite"
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if modelstore.sha256_bytes(data) != sha256:
-        return None
-    return ModelBlob(role, data, sha256, str(path))
-
-
-@dataclass
-class _Held:
-    blob: ModelBlob
-    since: float = field(default_factory=time.time)
-    file: str = ""
-
-
-HELD_DIR = "held"  # under paths.state_dir: an embedder held back, kept across restarts
-HELD_DOC = "held.json"
-PENDING_DOC = "waiting-manifests.json"  # also there: manifests waiting for their files
-
-
-def save_held(state_dir, held: Optional[_Held]) -> None:
-    """Keep the embedder held back (or, with None, forget it) across restarts:
-    ``<state_dir>/held/embedder-<16 hex>.tflite`` and ``held.json``, written atomically."""
-    doc = None
-    if held is not None:
-        b = held.blob
-        doc = {"role": "embedder", "file": _own_name(b), "sha256": b.sha256, "size": len(b.data),
-               "dropped_as": held.file, "dropped_sha256": b.dropped_sha256, "since": held.since}
-    _write_model_dir(Path(state_dir) / HELD_DIR, [held.blob] if held else [], HELD_DOC, doc)
-
-
-def load_held(state_dir) -> Optional[_Held]:
-    """The embedder kept by :func:`save_held`, verified by sha256; None when there is none.
-    Raises DropRejected when it is there but unusable."""
-    d = Path(state_dir) / HELD_DIR
-    doc_path = d / HELD_DOC
-    if not doc_path.is_file():
-        return None
-    try:
-        doc = json.loads(doc_path.read_text())
-        name, sha = doc["file"], doc["sha256"]
-        if not OWN_FILE.fullmatch(name) or not name.startswith("embedder-"):
-            raise ValueError(f"unexpected file name {name!r}")
-        data = (d / name).read_bytes()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DropRejected(f"{doc_path}: unusable: {exc}") from None
-    got = modelstore.sha256_bytes(data)
-    if got != sha:
-        raise DropRejected(f"{d / name}: sha256 {got} is not the {sha} recorded in {doc_path}")
-    blob = ModelBlob("embedder", data, sha, str(doc.get("dropped_as") or d / name),
-                     str(doc.get("dropped_sha256") or ""))
-    return _Held(blob, since=float(doc.get("since") or time.time()),
-                 file=str(doc.get("dropped_as") or ""))
-
-
 @dataclass
 class _Probation:
     new: object  # ServiceSet
@@ -396,136 +106,9 @@ class _Probation:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def iso(t: float) -> str:
-    from edged.publish.publisher import iso_utc
-    return iso_utc(t)
-
-
 #: how long a manifest waits when the file of that name is older than itself and not the one it
 #: names (a copy of the new file may not have begun yet), before it is refused
 STALE_WAIT_S = 60.0
-
-
-def _arrival_ns(st: os.stat_result) -> int:
-    """When a file arrived, written or renamed into place: the later of its mtime and ctime (a
-    rename, by mv or rsync, keeps the file's old mtime but sets its ctime)."""
-    return max(st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _older(a: Path, b: Path) -> bool:
-    """Whether file ``a`` arrived before file ``b``."""
-    try:
-        return _arrival_ns(os.lstat(a)) < _arrival_ns(os.lstat(b))
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------------------- reading drops
-
-#: a drop manifest names a few files: a bigger one is refused unread
-MANIFEST_MAX_BYTES = 1 << 20
-LIMIT_NAME = "drops.max_bytes"
-GALLERY_LIMIT_NAME = "drops.max_gallery_bytes"
-MANIFEST_LIMIT_NAME = "a drop manifest's limit"
-
-
-def check_file(path: Path, st: os.stat_result, limit: int, limit_name: str = LIMIT_NAME) -> None:
-    """Refuse, from its ``lstat`` (or ``fstat``) alone, what is never read as a drop: a
-    symbolic link (its target may be any file of the system), anything but a regular file
-    (reading a FIFO blocks until a writer comes), and a file over ``limit`` bytes."""
-    try:
-        safefile.check_plain(st)
-    except safefile.NotPlain as exc:
-        raise DropRejected(f"{path}: {exc.reason}") from None
-    if st.st_size > limit:
-        raise DropRejected(f"{path}: {st.st_size} bytes, more than {limit_name} ({limit}); "
-                           f"refused unread")
-
-
-def open_drop(path: Path, limit: int, limit_name: str = LIMIT_NAME):
-    """The dropped file ``path`` open for reading (binary), after :func:`check_file` on its
-    ``lstat`` (nothing is opened that is not a regular file) and again on the open file; the
-    last path component is never followed (``O_NOFOLLOW``).  Raises DropRejected."""
-    try:
-        f = safefile.open_plain(path)
-    except safefile.NotPlain as exc:
-        raise DropRejected(f"{path}: {exc.reason}") from None
-    except OSError as exc:
-        raise DropRejected(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        check_file(path, os.fstat(f.fileno()), limit, limit_name)
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def check_magic(where, head: bytes) -> None:
-    """Refuse what does not begin as a TFLite model does; the reason never quotes the bytes
-    (they may be anything, and reasons go onto MQTT)."""
-    if len(head) < 8:
-        raise DropRejected(f"{where}: {len(head)} bytes, too short for a TFLite model"
-                           if head else f"{where}: empty file, not a TFLite model")
-    if bytes(head[4:8]) != FILE_IDENTIFIER:
-        raise DropRejected(f"{where}: not a TFLite model (wrong magic)")
-
-
-def _signature(st: os.stat_result) -> tuple:
-    """Which version of a file this is (another write or rename changes it)."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def read_model(path: Path, limit: int) -> tuple:
-    """``(bytes, signature)`` of a dropped model: checked by :func:`open_drop`, its magic read
-    before the rest, never more than ``limit`` bytes."""
-    with open_drop(path, limit) as f:
-        head = f.read(8)
-        check_magic(path, head)
-        data = head + f.read(limit + 1 - len(head))
-        sig = _signature(os.fstat(f.fileno()))
-    if len(data) > limit:  # it grew while it was read
-        raise DropRejected(f"{path}: more than {LIMIT_NAME} ({limit}) bytes; refused")
-    return data, sig
-
-
-def digest_model(path: Path, limit: int) -> tuple:
-    """``(sha256, size, signature)`` of a dropped model, hashed as it is read (never held in
-    memory whole), its magic checked first."""
-    with open_drop(path, limit) as f:
-        head = f.read(8)
-        check_magic(path, head)
-        h, n = hashlib.sha256(head), len(head)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
-        return h.hexdigest(), n, _signature(os.fstat(f.fileno()))
-
-
-def digest_file(path: Path, limit: int = MANIFEST_MAX_BYTES) -> str:
-    """sha256 of a dropped file (a manifest), read through :func:`open_drop`, streamed."""
-    h = hashlib.sha256()
-    with open_drop(path, limit) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_manifest(path: Path) -> modelstore.Manifest:
-    """A drop manifest, read through :func:`open_drop` (at most MANIFEST_MAX_BYTES)."""
-    with open_drop(path, MANIFEST_MAX_BYTES, MANIFEST_LIMIT_NAME) as f:
-        raw = f.read(MANIFEST_MAX_BYTES + 1)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DropRejected(f"cannot read model manifest {path}: not UTF-8 text") from None
-    except RecursionError:
-        raise DropRejected(f"cannot read model manifest {path}: nested too deeply") from None
-    except ValueError as exc:
-        raise DropRejected(f"cannot read model manifest {path}: {exc}") from None
-    try:
-        return modelstore.Manifest(data, path)
-    except modelstore.ModelError as exc:
-        raise DropRejected(str(exc)) from None
 
 
 class DropManager:
@@ -560,7 +143,7 @@ class DropManager:
         # file -> (signature, sha256, manifest or "" for a bare model): the version of each
         # file already handled, so that one drop is not handled (and counted) twice
         self.taken: Dict[Path, tuple] = {}
-        self.held: Optional[_Held] = None
+        self.held: Optional[HeldEmbedder] = None
         self.probation: Optional[_Probation] = None
         self._lock = threading.RLock()  # one drop at a time (several watchers)
         self._plock = threading.Lock()  # one decision per probation (track and main threads)
@@ -627,7 +210,7 @@ class DropManager:
                     st = os.stat(p)
                 except OSError:
                     continue
-                arrived = _arrival_ns(st) / 1e9
+                arrived = arrival_ns(st) / 1e9
                 if stat.S_ISREG(st.st_mode) and since <= arrived \
                         and (until is None or arrived < until):
                     found.append(Path(p))
@@ -904,7 +487,7 @@ class DropManager:
         for e in manifest.entries.values():
             f = path.parent / e.file
             data, sig = read_model(f, self.settings.max_bytes)
-            if f not in self.fresh and _older(f, path) \
+            if f not in self.fresh and arrived_before(f, path) \
                     and modelstore.sha256_bytes(data) != e.sha256:
                 # the file of that name from before the manifest (a new version of a model
                 # often has the same size): its replacement may still be coming
@@ -933,7 +516,7 @@ class DropManager:
             f = path.parent / e.file
             t = self.taken.get(f)
             try:
-                if t is None or t[1:] != (e.sha256, "") or t[0] != _signature(os.lstat(f)):
+                if t is None or t[1:] != (e.sha256, "") or t[0] != signature(os.lstat(f)):
                     return False
             except OSError:
                 return False
@@ -949,7 +532,7 @@ class DropManager:
         if len(self.taken) >= 256:  # forget the files changed or gone since
             for p, (old, _, _) in list(self.taken.items()):
                 try:
-                    if _signature(os.lstat(p)) != old:
+                    if signature(os.lstat(p)) != old:
                         del self.taken[p]
                 except OSError:
                     del self.taken[p]
@@ -960,7 +543,7 @@ class DropManager:
         t = self.taken.get(path)
         if t is not None:
             try:
-                if _signature(os.lstat(path)) == t[0]:  # this very file had its outcome
+                if signature(os.lstat(path)) == t[0]:  # this very file had its outcome
                     log.debug("drop %s: handled already (%s)", path, t[2] or "bare model")
                     return
             except OSError:
@@ -1002,7 +585,7 @@ class DropManager:
         gallery = svc.gallery.current
         if new_emb is not None and gallery is not None and gallery.embedder_sha256 != new_emb.sha256:
             prev = self.held
-            self.held = _Held(new_emb, file=str(path))
+            self.held = HeldEmbedder(new_emb, file=str(path))
             self._keep_held()
             why = (f"embedder {short(new_emb.sha256)} differs from the gallery's "
                    f"{short(gallery.embedder_sha256)}: held back until a gallery made by it arrives")

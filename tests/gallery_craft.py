@@ -9,7 +9,7 @@ import subprocess
 import zlib
 from pathlib import Path
 
-from edged import gallery as G
+from edged.gallery import format as G  # the file layout: header size, struct, crc offset
 
 
 def reseal(data: bytes) -> bytes:

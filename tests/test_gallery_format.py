@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from edged import gallery as G
+from edged.gallery import format as G  # the file layout: header size, struct, crc offset
 from edged.gallery import Gallery, GalleryError, write_gallery
 
 SHA = "ab" * 32

@@ -1,5 +1,8 @@
 """The gallery: a memory-mapped file of enrolled people, searched by cosine similarity.
 
+The file format and writing a file are in :mod:`edged.gallery.format` (the layout below),
+the match settings and the decision in :mod:`edged.gallery.match`.
+
 File layout (all integers little-endian; see ``docs/gallery-format.md`` for the full table)::
 
     header        256 bytes: magic, version, sizes, dtype, embedder sha256, body sha256, crc32
@@ -26,44 +29,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import mmap
 import os
 import shutil
-import struct
 import tempfile
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from edged import safefile
+from edged.gallery.format import (DTYPE_CODES, DTYPES, FORMAT_VERSION, GALLERY_MODE,
+                                  HEADER_SIZE, MAGIC, MAX_DIM, NORM_TOLERANCE, SUFFIX,
+                                  GalleryError, _check_embedder, _checked_header,
+                                  _open_regular, _read_head, _read_into, embedder_label,
+                                  embedder_name, peek_embedder, write_gallery)
+from edged.gallery.match import FALLBACK_THRESHOLD, MatchSettings, decide
 from edged.runtime.modelstore import NoRoom, atomic_write, check_room, human_size
 from edged.types import Match
 
 log = logging.getLogger("edged.gallery")
-
-MAGIC = b"EDGEDGAL"
-FORMAT_VERSION = 1
-HEADER_SIZE = 256
-ALIGN = 64
-DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
-DTYPE_CODES = {"float32": 1, "float16": 2}
-NORM_TOLERANCE = {1: 1e-3, 2: 1e-2}  # |norm - 1| allowed per storage dtype
-SUFFIX = ".edgal"
-
-# magic, version, header_size, dtype, dim, rows, identities, created, file_size,
-# str_offsets_off, row_starts_off, row_identity_off, strings_off, strings_size, matrix_off,
-# embedder sha256, body sha256
-_HEAD = struct.Struct("<8sHHHxxI Q Q d Q QQQQQQ 32s32s")
-_CRC = struct.Struct("<I")
-_CRC_AT = HEADER_SIZE - _CRC.size
-assert _HEAD.size <= _CRC_AT
 
 #: the gallery in service, kept in the snapshot directory for the next start
 LAST_GOOD = "last-good.edgal"
@@ -82,78 +69,8 @@ CHUNK_ROWS = 65536
 MIN_THREAD_ROWS = 32768
 
 
-#: largest embedding dimension a gallery may declare (MobileFaceNet gives 192, SFace 128)
-MAX_DIM = 4096
-#: gallery files are biometric data: readable by their owner and group only (less the umask)
-GALLERY_MODE = 0o640
 #: the private snapshots of the daemon, read-only
 SNAPSHOT_MODE = 0o440
-
-
-class GalleryError(ValueError):
-    """A gallery file cannot be used; the message names the file and the exact reason.
-
-    ``transient`` is true when the file itself may be good (it could not be read, it changed
-    while being read, memory ran out): such a refusal is not remembered."""
-
-    def __init__(self, path, reason: str, transient: bool = False):
-        self.path = str(path)
-        self.reason = reason
-        self.transient = transient
-        super().__init__(f"{path}: {reason}")
-
-
-#: the identification threshold when the embedder is not known (MobileFaceNet's, the default
-#: embedder's: models/manifest.json); the daemon and ``edged identify`` use the embedder's own
-FALLBACK_THRESHOLD = 0.58
-
-
-@dataclass
-class MatchSettings:
-    threshold: Optional[float] = field(default=None, metadata={
-        "min": -1.0, "max": 1.0,
-        "help": "identification threshold: cosine similarity the best enrolled identity must reach "
-                "to be named; null (the default) = the threshold of the embedder in service, from "
-                "its manifest entry: 0.58 for mobilefacenet, 0.456 for sface (each chosen on "
-                "faces/dev so that about 1 % of strangers are accepted against a gallery of a few "
-                "hundred people; docs/accuracy.md); a number here applies whichever embedder runs"})
-    min_margin: float = field(default=0.0, metadata={
-        "min": 0.0, "max": 2.0,
-        "help": "also require the best identity to beat the second best by this much (0 = off)"})
-    top_k: int = field(default=5, metadata={
-        "min": 1, "max": 100, "help": "candidates kept per face (Match.candidates)"})
-    threads: int = field(default=2, metadata={
-        "min": 1, "max": 64,
-        "help": "threads splitting each gallery scan of 64k rows or more (smaller galleries "
-                "are scanned by one); best with OPENBLAS_NUM_THREADS=1 (docs/benchmarks.md)"})
-
-    def for_embedder(self, spec) -> "MatchSettings":
-        """These settings with ``threshold`` decided: the configured one, else ``spec``'s (an
-        :class:`edged.vision.embed.EmbedderSpec`, or None) identification threshold, else
-        :data:`FALLBACK_THRESHOLD`."""
-        if self.threshold is not None:
-            return self
-        own = getattr(spec, "identification", None)
-        return replace(self, threshold=FALLBACK_THRESHOLD if own is None else own)
-
-    @property
-    def cutoff(self) -> float:
-        """The threshold applied: the decided one, else :data:`FALLBACK_THRESHOLD`."""
-        return FALLBACK_THRESHOLD if self.threshold is None else self.threshold
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _check_sha(value: str, what: str) -> bytes:
-    try:
-        raw = bytes.fromhex(value)
-    except (TypeError, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        raise ValueError(f"{what} must be 64 hex digits (a sha256), got {value!r}")
-    return raw
 
 
 # ---------------------------------------------------------------------------- fp16 widening
@@ -752,258 +669,6 @@ def _as_queries(queries, dim: int) -> np.ndarray:
     if not (np.isfinite(norms).all() and norms.all()):
         raise ValueError("query embeddings must be finite and non-zero")
     return q / norms[:, None]
-
-
-def decide(candidates: Sequence[tuple], settings: MatchSettings) -> Match:
-    """Turn ``[(id, name, score)]`` (best first) into a :class:`Match` under ``settings``.
-
-    The margin is the best score minus the second identity's; with a single enrolled
-    identity there is no second and the margin equals the score.  The margin is checked only
-    when ``min_margin`` > 0.
-    """
-    if not candidates:
-        return Match(name=None, identity=None, score=0.0, margin=0.0, candidates=[])
-    ident, name, score = candidates[0]
-    second = candidates[1][2] if len(candidates) > 1 else 0.0
-    margin = score - second
-    cands = [(n, s) for _, n, s in candidates[:settings.top_k]]
-    if score >= settings.cutoff and (settings.min_margin <= 0 or margin >= settings.min_margin):
-        return Match(name=name, identity=ident, score=score, margin=margin, candidates=cands)
-    return Match(name=None, identity=None, score=score, margin=margin, candidates=cands)
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-def write_gallery(path, identities: Sequence[Tuple[str, str]], row_identity, embeddings,
-                  embedder_sha256: str, dtype: str = "float32",
-                  created: Optional[float] = None) -> str:
-    """Write a gallery file atomically (temp + fsync + rename); return its checksum (hex).
-
-    ``identities`` is ``[(id, name)]``; ``row_identity[i]`` is the index into ``identities``
-    of embedding row ``i``.  Rows are L2-normalised and grouped by identity here; every
-    identity needs at least one row.  Bad input raises :class:`ValueError` saying which row
-    or identity.
-    """
-    path = Path(path)
-    if dtype not in DTYPE_CODES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
-    emb_raw = _check_sha(embedder_sha256, "embedder_sha256")
-    idents = [(str(i), str(n)) for i, n in identities]
-    seen = set()
-    for j, (ident, _) in enumerate(idents):
-        if not ident:
-            raise ValueError(f"identity {j} has an empty id")
-        if ident in seen:
-            raise ValueError(f"identity id {ident!r} appears twice")
-        seen.add(ident)
-    e = np.asarray(embeddings, dtype=np.float32)
-    if e.ndim != 2:
-        raise ValueError(f"embeddings must be a 2-d array (rows x dim), got shape {e.shape}")
-    rows, dim = e.shape
-    if dim < 1:
-        raise ValueError("embedding dimension must be at least 1")
-    ri = np.asarray(row_identity, dtype=np.int64).reshape(-1)
-    if ri.shape[0] != rows:
-        raise ValueError(f"row_identity has {ri.shape[0]} entries for {rows} embedding rows")
-    if rows and (ri.min() < 0 or ri.max() >= len(idents)):
-        raise ValueError(f"row_identity values must be in [0, {len(idents)})")
-    counts = np.bincount(ri, minlength=len(idents)) if len(idents) else np.zeros(0, np.int64)
-    if np.any(counts == 0):
-        j = int(np.argmax(counts == 0))
-        raise ValueError(f"identity {idents[j][0]!r} has no embedding rows")
-    norms = np.linalg.norm(e, axis=1)
-    bad = ~np.isfinite(norms) | (norms == 0)
-    if bad.any():
-        r = int(np.argmax(bad))
-        raise ValueError(f"embedding row {r} (identity {idents[ri[r]][0]!r}) is "
-                         f"{'zero' if norms[r] == 0 else 'not finite'}")
-    order = np.argsort(ri, kind="stable")
-    e = e[order] / norms[order][:, None]
-    ri = ri[order].astype(np.uint32)
-    starts = np.zeros(len(idents) + 1, np.uint64)
-    np.cumsum(counts, out=starts[1:])
-
-    blob = bytearray()
-    str_off = [0]
-    for ident, name in idents:
-        for s in (ident, name):
-            blob += s.encode("utf-8")
-            str_off.append(len(blob))
-    dt = DTYPES[DTYPE_CODES[dtype]]
-    mat = e.astype(dt)
-    if dt.itemsize == 2:  # re-normalise after rounding so the stored rows are unit vectors
-        m32 = mat.astype(np.float32)
-        mat = (m32 / np.linalg.norm(m32, axis=1, keepdims=True)).astype(dt)
-    n_id = len(idents)
-    so_off = HEADER_SIZE
-    rs_off = _align(so_off + (2 * n_id + 1) * 8)
-    ri_off = _align(rs_off + (n_id + 1) * 8)
-    s_off = _align(ri_off + rows * 4)
-    m_off = _align(s_off + len(blob))
-    end = m_off + rows * dim * dt.itemsize
-
-    sections = [(so_off, np.asarray(str_off, "<u8").tobytes()), (rs_off, starts.astype("<u8").tobytes()),
-                (ri_off, ri.astype("<u4").tobytes()), (s_off, bytes(blob))]
-    body = bytearray(m_off - HEADER_SIZE)
-    for off, data in sections:
-        body[off - HEADER_SIZE:off - HEADER_SIZE + len(data)] = data
-    h = hashlib.sha256(body)
-    mat = np.ascontiguousarray(mat.astype(dt.newbyteorder("<")))
-    h.update(mat)
-    head = bytearray(HEADER_SIZE)
-    _HEAD.pack_into(head, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, DTYPE_CODES[dtype], dim, rows,
-                    n_id, time.time() if created is None else float(created), end, so_off, rs_off,
-                    ri_off, s_off, len(blob), m_off, emb_raw, h.digest())
-    _CRC.pack_into(head, _CRC_AT, zlib.crc32(bytes(head[:_CRC_AT])))
-    atomic_write(path, [bytes(head), bytes(body), memoryview(mat.reshape(-1).view(np.uint8))],
-                 mode=GALLERY_MODE)
-    return h.hexdigest()
-
-
-def _header(buf, path: Path) -> tuple:
-    """The header fields of ``buf`` (a gallery's bytes from the start, at least HEADER_SIZE
-    of them once the magic is right), its magic, format version and checksum checked."""
-    if bytes(buf[:len(MAGIC)]) != MAGIC:
-        raise GalleryError(path, _WRONG_MAGIC)
-    fields = _HEAD.unpack_from(buf, 0)
-    version = fields[1]
-    if version > FORMAT_VERSION:
-        raise GalleryError(path, f"format version {version} is newer than this edged "
-                                 f"supports ({FORMAT_VERSION}); upgrade edged")
-    if version < 1:
-        raise GalleryError(path, f"invalid format version {version}")
-    (crc,) = _CRC.unpack_from(buf, _CRC_AT)
-    actual_crc = zlib.crc32(buf[:_CRC_AT])
-    if crc != actual_crc:
-        raise GalleryError(path, f"header checksum mismatch (crc32 {actual_crc:08x}, "
-                                 f"header says {crc:08x}): corrupt header")
-    return fields
-
-
-#: never any of the file's bytes in a message: it may be any file, and messages go to MQTT
-_WRONG_MAGIC = "not an edged gallery (wrong magic)"
-
-
-def _checked_header(buf, path: Path, size: int, expect_dim: Optional[int]) -> tuple:
-    """:func:`_header`, and every header field checked against the file's ``size`` and the
-    expected embedding dimension: the sections must be exactly the canonical ones."""
-    fields = _header(buf, path)
-    (_, _, header_size, dtype_code, dim, rows, idents, created, file_size,
-     so_off, rs_off, ri_off, s_off, s_size, m_off, _, _) = fields
-    if header_size != HEADER_SIZE:
-        raise GalleryError(path, f"header size {header_size}, expected {HEADER_SIZE}")
-    if dtype_code not in DTYPES:
-        raise GalleryError(path, f"unknown storage dtype code {dtype_code} "
-                                 f"(1 = float32, 2 = float16)")
-    if file_size != size:
-        what = "truncated" if size < file_size else "trailing bytes"
-        raise GalleryError(path, f"{what}: file is {size} bytes, header says {file_size}")
-    if not 1 <= dim <= MAX_DIM:
-        raise GalleryError(path, f"invalid embedding dimension {dim} (1 to {MAX_DIM})")
-    if not math.isfinite(created):
-        raise GalleryError(path, f"invalid creation time {created}")
-    # the section table must be exactly the canonical one for these counts
-    want_so = HEADER_SIZE
-    want_rs = _align(want_so + (2 * idents + 1) * 8)
-    want_ri = _align(want_rs + (idents + 1) * 8)
-    want_s = _align(want_ri + rows * 4)
-    want_m = _align(want_s + s_size)
-    want_end = want_m + rows * dim * DTYPES[dtype_code].itemsize
-    if (so_off, rs_off, ri_off, s_off, m_off) != (want_so, want_rs, want_ri, want_s, want_m):
-        raise GalleryError(path, "section offsets inconsistent with the row and identity "
-                                 f"counts ({rows} rows, {idents} identities)")
-    if want_end != file_size:
-        raise GalleryError(path, f"sizes inconsistent: {rows} rows x {dim} x "
-                                 f"{DTYPES[dtype_code].itemsize} bytes end at {want_end}, "
-                                 f"file is {file_size}")
-    if expect_dim is not None and dim != expect_dim:
-        raise GalleryError(path, f"embedding dimension {dim}, the running embedder gives "
-                                 f"{expect_dim}")
-    return fields
-
-
-def _check_embedder(path: Path, made_by: str, expect_embedder: Optional[str]) -> None:
-    if expect_embedder is not None and made_by != expect_embedder.lower():
-        raise GalleryError(path, f"made by embedder {embedder_label(made_by)}, the running "
-                                 f"embedder is {embedder_label(expect_embedder.lower())}; "
-                                 f"rebuild it with 'edged gallery build' and that embedder")
-
-
-def embedder_name(sha256: str) -> str:
-    """The manifest's name of the embedder whose loaded file has ``sha256`` (``"sface"``), or
-    ``""`` for one the manifest does not name."""
-    from edged.runtime.modelstore import Manifest, ModelError
-
-    try:
-        entry = Manifest.load().by_sha256(sha256)
-    except ModelError:
-        return ""
-    return entry.name if entry is not None and entry.role == "embedder" else ""
-
-
-def embedder_label(sha256: str) -> str:
-    """``sface (sha256 8a01...)``: :func:`embedder_name` with the full sha256, or the sha256
-    alone."""
-    name = embedder_name(sha256)
-    return f"{name} (sha256 {sha256})" if name else f"sha256 {sha256}"
-
-
-def _read_head(f, path: Path, size: int) -> bytes:
-    """The first :data:`HEADER_SIZE` bytes of the open file ``f`` of ``size`` bytes; raise
-    :class:`GalleryError` for an empty file, a file of another kind, a truncated header."""
-    if size == 0:
-        raise GalleryError(path, "empty file (0 bytes)")
-    try:
-        f.seek(0)
-        head = f.read(HEADER_SIZE)
-    except OSError as exc:
-        raise GalleryError(path, f"cannot read: {exc.strerror or exc}", transient=True) from None
-    if head[:len(MAGIC)] != MAGIC[:len(head)]:
-        raise GalleryError(path, _WRONG_MAGIC)
-    if len(head) < HEADER_SIZE:
-        raise GalleryError(path, f"truncated header: {len(head)} bytes, a header is {HEADER_SIZE}")
-    return head
-
-
-def _read_into(f, view, path: Path) -> int:
-    try:
-        return f.readinto(view)
-    except OSError as exc:
-        raise GalleryError(path, f"cannot read: {exc.strerror or exc}", transient=True) from None
-
-
-def _open_regular(path: Path, confine: bool = False):
-    """``path`` opened for reading once it is known to be a regular file (checked before the
-    open and again on the open file, which never blocks: :func:`edged.safefile.open_plain`).
-    With ``confine`` (the daemon's reads), a symbolic link at ``path`` is refused, never
-    followed, as no drop is (its target could be any file the daemon may read, and the
-    refusal goes onto MQTT; docs/ota.md)."""
-    try:
-        return safefile.open_plain(path, follow_links=not confine)
-    except safefile.NotPlain as exc:
-        reason = exc.reason
-        if reason.startswith("is a directory"):
-            reason = "is a directory, not a gallery file"
-        elif reason != safefile.SYMLINK_REASON:
-            reason = "is not a regular file"
-        raise GalleryError(path, reason) from None
-    except FileNotFoundError:
-        raise GalleryError(path, "no such file") from None
-    except OSError as exc:
-        raise GalleryError(path, f"cannot open: {exc.strerror or exc}", transient=True) from None
-
-
-def peek_embedder(path, confine: bool = True) -> str:
-    """The embedder sha256 a gallery file says it was made by, from its header alone, read
-    with a plain read (no mapping: the file may be a live one another program is rewriting,
-    and a mapped file cut short under a reader kills the process with SIGBUS).  Raises
-    :class:`GalleryError` when the header is not a good one; ``confine``: as the daemon
-    reads a gallery path (a symbolic link refused)."""
-    path = Path(path)
-    with _open_regular(path, confine) as f:
-        head = _read_head(f, path, os.fstat(f.fileno()).st_size)
-    return _header(head, path)[15].hex()  # (index 15: the embedder sha256)
 
 
 def read_entries(path) -> tuple:

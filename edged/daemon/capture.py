@@ -32,11 +32,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import cv2
 import numpy as np
 
+from edged.daemon.framehub import FrameHub
 from edged.vision.imageio import to_bgr8
 from edged.logs import fields
 from edged.types import Frame
@@ -192,71 +193,53 @@ def preflight(settings: CameraSettings) -> Optional[str]:
     return None
 
 
-# ---------------------------------------------------------------------------- frame hub
-
-
-class FrameHub:
-    """One slot per camera; the newest frame overwrites an untaken one.
-
-    ``take()`` hands out the waiting frame that was captured first, so that cameras take
-    turns.  ``put(..., wait=True)`` (files read with ``realtime: false``) waits for the slot
-    to be free instead of overwriting.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._slots: Dict[str, Frame] = {}
-        self.dropped: Dict[str, int] = {}
-        self._closed = False
-
-    def put(self, frame: Frame, wait: bool = False, stop: Optional[threading.Event] = None) -> bool:
-        with self._cond:
-            if wait:
-                while frame.camera in self._slots and not self._closed and not (stop and stop.is_set()):
-                    self._cond.wait(0.1)
-                if self._closed or (stop and stop.is_set()):
-                    return False
-            elif frame.camera in self._slots:
-                self.dropped[frame.camera] = self.dropped.get(frame.camera, 0) + 1
-            self._slots[frame.camera] = frame
-            self._cond.notify_all()
-            return True
-
-    def wait_free(self, camera: str, stop: Optional[threading.Event] = None) -> bool:
-        """Wait until ``camera``'s slot is empty (the pipeline took its frame); False if closed."""
-        with self._cond:
-            while camera in self._slots and not self._closed and not (stop and stop.is_set()):
-                self._cond.wait(0.1)
-            return not self._closed and not (stop and stop.is_set())
-
-    def take(self, timeout: Optional[float] = None) -> Optional[Frame]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._slots and not self._closed:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._cond.wait(left)
-            if not self._slots:
-                return None
-            cam = min(self._slots, key=lambda c: self._slots[c].monotonic)
-            frame = self._slots.pop(cam)
-            self._cond.notify_all()
-            return frame
-
-    def empty(self) -> bool:
-        with self._cond:
-            return not self._slots
-
-    def discard(self, camera: str) -> None:
-        with self._cond:
-            self._slots.pop(camera, None)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+def open_source(s: CameraSettings, kind: str):
+    """Open camera ``s`` as a source of ``kind`` (resolved): a ``cv2.VideoCapture``; OSError
+    (or cv2.error) when it cannot be opened now, SourceError when it never can be here."""
+    if kind == "v4l2":
+        target = _v4l2_target(s.source)
+        if isinstance(target, str) and not os.path.exists(target):
+            raise OSError(f"{target}: no such device (is the camera plugged in? "
+                          f"ls /dev/video*)")
+        if isinstance(target, str) and not os.access(target, os.R_OK | os.W_OK):
+            raise OSError(f"{target}: permission denied (the user needs the 'video' group)")
+        cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError(f"{s.source}: V4L2 could not open the device")
+        if s.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*s.fourcc))
+        if s.width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, s.width)
+        if s.height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, s.height)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        return cap
+    if kind == "gstreamer":
+        if not gstreamer_available():
+            raise SourceError(preflight(s))
+        cap = cv2.VideoCapture(s.source, cv2.CAP_GSTREAMER)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError("GStreamer could not start the pipeline (run it with gst-launch-1.0 "
+                          "to see why)")
+        return cap
+    if kind == "url":
+        ms = int(s.stall_timeout * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, max(ms, 1000), cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        cap = cv2.VideoCapture(s.source, cv2.CAP_FFMPEG, params)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError(f"{_redact(s.source)}: cannot open the stream")
+        return cap
+    # file
+    if not os.path.exists(s.source):
+        raise OSError(f"{s.source}: no such file")
+    cap = cv2.VideoCapture(s.source, cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        cap.release()
+        raise OSError(f"{s.source}: not a video file OpenCV can decode")
+    return cap
 
 
 # ---------------------------------------------------------------------------- camera
@@ -366,51 +349,8 @@ class Camera:
     # -- opening
 
     def _open(self):
-        s = self.settings
-        if self.kind == "v4l2":
-            target = _v4l2_target(s.source)
-            if isinstance(target, str) and not os.path.exists(target):
-                raise OSError(f"{target}: no such device (is the camera plugged in? "
-                              f"ls /dev/video*)")
-            if isinstance(target, str) and not os.access(target, os.R_OK | os.W_OK):
-                raise OSError(f"{target}: permission denied (the user needs the 'video' group)")
-            cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
-            if not cap.isOpened():
-                cap.release()
-                raise OSError(f"{s.source}: V4L2 could not open the device")
-            if s.fourcc:
-                cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*s.fourcc))
-            if s.width:
-                cap.set(cv2.CAP_PROP_FRAME_WIDTH, s.width)
-            if s.height:
-                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, s.height)
-            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
-            return cap
-        if self.kind == "gstreamer":
-            if not gstreamer_available():
-                raise SourceError(preflight(s))
-            cap = cv2.VideoCapture(s.source, cv2.CAP_GSTREAMER)
-            if not cap.isOpened():
-                cap.release()
-                raise OSError("GStreamer could not start the pipeline (run it with gst-launch-1.0 "
-                              "to see why)")
-            return cap
-        if self.kind == "url":
-            ms = int(s.stall_timeout * 1000)
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, max(ms, 1000), cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-            cap = cv2.VideoCapture(s.source, cv2.CAP_FFMPEG, params)
-            if not cap.isOpened():
-                cap.release()
-                raise OSError(f"{_redact(s.source)}: cannot open the stream")
-            return cap
-        # file
-        if not os.path.exists(s.source):
-            raise OSError(f"{s.source}: no such file")
-        cap = cv2.VideoCapture(s.source, cv2.CAP_FFMPEG)
-        if not cap.isOpened():
-            cap.release()
-            raise OSError(f"{s.source}: not a video file OpenCV can decode")
-        return cap
+        """The opened source (a ``cv2.VideoCapture``); OSError or SourceError when it fails."""
+        return open_source(self.settings, self.kind)
 
     # -- the thread
 
@@ -419,54 +359,8 @@ class Camera:
             raise _Stopped()
 
     def _run(self, gen: int) -> None:
-        backoff = self.settings.reconnect_min
-        reported_down = False
         try:
-            while not self._stop.is_set() and gen == self._generation:
-                self.open_attempts += 1
-                self._begin_blocking(gen)  # an open can hang too (GStreamer, RTSP)
-                try:
-                    cap = self._open()
-                except SourceError as exc:
-                    self._end_blocking(gen)
-                    self.last_error = str(exc)
-                    log.error("camera %s: %s", self.name, exc, extra=fields(camera=self.name))
-                    return
-                except (OSError, cv2.error) as exc:
-                    self._end_blocking(gen)
-                    self.last_error = str(exc)
-                    self.connected = False
-                    level = logging.WARNING if not reported_down else logging.INFO
-                    log.log(level, "camera %s: cannot open %s: %s; retrying in %.1f s", self.name,
-                            self.kind, exc, backoff, extra=fields(camera=self.name, event="camera_down"))
-                    reported_down = True
-                    self._sleep(backoff, gen)
-                    backoff = min(backoff * 2, self.settings.reconnect_max)
-                    continue
-                self._end_blocking(gen)
-                opened = time.monotonic()
-                try:
-                    got = self._read_loop(cap, gen)
-                finally:
-                    self._end_blocking(gen)
-                    try:
-                        cap.release()
-                    except cv2.error:
-                        pass
-                if self.finished or self._stop.is_set() or gen != self._generation:
-                    return
-                if got and time.monotonic() - opened >= self.settings.stall_timeout:
-                    # a source that stayed up; one that flaps (a frame, then down) keeps
-                    # backing off instead of reconnecting twice a second
-                    backoff = self.settings.reconnect_min
-                self.connected = False
-                self.outages += 1
-                self.reconnects += 1
-                log.warning("camera %s: source lost (%s); reconnecting in %.1f s", self.name,
-                            self.last_error, backoff, extra=fields(camera=self.name, event="camera_down"))
-                reported_down = True
-                self._sleep(backoff, gen)
-                backoff = min(backoff * 2, self.settings.reconnect_max)
+            self._connect_loop(gen)
         except _Stopped:
             pass
         except Exception:  # never let a capture bug kill the thread silently
@@ -483,89 +377,192 @@ class Camera:
             if gen == self._generation:
                 self.connected = False
 
+    def _connect_loop(self, gen: int) -> None:
+        """Open the source and read it, again after each failure, with the backoff."""
+        backoff = self.settings.reconnect_min
+        reported_down = False
+        while not self._stop.is_set() and gen == self._generation:
+            self.open_attempts += 1
+            try:
+                cap = self._open_watched(gen, backoff, reported_down)
+            except SourceError:
+                return
+            if cap is None:
+                reported_down = True
+                self._sleep(backoff, gen)
+                backoff = min(backoff * 2, self.settings.reconnect_max)
+                continue
+            opened = time.monotonic()
+            try:
+                got = self._read_loop(cap, gen)
+            finally:
+                self._end_blocking(gen)
+                try:
+                    cap.release()
+                except cv2.error:
+                    pass
+            if self.finished or self._stop.is_set() or gen != self._generation:
+                return
+            if got and time.monotonic() - opened >= self.settings.stall_timeout:
+                # a source that stayed up; one that flaps (a frame, then down) keeps
+                # backing off instead of reconnecting twice a second
+                backoff = self.settings.reconnect_min
+            self.connected = False
+            self.outages += 1
+            self.reconnects += 1
+            log.warning("camera %s: source lost (%s); reconnecting in %.1f s", self.name,
+                        self.last_error, backoff, extra=fields(camera=self.name, event="camera_down"))
+            reported_down = True
+            self._sleep(backoff, gen)
+            backoff = min(backoff * 2, self.settings.reconnect_max)
+
+    def _open_watched(self, gen: int, backoff: float, reported_down: bool):
+        """Open the source as a blocking call :meth:`check` watches (an open can hang too:
+        GStreamer, RTSP).  None when it failed (logged: tried again after ``backoff``); a
+        :class:`SourceError` (the source cannot work here) is logged and raised again."""
+        self._begin_blocking(gen)
+        try:
+            cap = self._open()
+        except SourceError as exc:
+            self._end_blocking(gen)
+            self.last_error = str(exc)
+            log.error("camera %s: %s", self.name, exc, extra=fields(camera=self.name))
+            raise
+        except (OSError, cv2.error) as exc:
+            self._end_blocking(gen)
+            self.last_error = str(exc)
+            self.connected = False
+            level = logging.WARNING if not reported_down else logging.INFO
+            log.log(level, "camera %s: cannot open %s: %s; retrying in %.1f s", self.name,
+                    self.kind, exc, backoff, extra=fields(camera=self.name, event="camera_down"))
+            return None
+        self._end_blocking(gen)
+        return cap
+
     def _read_loop(self, cap, gen: int) -> bool:
         """Read until the source fails; return whether at least one frame came."""
+        r = self._start_reading(cap)
+        while not self._stop.is_set() and gen == self._generation:
+            if r.wait and not self.hub.wait_free(self.name, self._stop):
+                return r.got_any  # read a file only when the pipeline is ready for the frame
+            ok, image, now = self._read_watched(cap, gen, r)
+            if gen != self._generation:
+                return r.got_any
+            if not ok or image is None:
+                go_on, image = self._after_failed_read(cap, r, now)
+                if not go_on:
+                    return r.got_any
+            if not r.got_any:
+                r.got_any = True
+                self._first_image(image)
+            self.frames_read += 1
+            if r.period:
+                self._pace_file(r, gen)
+            now = time.monotonic()
+            self.last_frame_monotonic = now
+            if r.min_gap and now - r.last_accepted < r.min_gap:
+                continue
+            r.last_accepted = now
+            self._deliver(image, now, r.wait)
+        return r.got_any
+
+    def _start_reading(self, cap) -> "_Reading":
+        """The pacing of a freshly opened source, from its settings and frame rate."""
         s = self.settings
         is_file = self.kind == "file"
-        wait = is_file and not s.realtime
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         self.source_fps = fps if 0 < fps < 1000 else None
         period = 1.0 / self.source_fps if (is_file and s.realtime and self.source_fps) else 0.0
-        min_gap = 1.0 / s.fps_limit if s.fps_limit > 0 else 0.0
-        got_any = False
-        t_start = time.monotonic()
-        n_file = 0
-        last_accepted = -1e9
-        opened_at = time.monotonic()
-        slow_read = None
-        while not self._stop.is_set() and gen == self._generation:
-            if wait and not self.hub.wait_free(self.name, self._stop):
-                return got_any  # read a file only when the pipeline is ready for the frame
-            started = self._begin_blocking(gen)
-            try:
-                ok, image = cap.read()
-            except cv2.error as exc:  # a backend error is a failed read, not a dead thread
-                self.last_error = f"read failed: {exc}"
-                ok, image = False, None
-            self._end_blocking(gen)
-            now = time.monotonic()
-            if now - started >= 0.9 * s.stall_timeout:
-                # the source went quiet: FFmpeg's read time-out fired (a demuxer may still
-                # hand out a few buffered frames before the read fails)
-                slow_read = (now, now - started)
-            if gen != self._generation:
-                return got_any
-            if not ok or image is None:
-                if is_file:
-                    if s.loop and got_any:
-                        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                        ok2, image = cap.read()
-                        if not ok2:
-                            self.last_error = "cannot rewind the file"
-                            return got_any
-                        t_start, n_file = time.monotonic(), 0
-                    else:
-                        self.finished = True
-                        self.connected = False
-                        log.info("camera %s: end of file %s (%d frames)", self.name, s.source,
-                                 self.frames_read, extra=fields(camera=self.name, event="end_of_file"))
-                        return got_any
-                else:
-                    waited = now - (self.last_frame_monotonic or opened_at)
-                    if slow_read and now - slow_read[0] < s.stall_timeout:
-                        waited = max(waited, slow_read[1])
-                    self.last_error = ("stalled: no frame for %.1f s" % waited
-                                       if waited >= s.stall_timeout * 0.9 else "read failed")
-                    return got_any
-            if not got_any:
-                got_any = True
-                self.connected = True
-                self.resolution = [int(image.shape[1]), int(image.shape[0])]
-                log.info("camera %s: %s connected, %dx%d%s", self.name, self.kind,
-                         image.shape[1], image.shape[0],
-                         f" at {self.source_fps:.2f} fps" if self.source_fps else "",
-                         extra=fields(camera=self.name, event="camera_up"))
-            self.frames_read += 1
-            if period:
-                n_file += 1
-                delay = t_start + n_file * period - time.monotonic()
-                if delay > 0:
-                    self._sleep(delay, gen)
-                elif delay < -1.0:  # far behind (a slow machine): re-anchor rather than burst
-                    t_start, n_file = time.monotonic(), 0
-            now = time.monotonic()
-            self.last_frame_monotonic = now
-            if min_gap and now - last_accepted < min_gap:
-                continue
-            last_accepted = now
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                image = to_bgr8(image, f"camera {self.name}")  # GRAY8, BGRA, 16-bit sources
-            frame = Frame(camera=self.name, index=self.frames_read - 1, timestamp=time.time(),
-                          image=image, monotonic=now, connection=self.reconnects)
-            if self.hub.put(frame, wait=wait, stop=self._stop):
-                self.frames_delivered += 1
-                self.first_frame.set()
-        return got_any
+        now = time.monotonic()
+        return _Reading(is_file=is_file, wait=is_file and not s.realtime, period=period,
+                        min_gap=1.0 / s.fps_limit if s.fps_limit > 0 else 0.0,
+                        t_start=now, opened_at=now)
+
+    def _read_watched(self, cap, gen: int, r: "_Reading") -> tuple:
+        """One ``cap.read()`` as a blocking call :meth:`check` watches: ``(ok, image, now)``;
+        a read that took most of ``stall_timeout`` is noted in ``r.slow_read``."""
+        started = self._begin_blocking(gen)
+        try:
+            ok, image = cap.read()
+        except cv2.error as exc:  # a backend error is a failed read, not a dead thread
+            self.last_error = f"read failed: {exc}"
+            ok, image = False, None
+        self._end_blocking(gen)
+        now = time.monotonic()
+        if now - started >= 0.9 * self.settings.stall_timeout:
+            # the source went quiet: FFmpeg's read time-out fired (a demuxer may still
+            # hand out a few buffered frames before the read fails)
+            r.slow_read = (now, now - started)
+        return ok, image, now
+
+    def _after_failed_read(self, cap, r: "_Reading", now: float) -> tuple:
+        """A read gave no frame: ``(True, image)`` when a looping file was rewound, else
+        ``(False, None)`` with ``last_error`` saying why (the end of a file: finished)."""
+        s = self.settings
+        if r.is_file:
+            if s.loop and r.got_any:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                ok2, image = cap.read()
+                if not ok2:
+                    self.last_error = "cannot rewind the file"
+                    return False, None
+                r.t_start, r.n_file = time.monotonic(), 0
+                return True, image
+            self.finished = True
+            self.connected = False
+            log.info("camera %s: end of file %s (%d frames)", self.name, s.source,
+                     self.frames_read, extra=fields(camera=self.name, event="end_of_file"))
+            return False, None
+        waited = now - (self.last_frame_monotonic or r.opened_at)
+        if r.slow_read and now - r.slow_read[0] < s.stall_timeout:
+            waited = max(waited, r.slow_read[1])
+        self.last_error = ("stalled: no frame for %.1f s" % waited
+                           if waited >= s.stall_timeout * 0.9 else "read failed")
+        return False, None
+
+    def _first_image(self, image: np.ndarray) -> None:
+        """The first frame since the source was opened: connected."""
+        self.connected = True
+        self.resolution = [int(image.shape[1]), int(image.shape[0])]
+        log.info("camera %s: %s connected, %dx%d%s", self.name, self.kind,
+                 image.shape[1], image.shape[0],
+                 f" at {self.source_fps:.2f} fps" if self.source_fps else "",
+                 extra=fields(camera=self.name, event="camera_up"))
+
+    def _pace_file(self, r: "_Reading", gen: int) -> None:
+        """A file read in real time: wait for the frame's time at the file's frame rate."""
+        r.n_file += 1
+        delay = r.t_start + r.n_file * r.period - time.monotonic()
+        if delay > 0:
+            self._sleep(delay, gen)
+        elif delay < -1.0:  # far behind (a slow machine): re-anchor rather than burst
+            r.t_start, r.n_file = time.monotonic(), 0
+
+    def _deliver(self, image: np.ndarray, now: float, wait: bool) -> None:
+        """Hand the frame to the hub (a file not read in real time waits for room)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            image = to_bgr8(image, f"camera {self.name}")  # GRAY8, BGRA, 16-bit sources
+        frame = Frame(camera=self.name, index=self.frames_read - 1, timestamp=time.time(),
+                      image=image, monotonic=now, connection=self.reconnects)
+        if self.hub.put(frame, wait=wait, stop=self._stop):
+            self.frames_delivered += 1
+            self.first_frame.set()
+
+
+@dataclass
+class _Reading:
+    """The state of one :meth:`Camera._read_loop`: its pacing, and what it has seen."""
+
+    is_file: bool
+    wait: bool  # a file read only when the pipeline takes the frame (realtime: false)
+    period: float  # a file read in real time: seconds between frames (else 0)
+    min_gap: float  # fps_limit: least seconds between two frames handed on (else 0)
+    t_start: float  # when the real-time pacing was anchored (monotonic) ...
+    opened_at: float  # ... and when the source was opened
+    n_file: int = 0  # frames paced since t_start
+    got_any: bool = False
+    last_accepted: float = -1e9
+    slow_read: Optional[tuple] = None  # (when, seconds) of the last read near the time-out
 
 
 def _redact(source: str) -> str:

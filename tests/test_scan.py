@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from edged import gallery as G
+from edged.gallery import search as G  # the module that reads _scan_ext (patched below)
 from edged.gallery import Gallery, write_gallery
 
 try:

@@ -117,6 +117,7 @@ def test_a_gallery_of_the_other_embedder_is_refused_naming_both(tmp_path):
 
 @pytest.mark.parametrize("path", ["compiled", "opencv", "numpy"])
 def test_128_wide_float16_gallery_every_scan_agrees(tmp_path, monkeypatch, path):
+    from edged.gallery import search as G  # the module that reads the names patched here
     if path == "compiled" and not G._fused(128):
         pytest.skip("edged.gallery._scan with a vector kernel is not built here")
     if path != "compiled":

@@ -147,8 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--one", nargs=2, metavar=("FILE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.no_ext:
-        import edged.gallery
-        edged.gallery._scan_ext = None
+        import edged.gallery.search
+        edged.gallery.search._scan_ext = None
     if args.reference:
         reference()
         return 0

@@ -512,7 +512,7 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     # a file named by a manifest, corrupt (whole size), there before the manifest: it could be
     # the previous version of the file, whose replacement is still to come, so the manifest
     # waits (STALE_WAIT_S, 60 s) before it is refused; here the wait is over at once
-    import edged.ota.drops as ota
+    import edged.ota.modeldrops as ota
 
     (drops / "r.tflite").write_bytes(installed["rnet"][0][:-10] + b"0" * 10)
     time.sleep(0.02)
@@ -1163,7 +1163,7 @@ def test_a_manifest_before_its_same_size_file_waits_for_it(installed, tmp_path, 
     retrained model keeps its layout): the manifest sees the old file, which is older than
     itself: it waits for the new one instead of refusing the drop.  A file that never comes
     gets the manifest refused after STALE_WAIT_S, with the file's sha256 mismatch."""
-    import edged.ota.drops as ota
+    import edged.ota.modeldrops as ota
 
     fake = _FakeDaemon(installed)
     dm, drops = _drop_manager(fake, tmp_path)

@@ -1,5 +1,11 @@
 """Files that arrive over the air: model sets and galleries, checked before they are used.
 
-``drops`` watches the drop directory and validates each file off the hot path; ``hotswap``
-holds the gallery and swaps one reference so that readers never see a half state.
+``drops`` (:class:`~edged.ota.drops.DropManager`) watches the drop directory and the gallery path
+and handles each file off the hot path, with its parts: ``modeldrops`` (manifests and models),
+``gallerydrop`` (the gallery path), ``probation`` (the swap and its probation) and
+``inprogress`` (the held-back embedder and the waiting manifests, kept across restarts).
+``intake`` reads a dropped file safely, ``modelcheck`` checks and self-tests a model, ``store``
+keeps what lasts across restarts under ``paths.state_dir``; ``modelset`` builds the set in
+service and swaps it; ``hotswap`` holds the gallery and swaps one reference so that readers
+never see a half state.
 """

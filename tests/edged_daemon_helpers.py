@@ -129,12 +129,12 @@ class FakeGallery:
 def fake_services(daemon, delay=lambda: 0.0):
     """Make ``daemon`` build service sets of FakePipeline (one per worker) and FakeGallery, and
     skip the warm-up."""
-    from edged.daemon.service import ServiceSet
+    from edged.ota.modelset import ServiceSet
 
-    daemon.build_service = lambda cfg: ServiceSet(
+    daemon.sets.build = lambda cfg: ServiceSet(
         pipelines=[FakePipeline(delay) for _ in range(cfg.pipeline.workers)],
         gallery=FakeGallery(), versions={"embedder": "x"}, accelerators={})
-    daemon.warm_up = lambda svc, parts=None: None
+    daemon.sets.warm_up = lambda svc, parts=None: None
     return daemon
 
 
@@ -246,7 +246,7 @@ def run_in_process(doc: dict, models_dir) -> tuple:
     d = Daemon(cfg, models_dir=str(models_dir), notifier=Notifier(address=""),
                exit_when_done=True)
     events = []
-    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.events.hooks.append(lambda ev, lat: events.append(ev))
     d.start(camera_wait=30)
     assert d.run() == 0
     return events, d

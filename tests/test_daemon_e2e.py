@@ -257,19 +257,19 @@ def test_detection_workers_keep_capture_order(shared_dir, tmp_path):
     d = fake_services(Daemon(cfg, notifier=Notifier(address=""), exit_when_done=True),
                       delay=lambda: random.uniform(0, 0.004))  # workers overtake each other
     seen, threads = [], set()
-    orig = d.process
+    orig = d.recognizer.process
 
     def process(frame, faces, svc):
         seen.append(frame.index)
         threads.add(threading.current_thread().name)
         return orig(frame, faces, svc)
 
-    d.process = process
+    d.recognizer.process = process
     d.start(camera_wait=30)
     assert d.run() == 0
     assert seen == list(range(275))
     assert threads == {"track"}
-    assert d.frames_done_total == 275
+    assert d.counters.frames_done_total == 275
 
 
 def test_unusable_mqtt_password_file_is_a_clear_startup_error(tmp_path):

@@ -69,7 +69,7 @@ def test_reload_after_a_camera_was_skipped_by_its_check(shared_dir, tmp_path, ca
         assert d.reload() and sorted(d.cameras) == ["cam"]  # cam2 gone, cam3 skipped
         doc["cameras"] = doc["cameras"][:1]
         write(path, doc)
-        assert d.reload() and sorted(d.cameras) == ["cam"] and sorted(d.trackers) == ["cam"]
+        assert d.reload() and sorted(d.cameras) == ["cam"] and sorted(d.recognizer.trackers) == ["cam"]
     finally:
         d.stop()
 
@@ -102,27 +102,27 @@ def test_a_slow_track_thread_makes_the_newest_frame_win(shared_dir, tmp_path):
     then takes well under its timeout."""
     cfg = load_doc(tmp_path, base_doc(shared_dir, tmp_path, pipeline={"workers": 2}))
     d = fake_daemon(cfg)
-    orig = d.process
+    orig = d.recognizer.process
 
     def slow(frame, faces, svc):
         time.sleep(0.08)  # slower than the clip's 25-30 fps
         return orig(frame, faces, svc)
 
-    d.process = slow
+    d.recognizer.process = slow
     d.start(camera_wait=30)
     most = 0
     try:
         t_end = time.monotonic() + 3.0
         while time.monotonic() < t_end:
-            with d._order:
-                most = max(most, d._in_flight)
+            with d.flow.order:
+                most = max(most, d.flow.in_flight)
             time.sleep(0.01)
         assert d.hub.dropped.get("cam", 0) > 10
     finally:
         t0 = time.monotonic()
         d.stop()
         took = time.monotonic() - t0
-    assert most <= d.max_in_flight() == 4
+    assert most <= d.flow.max_in_flight() == 4
     assert took < 3.0
     assert not [t for t in threading.enumerate() if t.name == "track" and t.is_alive()]
 
@@ -175,8 +175,8 @@ def test_an_events_file_that_cannot_be_written_does_not_end_the_events_thread(tm
     d = Daemon(cfg, notifier=Notifier(address=""), events_out=str(tmp_path))
     ev = Event(id="e1", type="unknown", camera="usb", track_id=1, frame_time=time.time())
     with caplog.at_level(logging.ERROR, logger="edged.daemon"):
-        d._write_event(ev, 0.1, 7)
-        d._write_event(ev, 0.1, 8)
+        d.events.write(ev, 0.1, 7)
+        d.events.write(ev, 0.1, 8)
     lines = [r for r in caplog.records if "--events-out" in r.getMessage()]
     assert len(lines) == 1 and f"--events-out {tmp_path}: cannot write event e1" in \
         lines[0].getMessage()
@@ -213,7 +213,8 @@ def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, cap
     frame does not count as progress for the watchdog."""
     import numpy as np
 
-    from edged.daemon.service import RollingStats, ServiceSet
+    from edged.daemon.stats import RollingStats
+    from edged.ota.modelset import ServiceSet
     from edged.daemon.track import Tracker
     from edged.types import Face, Frame, Quality
 
@@ -221,9 +222,9 @@ def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, cap
                               "paths": {"state_dir": str(tmp_path / "state")},
                               "mqtt": {"enabled": False}, "logging": {"target": "stderr"}})
     d = Daemon(cfg, notifier=Notifier(address=""))
-    d.trackers["c"] = Tracker("c", cfg.tracking, match_threshold=cfg.match.threshold)
-    d._reconnects_seen["c"] = 0
-    d.fps_done["c"] = RollingStats()
+    d.recognizer.trackers["c"] = Tracker("c", cfg.tracking, match_threshold=cfg.match.threshold)
+    d.recognizer.reconnects_seen["c"] = 0
+    d.counters.fps_done["c"] = RollingStats()
 
     class Pipe:
         zero = False
@@ -251,18 +252,18 @@ def test_a_failing_embedder_or_gallery_loses_no_event_of_the_frame(tmp_path, cap
     types = []
     with caplog.at_level(logging.ERROR, logger="edged.daemon"):
         for i in range(3):
-            evs = d.process(Frame("c", i, 1000 + i / 25, image, monotonic=10 + i / 25),
+            evs = d.recognizer.process(Frame("c", i, 1000 + i / 25, image, monotonic=10 + i / 25),
                             [face(10)], svc)
             types += [e.type for e in evs]
         pipe.zero = True
         for i in range(3, 4 + cfg.tracking.max_missed):
-            evs = d.process(Frame("c", i, 1000 + i / 25, image, monotonic=10 + i / 25),
+            evs = d.recognizer.process(Frame("c", i, 1000 + i / 25, image, monotonic=10 + i / 25),
                             [face(100)], svc)
             types += [e.type for e in evs]
     assert types.count("face_appeared") == 2 and types.count("track_ended") == 1, types
     assert svc.failures >= 3 and "the gallery broke" in caplog.text
     assert "non-finite or zero embeddings" in caplog.text
-    assert d.progress < d.frames_done_total
+    assert d.counters.progress < d.counters.frames_done_total
 
 
 def _status_file(tmp_path) -> dict:
@@ -341,7 +342,7 @@ def test_a_gallery_refused_at_start_is_in_the_status_and_counted(shared_dir, mod
                notifier=Notifier(address=""))
     try:
         d.start(camera_wait=30)
-        st = d.status_document()
+        st = d.status.document()
         assert st["drops"]["rejected"] == 1 and st["drops"]["handled"] == 1, st["drops"]
         assert st["last_rejected_drop"]["file"] == str(tmp_path / "g.edgal")
         assert st["last_rejected_drop"]["why"]

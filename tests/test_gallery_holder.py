@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged.gallery import GalleryError, GalleryHolder, MatchSettings, peek_embedder, write_gallery
+from edged.gallery import GalleryError, MatchSettings, peek_embedder, write_gallery
+from edged.ota.galleryholder import GalleryHolder
 from gallery_craft import fill, tmpfs
 
 SHA = "ab" * 32
@@ -184,7 +185,7 @@ def test_the_snapshot_directory_of_a_killed_process_goes_at_the_next_start(tmp_p
     g, snaps = tmp_path / "gallery.edgal", tmp_path / "snaps"
     people(g)
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from edged.gallery import GalleryHolder\n"
+            "from edged.ota.galleryholder import GalleryHolder\n"
             f"h = GalleryHolder({str(g)!r}, {SHA!r}, watch=False, snapshot_dir={str(snaps)!r})\n"
             "assert h.start().accepted; print('up', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

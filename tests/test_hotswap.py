@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edged.gallery import Gallery, GalleryHolder, MatchSettings, write_gallery
+from edged.gallery import Gallery, MatchSettings, write_gallery
+from edged.ota.galleryholder import GalleryHolder
 from edged.ota.hotswap import FileWatcher, SwapHolder
 from conftest import wait_for
 
@@ -249,7 +250,7 @@ def test_snapshots_of_dead_processes_are_removed(tmp_path):
     import sys
     import time as _time
 
-    from edged.gallery import holder as G  # the module that reads the names patched here
+    from edged.ota import galleryholder as G  # the module that reads the names patched here
     root = tmp_path / "snap"
     root.mkdir()
     old = _time.time() - 3600
@@ -259,7 +260,7 @@ def test_snapshots_of_dead_processes_are_removed(tmp_path):
     (dead / "gallery-1.edgal").write_bytes(b"x")
     proc = subprocess.Popen([sys.executable, "-c",
                              "import sys, time; sys.path.insert(0, %r)\n"
-                             "from edged.gallery.holder import _lock_snapshot_dir\n"
+                             "from edged.ota.galleryholder import _lock_snapshot_dir\n"
                              "from pathlib import Path\n"
                              "f = _lock_snapshot_dir(Path(%r)); print('locked', flush=True)\n"
                              "time.sleep(60)" % (str(Path(G.__file__).parents[2]), str(dead))],
@@ -508,7 +509,7 @@ def test_without_flock_or_hard_links_the_gallery_is_still_served_and_kept(tmp_pa
     and the last good one is copied in the background, the newest winning."""
     import errno
 
-    from edged.gallery import holder as G  # the module that reads the names patched here
+    from edged.ota import galleryholder as G  # the module that reads the names patched here
 
     def no_flock(d):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -141,7 +141,7 @@ def _run_daemon(models_dir, clip, tmp_path, monkeypatch, motion, tracking=None):
         "models": {"detector": {"type": "cpu", "num_threads": 1}},
         "paths": {"state_dir": str(tmp_path / "state"), "gallery": str(tmp_path / "none.edgal")},
         "mqtt": {"enabled": False}, "logging": {"target": "stderr"}}, models_dir)
-    return events, detected, d.stats()
+    return events, detected, d.stats.document()
 
 
 def test_the_daemon_detects_a_still_empty_scene_once(scene, models_dir, tmp_path, monkeypatch):

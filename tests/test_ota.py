@@ -465,7 +465,7 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     drops.mkdir()
     reports = []
     svc = SimpleNamespace(versions={"embedder": installed["embedder"][1]}, models={})
-    fake = SimpleNamespace(service=svc, report=reports.append, cfg=None)
+    fake = SimpleNamespace(service=svc, status=SimpleNamespace(report=reports.append), cfg=None)
     dm = DropManager(fake, drops, tmp_path / "g" / "people.edgal", modelstore.Manifest.load(),
                      DropSettings(manifest_wait_s=0.0))
 
@@ -572,6 +572,7 @@ class _FakeDaemon:
         self.cfg = SimpleNamespace(models=SimpleNamespace(embedder=None, detector=None))
         self.reports, self.swaps, self.confirmed = [], [], []
         self.block = None  # a threading.Event make_set waits for
+        self.sets = self.status = self  # (the daemon's ModelSets and StatusBoard, in one)
 
     def report(self, record):
         self.reports.append(record)
@@ -591,7 +592,7 @@ class _FakeDaemon:
     def warm_up(self, svc, parts=None):
         pass
 
-    def swap_service(self, new, record=None):
+    def swap(self, new, record=None):
         self.swaps.append((new, len(self.confirmed)))
         self.service = new
         self.report(record)
@@ -743,12 +744,12 @@ def test_reload_is_serialised_with_drops_and_never_raises(shared_dir, installed,
                             paths={"gallery": str(gpath), "state_dir": str(tmp_path / "state")},
                             logging={"target": "stderr", "level": "info"}))
     d = Daemon(cfg)
-    d.service = d.build_service(cfg)
+    d.service = d.sets.build(cfg)
     d.ota = DropManager(d, None, gpath, None)
     try:
         # a drop holds the lock (being swapped) when the reload is ready to swap
         held, release_at = threading.Event(), []
-        warm_up = d.warm_up
+        warm_up = d.sets.warm_up
 
         def drop_in_progress():
             with d.ota._lock:
@@ -762,32 +763,32 @@ def test_reload_is_serialised_with_drops_and_never_raises(shared_dir, installed,
             assert held.wait(10)
 
         swapped_at = []
-        swap = d.swap_service
-        d.warm_up = warm_up_then_a_drop
-        d.swap_service = lambda new, record=None: (swapped_at.append(time.monotonic()),
+        swap = d.sets.swap
+        d.sets.warm_up = warm_up_then_a_drop
+        d.sets.swap = lambda new, record=None: (swapped_at.append(time.monotonic()),
                                                    swap(new, record))[1]
         old = d.service
         assert d.reload() is True
         assert d.service is not old and swapped_at[0] >= release_at[0], (swapped_at, release_at)
-        d.warm_up, d.swap_service = warm_up, swap
+        d.sets.warm_up, d.sets.swap = warm_up, swap
 
         # confirm() of a set no longer in service: not reported as confirmed
         with caplog.at_level(logging.INFO, logger="edged.daemon"):
-            d.confirm(old, d.service)
+            d.sets.confirm(old, d.service)
         assert "swap confirmed" not in caplog.text
 
         # any failure while reloading keeps the set in service; the unused gallery is closed
         built = []
-        build = d.build_service
-        d.build_service = lambda c: built.append(build(c)) or built[-1]
-        d.warm_up = lambda svc, parts=None: (_ for _ in ()).throw(RuntimeError("warm-up broke"))
+        build = d.sets.build
+        d.sets.build = lambda c: built.append(build(c)) or built[-1]
+        d.sets.warm_up = lambda svc, parts=None: (_ for _ in ()).throw(RuntimeError("warm-up broke"))
         before = d.service
         with caplog.at_level(logging.ERROR, logger="edged.daemon"):
             assert d.reload() is False
         assert d.service is before and before.gallery.current is not None
         assert built and built[0].gallery.current is None  # stopped
         assert "warm-up broke" in caplog.text
-        d.warm_up, d.build_service = warm_up, build
+        d.sets.warm_up, d.sets.build = warm_up, build
 
         # the main loop: a drop check that raises is logged; run() ends in stop()
         def broken_tick():
@@ -801,7 +802,7 @@ def test_reload_is_serialised_with_drops_and_never_raises(shared_dir, installed,
         assert d.service is None  # stop() ran
     finally:
         if d.service is not None:
-            d.models_holder.stop(close=True)
+            d.sets.holder.stop(close=True)
 
 
 def test_a_frame_in_flight_keeps_its_set_until_it_is_tracked(installed, base_gallery, tmp_path):
@@ -815,23 +816,23 @@ def test_a_frame_in_flight_keeps_its_set_until_it_is_tracked(installed, base_gal
     cfg = load(write_config(tmp_path / "c.yaml", device={"name": "lease"},
                             paths={"gallery": str(gpath), "state_dir": str(tmp_path / "state")}))
     d = Daemon(cfg)
-    d.service = d.build_service(cfg)
+    d.service = d.sets.build(cfg)
     try:
         old = d.service
-        lease = d.models_holder.acquire()  # what a detection worker takes with its frame
+        lease = d.sets.holder.acquire()  # what a detection worker takes with its frame
         assert lease.obj is old
         assert d.reload() is True  # swap and release_previous
         assert d.service is not old
         time.sleep(0.3)
         assert old.gallery.current is not None  # the frame in flight can still match
-        d.models_holder.release(lease)  # the track thread is done with the frame
+        d.sets.holder.release(lease)  # the track thread is done with the frame
         deadline = time.monotonic() + 5
         while old.gallery.current is not None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert old.gallery.current is None  # closed once its last frame was done
         assert d.service.gallery.current is not None
     finally:
-        d.models_holder.stop(close=True)
+        d.sets.holder.stop(close=True)
 
 
 def test_files_that_arrive_while_the_daemon_starts_are_taken(installed, tmp_path):
@@ -1084,7 +1085,8 @@ import resource, signal, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from edged.gallery import GalleryHolder, write_gallery
+from edged.gallery import write_gallery
+from edged.ota.galleryholder import GalleryHolder
 sha = "ab" * 32
 tmp = Path({str(tmp_path)!r})
 g = tmp / "people.edgal"
@@ -1131,9 +1133,9 @@ def test_an_installed_model_replaced_by_a_drop_does_not_stop_the_next_start(
                                    "gallery": str(tmp_path / "g.edgal")},
                             mqtt={"enabled": False}, logging={"target": "stderr"}))
     d = Daemon(cfg)
-    svc = d.build_service(cfg)
+    svc = d.sets.build(cfg)
     assert sorted(b.role for b in svc.installed) == ["embedder", "onet", "pnet", "rnet"]
-    d._keep_installed(svc.installed)
+    d.sets.keep_installed(svc.installed)
     svc.gallery.stop()
     copies = sorted(os.listdir(tmp_path / "state" / "installed-copy"))
     assert copies == sorted([f"{r}-{sha[:16]}.tflite" for r, (_, sha) in installed.items()]
@@ -1141,7 +1143,7 @@ def test_an_installed_model_replaced_by_a_drop_does_not_stop_the_next_start(
     emb = models / MODEL_FILES["embedder"]
     emb.write_bytes(reencode(emb.read_bytes(), 13))  # the drop, never confirmed
     with caplog.at_level(logging.ERROR, logger="edged.daemon"):
-        svc = Daemon(cfg).build_service(cfg)
+        svc = Daemon(cfg).sets.build(cfg)
     try:
         assert svc.models["embedder"].sha256 == installed["embedder"][1]
         assert "sha256 mismatch" in caplog.text
@@ -1151,11 +1153,11 @@ def test_an_installed_model_replaced_by_a_drop_does_not_stop_the_next_start(
         svc.gallery.stop()
     # that start keeps the copy it used: the file is still wrong at the start after it
     d2 = Daemon(cfg)
-    d2._keep_installed(svc.installed)
+    d2.sets.keep_installed(svc.installed)
     assert sorted(os.listdir(tmp_path / "state" / "installed-copy")) == copies
     shutil.rmtree(tmp_path / "state" / "installed-copy")  # without a copy: a clear error
     with pytest.raises(StartupError, match="sha256 mismatch"):
-        Daemon(cfg).build_service(cfg)
+        Daemon(cfg).sets.build(cfg)
 
 
 def test_a_manifest_before_its_same_size_file_waits_for_it(installed, tmp_path, monkeypatch):
@@ -1265,7 +1267,8 @@ from edged.ota.drops import DropManager, DropSettings
 
 drops, gal = Path(sys.argv[1]), Path(sys.argv[2])
 reports = []
-fake = SimpleNamespace(service=SimpleNamespace(versions={}), report=reports.append, cfg=None)
+fake = SimpleNamespace(service=SimpleNamespace(versions={}),
+                       status=SimpleNamespace(report=reports.append), cfg=None)
 dm = DropManager(fake, drops, gal, None, DropSettings(manifest_wait_s=0.0,
                                                         max_bytes=int(sys.argv[3])))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

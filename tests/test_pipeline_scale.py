@@ -126,7 +126,7 @@ def test_a_camera_s_detect_width_overrides_the_pipeline_s():
     d = Daemon(cfg, notifier=Notifier(address=""))
     for cs in cfg.cameras:
         d.cameras[cs.name] = Camera(cs, d.hub)  # (not started)
-    assert d._detect_width("a") == 480 and d._detect_width("b") == 1920
+    assert d.flow.detect_width("a") == 480 and d.flow.detect_width("b") == 1920
     assert configmod.build(configmod.Config, {}).pipeline.detect_width == 640
     with pytest.raises(configmod.ConfigError, match=r"cameras\[0\]\.detect_width"):
         configmod.build(configmod.Config, {"cameras": [{"source": "/dev/video0",

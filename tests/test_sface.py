@@ -24,7 +24,8 @@ from edged.runtime import onnxconvert
 from edged.cli import main
 from edged.config import ConfigError, loads
 from edged.vision.embed import Embedder, EmbedderSpec
-from edged.gallery import Gallery, GalleryError, GalleryHolder, write_gallery
+from edged.gallery import Gallery, GalleryError, write_gallery
+from edged.ota.galleryholder import GalleryHolder
 from test_ota import base_gallery, installed  # noqa: F401 (fixtures)
 
 MANIFEST = modelstore.Manifest.load()
@@ -302,7 +303,7 @@ def test_the_daemon_loads_the_configured_embedder_and_pairs_its_gallery(sface_mo
                 f"mqtt: {{enabled: false}}\npaths:\n  gallery: {g}\n"
                 f"  state_dir: {tmp_path / 'state'}\n")
     d = Daemon(cfg, models_dir=str(sface_models), notifier=Notifier(address=""))
-    svc = d.build_service(cfg)
+    svc = d.sets.build(cfg)
     try:
         assert svc.pipeline.embedder.name == model
         assert (svc.gallery.current is not None) == (model == "sface")
@@ -352,17 +353,17 @@ def test_the_daemon_threshold_follows_the_embedder_across_a_reload(sface_models,
     d.start(camera_wait=30)
     try:
         assert d.service.gallery.settings.threshold == 0.58
-        assert d.trackers["cam"].unknown_below == pytest.approx(0.58 - margin)
+        assert d.recognizer.trackers["cam"].unknown_below == pytest.approx(0.58 - margin)
         doc["models"]["embedder_model"] = "sface"
         path.write_text(yaml.safe_dump(doc))
         assert d.reload()
         assert d.service.pipeline.embedder.name == "sface"
         assert d.service.gallery.settings.threshold == 0.456
-        assert d.trackers["cam"].unknown_below == pytest.approx(0.456 - margin)
+        assert d.recognizer.trackers["cam"].unknown_below == pytest.approx(0.456 - margin)
         doc["match"] = {"threshold": 0.5}  # set in the file: it wins
         path.write_text(yaml.safe_dump(doc))
         assert d.reload() and d.service.gallery.settings.threshold == 0.5
-        assert d.trackers["cam"].unknown_below == pytest.approx(0.5 - margin)
+        assert d.recognizer.trackers["cam"].unknown_below == pytest.approx(0.5 - margin)
     finally:
         d.stop()
 

@@ -394,7 +394,8 @@ def test_unknown_reports_the_score_and_margin_of_one_match_that_named_nobody():
 def test_unknown_with_no_gallery_reports_null_score_and_margin(tmp_path):
     """No gallery in service (or an empty one): the holder answers every face with a match
     that compared with nobody. The unknown event and the track's end say null, not 0.0."""
-    from edged.gallery import GalleryHolder, MatchSettings, decide
+    from edged.gallery import MatchSettings, decide
+    from edged.ota.galleryholder import GalleryHolder
 
     holder = GalleryHolder(tmp_path / "none.edgal", "ab" * 32, watch=False,
                            snapshot_dir=tmp_path)
@@ -505,10 +506,10 @@ def _hamilton_events(shared_dir, gallery, state, extra):
     cfg = configmod.build(configmod.Config, dict(data, **extra))
     d = Daemon(cfg, notifier=Notifier(address=""), exit_when_done=True)
     events = []
-    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.events.hooks.append(lambda ev, lat: events.append(ev))
     d.start(camera_wait=30)
     assert d.run() == 0
-    assert d.frames_done_total == 275
+    assert d.counters.frames_done_total == 275
     return events, d
 
 
@@ -539,7 +540,7 @@ def test_the_hamilton_clip_is_recognised_as_with_the_old_behaviour(shared_dir, t
         assert e.identity in (None, "Lin-Manuel_Miranda"), e
         assert e.name in (None, "Lin-Manuel Miranda"), e
     assert len(tracks(new)) <= len(tracks(old)), (len(tracks(new)), len(tracks(old)))
-    assert d.faces_embedded > 0
+    assert d.counters.faces_embedded > 0
 
 
 def test_no_scene_cut_check_without_tracks_or_detection():

@@ -132,14 +132,14 @@ def run_once(clip: Path, realtime: bool, mode: str, workers: int, threads: int,
     cfg = configmod.build(configmod.Config, _merge(data, OLD) if mode == "old" else data)
     d = Daemon(cfg, notifier=Notifier(address=""), exit_when_done=True)
     events = []
-    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.events.hooks.append(lambda ev, lat: events.append(ev))
     d.start(camera_wait=30)
     cpu0, wall0 = sum(os.times()[:2]), time.monotonic()
     d.run()
     cpu, wall = sum(os.times()[:2]) - cpu0, time.monotonic() - wall0
-    frames = d.frames_done_total
-    span = d.last_done_monotonic - d.first_done_monotonic
-    lat = np.asarray(list(d.latencies_all)) * 1000.0
+    frames = d.counters.frames_done_total
+    span = d.counters.last_done_monotonic - d.counters.first_done_monotonic
+    lat = np.asarray(list(d.counters.latencies_all)) * 1000.0
     return {"frames": frames, "fps": (frames - 1) / span if span > 0 else 0.0,
             "cpu_ms_per_frame": 1000.0 * cpu / max(frames, 1),
             "cpu_percent": 100.0 * cpu / wall if wall > 0 else 0.0,

@@ -63,7 +63,7 @@ def child(spec: dict) -> dict:
     d = Daemon(cfg, models_dir=spec["models"], notifier=Notifier(address=""),
                exit_when_done=True)
     events, embedded = [], [0]
-    d.event_hooks.append(lambda ev, lat: events.append(ev))
+    d.events.hooks.append(lambda ev, lat: events.append(ev))
     cpu0 = sum(os.times()[:2])
     d.start(camera_wait=30)
     emb, threshold = d.service.pipeline.embedder, d.service.gallery.settings.threshold
@@ -76,8 +76,8 @@ def child(spec: dict) -> dict:
     emb.embed = counting
     d.run()
     cpu = sum(os.times()[:2]) - cpu0
-    frames = d.frames_done_total
-    span = d.last_done_monotonic - d.first_done_monotonic
+    frames = d.counters.frames_done_total
+    span = d.counters.last_done_monotonic - d.counters.first_done_monotonic
     return {"frames": frames, "fps": (frames - 1) / span if span > 0 else 0.0,
             "cpu_ms_per_frame": 1000.0 * cpu / max(frames, 1), "embedded": embedded[0],
             "threshold": threshold,

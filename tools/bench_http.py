@@ -92,7 +92,7 @@ def run_once(clip: Path, gallery: Path, state: Path, args, http: bool, scrape_lo
     marks, scrape_ms = {}, None
     try:
         while len(marks) < 2:
-            n = d.frames_done_total
+            n = d.counters.frames_done_total
             for key, at in (("a", args.warmup), ("b", args.frames)):
                 if key not in marks and n >= at:
                     marks[key] = (n, time.monotonic(), sum(os.times()[:2]))
@@ -123,7 +123,7 @@ def scrape_cpu_ms(d, n: int = 30) -> float:
 
 def observe_us(n: int = 200_000) -> float:
     """Microseconds a stage histogram adds to one ``RollingStats.add``."""
-    from edged.daemon.service import RollingStats
+    from edged.daemon.stats import RollingStats
     from edged.publish.metrics import STAGE_BUCKETS, Histogram
 
     def per_call(stats) -> float:

@@ -4,7 +4,7 @@ Reads ``<state_dir>/status.json``, the status document the running daemon writes
 whenever its status changes (the same document it publishes retained on
 ``<prefix>/status``, see docs/mqtt.md), and prints it for a person, or as JSON.
 
-The first line says whether the daemon runs and its health (:mod:`edged.daemon.health`: healthy,
+The first line says whether the daemon runs and its health (:mod:`edged.health`: healthy,
 degraded with the problems named, stopped).  A daemon that is not running (stopped cleanly,
 or its pid gone) is said to be so, with no camera state or fps of its last run.  Exit status:
 0 running, 3 not running (as ``systemctl status``), 1 no readable status file, 2 a bad
@@ -82,7 +82,7 @@ def liveness(doc: dict) -> tuple:
 
 
 def _health(doc: dict, running: bool) -> str:
-    from edged.daemon.health import state_of
+    from edged.health import state_of
 
     state = state_of(doc, running)
     problems = doc.get("problems") or {}

@@ -16,10 +16,11 @@ module                 its job
 :mod:`.search`         the scan (compiled float16 ``_scan``, or blocks widened), each
                        identity's best row, the top k, the thread pool
 :mod:`.match`          :class:`MatchSettings` and :func:`decide` (candidates -> Match)
-:mod:`.holder`         :class:`GalleryHolder`: the daemon's hot-swapped gallery, its
-                       snapshots and the last good one
 ``_scan.c``            the compiled float16 scan (``edged.gallery._scan``, built by setup.py)
 =====================  ==================================================================
+
+The daemon's hot-swapped gallery (its snapshots, the last good one) is
+:class:`edged.ota.galleryholder.GalleryHolder`: hot swaps are the job of :mod:`edged.ota`.
 
 The names below are what other packages import; a test or tool that changes a module's
 private name (``_scan_ext``, ``BLOCK_ROWS`` ...) sets it in the module that reads it.
@@ -30,11 +31,10 @@ from edged.gallery.format import (FORMAT_VERSION, GALLERY_MODE, HEADER_SIZE, MAG
                                   SUFFIX, GalleryError, embedder_label, embedder_name,
                                   peek_embedder, write_gallery)
 from edged.gallery.gallery import Gallery, read_entries
-from edged.gallery.holder import LAST_GOOD, SNAPSHOT_MODE, GalleryHolder
 from edged.gallery.match import FALLBACK_THRESHOLD, MatchSettings, decide
 from edged.gallery.search import scan_kernel
 
-__all__ = ["FALLBACK_THRESHOLD", "FORMAT_VERSION", "GALLERY_MODE", "HEADER_SIZE", "LAST_GOOD",
-           "MAGIC", "MAX_DIM", "SNAPSHOT_MODE", "SUFFIX", "Gallery", "GalleryError",
-           "GalleryHolder", "MatchSettings", "decide", "embedder_label", "embedder_name",
-           "peek_embedder", "read_entries", "scan_kernel", "write_gallery"]
+__all__ = ["FALLBACK_THRESHOLD", "FORMAT_VERSION", "GALLERY_MODE", "HEADER_SIZE", "MAGIC",
+           "MAX_DIM", "SUFFIX", "Gallery", "GalleryError", "MatchSettings", "decide",
+           "embedder_label", "embedder_name", "peek_embedder", "read_entries", "scan_kernel",
+           "write_gallery"]

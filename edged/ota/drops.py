@@ -56,10 +56,6 @@ from edged.ota.intake import (GALLERY_LIMIT_NAME, GALLERY_SUFFIX, LIMIT_NAME, MA
 from edged.ota.modeldrops import ModelDrops
 from edged.ota.probation import Probation, Probations
 from edged.ota.store import HeldEmbedder
-# (the daemon imports these from here until it is re-pointed)
-from edged.ota.store import (ModelBlob, check_paths, load_in_service,  # noqa: F401
-                             load_installed_copy, save_in_service, save_installed_copy)
-
 log = logging.getLogger("edged.ota")
 
 
@@ -99,11 +95,10 @@ class DropSettings:
 class DropManager(DropsInProgress, ModelDrops, GalleryDrops, Probations):
     """Watches the drop directory and the gallery; puts good drops in service (module doc).
 
-    ``daemon`` (:class:`edged.daemon.service.Daemon`) provides: ``service`` (the set in service, with
-    ``models``, ``gallery``, ``versions``), ``make_set(changed, gallery_holder)``,
-    ``new_gallery_holder(embedder_sha)``, ``gallery_event_handler(holder)``,
-    ``warm_up(set, parts)``, ``swap_service(set, record)``, ``rollback(...)``, ``confirm(...)``,
-    ``cfg`` and ``report(record)``.
+    ``daemon`` (the service) provides: ``service`` (the set in service, with ``models``,
+    ``gallery``, ``versions``), ``cfg``, ``cameras``, ``sets`` (:class:`edged.ota.modelset.ModelSets`:
+    ``make_set``, ``new_gallery_holder``, ``gallery_event_handler``, ``warm_up``, ``swap``,
+    ``rollback``, ``confirm``) and ``status`` (``report(record)``).
 
     This class is the entry point: the state of the drops (``__init__``), the watchers, one
     file at a time to its handler, its outcome reported, and the main loop's :meth:`tick`.
@@ -317,4 +312,4 @@ class DropManager(DropsInProgress, ModelDrops, GalleryDrops, Probations):
                 "time": iso(time.time())}
 
     def _report(self, result: str, kind: str, path, t0: float, why: str = "", new=None) -> None:
-        self.d.report(self._record(result, kind, path, t0, why=why, new=new))
+        self.d.status.report(self._record(result, kind, path, t0, why=why, new=new))

@@ -37,7 +37,7 @@ class GalleryDrops:
                 started=t0, new_version=None)
             return
         # the held-back embedder and its gallery: validate the gallery, then swap both at once
-        holder = self.d.new_gallery_holder(held.blob.sha256)
+        holder = self.d.sets.new_gallery_holder(held.blob.sha256)
         try:
             gal = holder.holder.prepare(path)
         except Exception as exc:
@@ -46,7 +46,7 @@ class GalleryDrops:
             svc.gallery.holder.reject(path, reason, trigger="drop", started=t0)
             return
         holder.holder.commit(gal, path, trigger="drop", started=t0)  # not in service yet
-        holder.holder.on_event = self.d.gallery_event_handler(holder)
+        holder.holder.on_event = self.d.sets.gallery_event_handler(holder)
         # forgotten on disk before the attempt: an embedder that crashes the process when it
         # is built must not be tried again at every start
         self.held = None

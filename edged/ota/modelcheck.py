@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
 from edged.runtime import modelstore
+from edged.runtime.limits import (DEFAULT_FRAME, DEFAULT_MAX_MB, ModelMemoryError,
+                                  check_model_memory, run_shapes)
 from edged.runtime.tflitefile import ModelFormatError, make_batch_dynamic
 from edged.ota.intake import ROLES, DropRejected, check_magic
 from edged.ota.store import ModelBlob
@@ -110,3 +112,33 @@ def _expected_outputs(blob: ModelBlob, expected: list, got: list) -> list:
     if len(got) == 1 and len(got[0]) == 2 and got[0][0] == 1 and 1 <= got[0][1] <= 4096:
         return got
     return [(1, "1..4096")]
+
+
+def check_drop(role: str, data: bytes, where, daemon) -> dict:
+    """The memory check of a model dropped into ``daemon`` (at its cameras' sizes, with its
+    detection settings and ``models.max_memory_mb``); raises :class:`DropRejected`."""
+    cfg = daemon.cfg
+    limit = getattr(cfg.models, "max_memory_mb", DEFAULT_MAX_MB)
+    try:
+        return check_model_memory(role, data, where,
+                                  run_shapes(role, camera_frames(daemon),
+                                             getattr(cfg, "detection", None)), limit)
+    except ModelMemoryError as exc:
+        raise DropRejected(exc.reason) from None
+
+
+def camera_frames(daemon) -> List[tuple]:
+    """``(width, height)`` of each camera of ``daemon``: its resolution once a frame came,
+    else the configured size, else :data:`DEFAULT_FRAME` (none without cameras)."""
+    live = getattr(daemon, "cameras", None) or {}
+    frames = set()
+    for cs in getattr(daemon.cfg, "cameras", None) or []:
+        cam = live.get(cs.name)
+        res = getattr(cam, "resolution", None)
+        if res:
+            frames.add((int(res[0]), int(res[1])))
+        elif cs.width and cs.height:
+            frames.add((int(cs.width), int(cs.height)))
+        else:
+            frames.add(DEFAULT_FRAME)
+    return sorted(frames)

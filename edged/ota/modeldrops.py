@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Dict, List
 
 from edged.runtime import modelstore
-from edged.runtime.limits import check_drop
 from edged.ota.intake import (LIMIT_NAME, ROLES, DropRejected, arrived_before, check_file,
                               digest_model, load_manifest, read_model, short, signature)
-from edged.ota.modelcheck import prepare_model, self_test
+from edged.ota.modelcheck import check_drop, prepare_model, self_test
 from edged.ota.store import HeldEmbedder, ModelBlob
 
 log = logging.getLogger("edged.ota")
@@ -224,8 +223,8 @@ class ModelDrops:
             return
         holder = None
         if "embedder" in changed:  # (no gallery in service) a holder for the new embedder's
-            holder = self.d.new_gallery_holder(changed["embedder"].sha256)  # galleries
-            holder.holder.on_event = self.d.gallery_event_handler(holder)
+            holder = self.d.sets.new_gallery_holder(changed["embedder"].sha256)  # galleries
+            holder.holder.on_event = self.d.sets.gallery_event_handler(holder)
         try:
             self._swap(changed, holder, path, t0, kind="models")
         except BaseException:

@@ -36,8 +36,8 @@ class Probations:
               kind: str, files=None) -> None:
         old = self.d.service
         try:
-            new = self.d.make_set(changed, gallery_holder)
-            self.d.warm_up(new, parts=set(changed))
+            new = self.d.sets.make_set(changed, gallery_holder)
+            self.d.sets.warm_up(new, parts=set(changed))
         except DropRejected:
             raise
         except Exception as exc:
@@ -45,7 +45,7 @@ class Probations:
         record = self._record("swapped", kind, path, t0, old=old.versions, new=new.versions,
                               files=files)
         self.probation = Probation(new, old, record, "embedder" in changed)
-        self.d.swap_service(new, record=record)
+        self.d.sets.swap(new, record=record)
 
     def after_frame(self, svc) -> None:
         """Called by the track thread after each frame: decide a probation early."""
@@ -71,9 +71,9 @@ class Probations:
         if verdict == "rollback":
             why = (f"the new set failed on {s.failures} of its first {max(s.frames, s.failures)} "
                    f"frame(s): {s.last_failure or 'exception'}; the previous set is back")
-            self.d.rollback(p.old, p.new, why, p.record)
+            self.d.sets.rollback(p.old, p.new, why, p.record)
         else:
-            self.d.confirm(p.new, p.old)
+            self.d.sets.confirm(p.new, p.old)
         p.done.set()
 
     def wait_probation(self) -> None:

@@ -9,7 +9,7 @@ waits for a scrape.
   :mod:`edged.publish.metrics`, encoded by prometheus_client;
 - ``/healthz``: 200 and ``{"state": "healthy", ...}`` while the daemon is healthy; 503 with
   ``reason`` otherwise: starting, stopped, or degraded with its problems (a camera down past
-  its stall timeout, the pipeline stuck, the state disk full): :mod:`edged.daemon.health`, the state
+  its stall timeout, the pipeline stuck, the state disk full): :mod:`edged.health`, the state
   the systemd status line and the retained MQTT status carry.
 
 Access: a bearer token read from ``http.token_file``, or basic auth (``http.username`` and
@@ -218,7 +218,7 @@ class HttpEndpoint:
 
 
 def health_document(daemon) -> dict:
-    """What ``/healthz`` answers: the health (:mod:`edged.daemon.health`), with ``reason`` when it is
+    """What ``/healthz`` answers: the health (:mod:`edged.health`), with ``reason`` when it is
     not healthy, and each camera's connection."""
     health = daemon.health
     doc = dict(health.document(), device=daemon.device, edged_version=__version__,

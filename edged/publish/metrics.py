@@ -17,7 +17,7 @@ import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from edged import __version__
-from edged.daemon.health import STATES
+from edged.health import STATES
 from edged.types import EVENT_TYPES
 
 #: stage timings (seconds): capture (camera to detection worker), detect, embed, match, track,
@@ -121,7 +121,7 @@ class DaemonCollector:
         yield self._family(c, "edged_frames", "frames read from the camera", ("camera",),
                            [((n,), cam.frames_read) for n, cam in cams.items()])
         yield self._family(c, "edged_frames_processed", "frames through the pipeline",
-                           ("camera",), [((n,), d.frames_by_camera.get(n, 0)) for n in cams])
+                           ("camera",), [((n,), d.counters.frames_by_camera.get(n, 0)) for n in cams])
         yield self._family(c, "edged_frames_dropped",
                            "frames replaced by a newer one before the pipeline took them",
                            ("camera",), [((n,), d.hub.dropped.get(n, 0)) for n in cams])
@@ -139,10 +139,10 @@ class DaemonCollector:
         c = self._c
         cams = sorted(d.cameras)  # every series from 0 (an alert on "none yet" needs them)
         yield self._family(c, "edged_faces_detected", "faces the detector found", ("camera",),
-                           [((n,), d.faces_detected.get(n, 0)) for n in cams])
+                           [((n,), d.counters.faces_detected.get(n, 0)) for n in cams])
         yield self._family(c, "edged_embeddings", "faces embedded and searched in the gallery",
-                           (), [((), d.faces_embedded)])
-        counts = dict(d.event_counts)
+                           (), [((), d.counters.faces_embedded)])
+        counts = dict(d.counters.event_counts)
         keys = sorted(set(counts) | {(n, t) for n in cams for t in EVENT_TYPES})
         yield self._family(c, "edged_events", "events made, by camera and type",
                            ("camera", "type"), [(k, counts.get(k, 0)) for k in keys])
@@ -150,22 +150,22 @@ class DaemonCollector:
                            ("camera",), [((n,), counts.get((n, "recognized"), 0)) for n in cams])
         yield self._family(self._g, "edged_last_event_timestamp_seconds",
                            "when the camera's last event was handed to the publisher (epoch)",
-                           ("camera",), sorted(((k,), v) for k, v in dict(d.last_event_at).items()))
+                           ("camera",), sorted(((k,), v) for k, v in dict(d.counters.last_event_at).items()))
         yield self._family(c, "edged_pipeline_errors", "frames on which a stage raised",
-                           (), [((), d.errors)])
+                           (), [((), d.counters.errors)])
         stages = self._h("edged_stage_seconds", "time per stage and frame (event, for publish)",
                          labels=["stage"])
         for stage in STAGES:
-            buckets, total = d.stage[stage].histogram.snapshot()
+            buckets, total = d.counters.stage[stage].histogram.snapshot()
             stages.add_metric([stage], buckets, total)
         yield stages
-        buckets, total = d.latency.histogram.snapshot()
+        buckets, total = d.counters.latency.histogram.snapshot()
         lat = self._h("edged_capture_to_event_seconds",
                       "from a frame's capture to its event handed to the publisher")
         lat.add_metric([], buckets, total)
         yield lat
         yield self._family(self._g, "edged_event_queue", "events waiting for the events thread",
-                           (), [((), d._events.qsize())])
+                           (), [((), d.events.qsize())])
 
     def _publishing(self):
         pub = self.d.publisher
@@ -185,7 +185,7 @@ class DaemonCollector:
         d = self.d
         yield self._family(self._c, "edged_drops", "outcomes of file drops and swaps",
                            ("kind", "outcome"),
-                           sorted((k, v) for k, v in dict(d.drop_outcomes).items()))
+                           sorted((k, v) for k, v in dict(d.status.drop_outcomes).items()))
         svc = d.service
         yield self._family(self._g, "edged_gallery_identities", "people in the gallery in service",
                            (), [((), self._identities(svc))])
@@ -195,7 +195,7 @@ class DaemonCollector:
     def _identities(self, svc) -> int:
         version = (svc.versions or {}).get("gallery") if svc is not None else None
         if version != self._people[0]:  # counted once per gallery, not at every scrape
-            self._people = (version, len(self.d.people(svc)) if svc is not None else 0)
+            self._people = (version, len(self.d.sets.people(svc)) if svc is not None else 0)
         return self._people[1]
 
 

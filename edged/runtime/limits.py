@@ -73,23 +73,6 @@ def run_shapes(role: str, frames: Iterable[Sequence[int]] = (), detection=None) 
     return sorted(shapes, key=lambda s: (-s[1] * s[2], s))
 
 
-def camera_frames(daemon) -> List[tuple]:
-    """``(width, height)`` of each camera of ``daemon``: its resolution once a frame came,
-    else the configured size, else :data:`DEFAULT_FRAME` (none without cameras)."""
-    live = getattr(daemon, "cameras", None) or {}
-    frames = set()
-    for cs in getattr(daemon.cfg, "cameras", None) or []:
-        cam = live.get(cs.name)
-        res = getattr(cam, "resolution", None)
-        if res:
-            frames.add((int(res[0]), int(res[1])))
-        elif cs.width and cs.height:
-            frames.add((int(cs.width), int(cs.height)))
-        else:
-            frames.add(DEFAULT_FRAME)
-    return sorted(frames)
-
-
 # ---------------------------------------------------------------------------- checks
 
 
@@ -160,21 +143,6 @@ def check_model_memory(role: str, data: bytes, where, shapes, limit_mb: int = DE
     shapes = [tuple(int(d) for d in s) for s in shapes]
     check_declared(role, data, shapes, limit, where)
     return trial_run(role, data, shapes, limit, where, timeout)
-
-
-def check_drop(role: str, data: bytes, where, daemon) -> dict:
-    """The memory check of a model dropped into ``daemon`` (at its cameras' sizes, with its
-    detection settings and ``models.max_memory_mb``); raises :class:`edged.ota.drops.DropRejected`."""
-    cfg = daemon.cfg
-    limit = getattr(cfg.models, "max_memory_mb", DEFAULT_MAX_MB)
-    try:
-        return check_model_memory(role, data, where,
-                                  run_shapes(role, camera_frames(daemon),
-                                             getattr(cfg, "detection", None)), limit)
-    except ModelMemoryError as exc:
-        from edged.ota.drops import DropRejected
-
-        raise DropRejected(exc.reason) from None
 
 
 # ---------------------------------------------------------------------------- the child

@@ -21,6 +21,7 @@ from edged.gallery.format import (HEADER_SIZE, SUFFIX, GalleryError, _check_embe
                                   _checked_header, _open_regular, _read_head, _read_into)
 from edged.gallery.gallery import Gallery
 from edged.gallery.match import MatchSettings
+from edged.ota.hotswap import SwapEvent, SwapHolder
 from edged.runtime.modelstore import NoRoom, atomic_write, check_room, human_size
 from edged.types import Match
 
@@ -70,8 +71,6 @@ class GalleryHolder:
                  snapshot_dir=None, debounce: float = 0.2, settle: float = 1.0,
                  watch: bool = True, threads: Optional[int] = None, keep_previous: bool = False,
                  lock: Optional[threading.Lock] = None, max_bytes: Optional[int] = None):
-        from edged.ota.hotswap import SwapHolder
-
         self.path = Path(path)
         self.expect_embedder = expect_embedder
         self.expect_dim = expect_dim
@@ -318,7 +317,6 @@ class GalleryHolder:
         before and unchanged since is not read again: the event returned says so, and is not
         reported to ``on_event``.
         """
-        from edged.ota.hotswap import SwapEvent
 
         self._clean_stale()
         known = _known_refusal(self._refusal_key(self.path), _identity(self.path))

@@ -71,7 +71,12 @@ def register(sub, common):
                        description="Build, edit and inspect gallery files (docs/gallery-format.md).")
     gsub = p.add_subparsers(dest="gallery_command", metavar="ACTION")
     gsub.required = True
+    _register_build(gsub, common, fmt)
+    _register_add(gsub, common, fmt)
+    _register_inspect(gsub, common)
 
+
+def _register_build(gsub, common, fmt) -> None:
     b = gsub.add_parser(
         "build", parents=[common], formatter_class=fmt,
         help="enrol every person of a folder (one sub-folder per person) into a new gallery",
@@ -92,6 +97,8 @@ def register(sub, common):
     pipeline_options(b)
     b.set_defaults(func=run(cmd_build))
 
+
+def _register_add(gsub, common, fmt) -> None:
     a = gsub.add_parser(
         "add", parents=[common], formatter_class=fmt,
         help="add photos of a person (new or enrolled) to a gallery",
@@ -110,6 +117,9 @@ def register(sub, common):
     pipeline_options(a)
     a.set_defaults(func=run(cmd_add))
 
+
+def _register_inspect(gsub, common) -> None:
+    """remove, list and info."""
     r = gsub.add_parser("remove", parents=[common], help="remove a person from a gallery",
                         description="Remove the identity whose id or display name is NAME, with "
                                     "all its rows.")

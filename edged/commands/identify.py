@@ -49,15 +49,32 @@ def cmd_identify(args) -> int:
 
 
 def _identify(args) -> int:
-    import numpy as np
-
-    from edged.gallery import Gallery, GalleryError, MatchSettings, embedder_name, peek_embedder
-    from edged.vision.imageio import ImageError, load_image
+    from edged.gallery import Gallery, GalleryError
 
     if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise Fail(f"--threshold must be in [-1, 1], got {args.threshold}", EXIT_ERROR)
     if args.top_k < 1:
         raise Fail(f"--top-k must be at least 1, got {args.top_k}", EXIT_ERROR)
+    pipe, settings = _pipeline_and_settings(args)
+    try:
+        gallery = Gallery.open(args.gallery, expect_dim=None,
+                               expect_embedder=pipe.embedder_sha256)
+    except GalleryError as exc:
+        raise Fail(str(exc), EXIT_ERROR) from None
+    with gallery:
+        out, status = _identify_images(args, pipe, gallery, settings)
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        _print_text(out)
+    return status
+
+
+def _pipeline_and_settings(args):
+    """The pipeline with the embedder that made the gallery (unless ``--embedder`` says
+    otherwise) and the match settings: ``--threshold``, else that embedder's own."""
+    from edged.gallery import GalleryError, MatchSettings, embedder_name, peek_embedder
+
     try:  # the embedder that made the gallery, unless --embedder says otherwise
         made_by = embedder_name(peek_embedder(args.gallery, confine=False)) or None
     except GalleryError as exc:
@@ -68,49 +85,56 @@ def _identify(args) -> int:
         threshold = pipe.embedder.spec.identification
         if threshold is None:
             threshold = MatchSettings().threshold
-    settings = MatchSettings(threshold=threshold, min_margin=args.min_margin, top_k=args.top_k)
-    try:
-        gallery = Gallery.open(args.gallery, expect_dim=None,
-                               expect_embedder=pipe.embedder_sha256)
-    except GalleryError as exc:
-        raise Fail(str(exc), EXIT_ERROR) from None
+    return pipe, MatchSettings(threshold=threshold, min_margin=args.min_margin, top_k=args.top_k)
+
+
+def _identify_images(args, pipe, gallery, settings):
+    """One document per image (its faces, or its error) and the exit status."""
+    from edged.vision.imageio import ImageError, load_image
+
     out, status = [], EXIT_OK
-    with gallery:
-        for path in args.images:
-            try:
-                img = load_image(path)
-            except ImageError as exc:
-                if not args.json:
-                    print(f"edged identify: {exc}", file=sys.stderr)
-                out.append({"image": path, "error": str(exc)})
-                status = EXIT_ERROR
-                continue
-            faces = pipe.detect(img)
-            if not faces:
-                status = max(status, EXIT_NO_FACE)
-            pipe.embed_faces(faces, only_passing=False)
-            with_emb = [f for f in faces if f.embedding is not None]
-            matches = gallery.match(np.stack([f.embedding for f in with_emb]), settings) \
-                if with_emb else []
-            by_face = dict(zip(map(id, with_emb), matches))
-            rows = []
-            for f in faces:
-                m = by_face.get(id(f))
-                q = f.quality
-                rows.append({
-                    "box": [round(float(v), 1) for v in f.box],
-                    "name": m.name if m else None,
-                    "id": m.identity if m else None,
-                    "score": round(float(m.score), 4) if m else None,
-                    "margin": round(float(m.margin), 4) if m else None,
-                    "quality": round(float(q.score), 3) if q is not None else None,
-                    "quality_passed": bool(q.passed) if q is not None else None,
-                    "candidates": [[n, round(float(s), 4)] for n, s in m.candidates] if m else [],
-                })
-            out.append({"image": path, "faces": rows})
-    if args.json:
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-        return status
+    for path in args.images:
+        try:
+            img = load_image(path)
+        except ImageError as exc:
+            if not args.json:
+                print(f"edged identify: {exc}", file=sys.stderr)
+            out.append({"image": path, "error": str(exc)})
+            status = EXIT_ERROR
+            continue
+        faces = pipe.detect(img)
+        if not faces:
+            status = max(status, EXIT_NO_FACE)
+        out.append({"image": path, "faces": _face_rows(pipe, gallery, settings, faces)})
+    return out, status
+
+
+def _face_rows(pipe, gallery, settings, faces) -> list:
+    import numpy as np
+
+    pipe.embed_faces(faces, only_passing=False)
+    with_emb = [f for f in faces if f.embedding is not None]
+    matches = gallery.match(np.stack([f.embedding for f in with_emb]), settings) \
+        if with_emb else []
+    by_face = dict(zip(map(id, with_emb), matches))
+    rows = []
+    for f in faces:
+        m = by_face.get(id(f))
+        q = f.quality
+        rows.append({
+            "box": [round(float(v), 1) for v in f.box],
+            "name": m.name if m else None,
+            "id": m.identity if m else None,
+            "score": round(float(m.score), 4) if m else None,
+            "margin": round(float(m.margin), 4) if m else None,
+            "quality": round(float(q.score), 3) if q is not None else None,
+            "quality_passed": bool(q.passed) if q is not None else None,
+            "candidates": [[n, round(float(s), 4)] for n, s in m.candidates] if m else [],
+        })
+    return rows
+
+
+def _print_text(out) -> None:
     for item in (i for i in out if "error" not in i):  # (the errors went to stderr)
         if not item["faces"]:
             print(f"{item['image']}: no face")
@@ -126,4 +150,3 @@ def _identify(args) -> int:
             else:
                 verdict = "unknown  (empty gallery)" if f["score"] is not None else "no embedding"
             print(f"{item['image']}: face {k} [{box}]: {verdict}{low}")
-    return status

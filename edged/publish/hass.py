@@ -57,6 +57,31 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
                     cameras: Iterable[str], removed: Iterable[Tuple[str, str]] = ()) -> dict:
     """The device discovery payload; ``removed`` lists (component id, platform) to delete."""
     oid = object_id(device)
+    comps: Dict[str, dict] = _person_components(oid, topic_prefix, people)
+    comps.update(_device_components(oid, topic_prefix, cameras))
+    for cid, platform in removed:
+        if cid not in comps:
+            comps[cid] = {"platform": platform}
+    return {
+        "device": {
+            "identifiers": [oid],
+            "name": device,
+            "manufacturer": "edged",
+            "model": "edged face recognition",
+            "sw_version": __version__,
+        },
+        "origin": {"name": "edged", "sw_version": __version__},
+        "availability": [{
+            "topic": f"{topic_prefix}/availability",
+            "value_template": "{{ 'online' if value == 'online' else 'offline' }}",
+        }],
+        "qos": 1,
+        "components": comps,
+    }
+
+
+def _person_components(oid: str, topic_prefix: str, people: Iterable[str]) -> Dict[str, dict]:
+    """One presence binary sensor per enrolled person."""
     comps: Dict[str, dict] = {}
     for name in sorted(set(people)):
         cid = f"{oid}_person_{ascii_id(name)}"
@@ -70,6 +95,12 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
             "value_template": "{{ 'ON' if value_json.present else 'OFF' }}",
             "json_attributes_topic": topic,
         }
+    return comps
+
+
+def _device_components(oid: str, topic_prefix: str, cameras: Iterable[str]) -> Dict[str, dict]:
+    """The face event entity, each camera's health and fps, and the spool's depth."""
+    comps: Dict[str, dict] = {}
     cid = f"{oid}_recognition"
     comps[cid] = {
         "platform": "event",
@@ -104,25 +135,7 @@ def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
         "state_class": "measurement",
         "entity_category": "diagnostic",
     }
-    for cid, platform in removed:
-        if cid not in comps:
-            comps[cid] = {"platform": platform}
-    return {
-        "device": {
-            "identifiers": [oid],
-            "name": device,
-            "manufacturer": "edged",
-            "model": "edged face recognition",
-            "sw_version": __version__,
-        },
-        "origin": {"name": "edged", "sw_version": __version__},
-        "availability": [{
-            "topic": f"{topic_prefix}/availability",
-            "value_template": "{{ 'online' if value == 'online' else 'offline' }}",
-        }],
-        "qos": 1,
-        "components": comps,
-    }
+    return comps
 
 
 def _camera_components(oid: str, topic_prefix: str, cam: str) -> Dict[str, dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import subprocess
 import urllib.error
@@ -21,8 +22,8 @@ import pytest
 from conftest import free_port
 from conftest import wait_for as _wait_for
 from edged import config
-from edged.daemon.health import Health, camera_down, stuck_after
-from edged_daemon_helpers import EDGED, DaemonProcess, build_gallery, write_config
+from edged.health import Health, camera_down, stuck_after
+from edged_daemon_helpers import EDGED, ROOT, DaemonProcess, build_gallery, write_config
 from test_stream_reconnect import StreamServer
 
 TOKEN = "s3cret-token-for-the-test"
@@ -116,6 +117,13 @@ def test_metrics_grow_and_healthz_says_healthy(public_clip, gallery, broker, tmp
                                    le="+Inf") == n, stage
         assert value(second, "edged_capture_to_event_seconds_count") >= 1
         assert ("edged_spool_events", ()) in second
+        # every metric edged exports is documented (docs/metrics.md names each family)
+        doc_text = (ROOT / "docs" / "metrics.md").read_text()
+        families = {re.sub(r"_(bucket|count|sum|created)$", "", k[0]) for k in second
+                    if k[0].startswith("edged_")}
+        undocumented = sorted(f for f in families if f"`{f}`" not in doc_text and
+                              f"`{f}{{" not in doc_text)
+        assert not undocumented, f"not in docs/metrics.md: {undocumented}"
 
         code, _, body = get(port, "/healthz", auth)
         doc = json.loads(body)

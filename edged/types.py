@@ -99,3 +99,6 @@ class Event:
     liveness: Optional[dict] = None  # recognized / spoof_suspected: {"score", "live"} when on
     versions: dict = field(default_factory=dict)  # {"embedder": sha256, "detector": ..., "gallery": checksum}
     snapshot: Optional[bytes] = None  # JPEG, only when configured
+    # track_ended with enrolment.keep_faces: {"state", "started", "crops": [(quality, aligned,
+    # embedding, passed)]} for edged.enrolment.store (never published)
+    kept: Optional[dict] = None

@@ -18,6 +18,7 @@ from edged.publish.mqtt import MqttSettings
 from edged.ota.drops import DropSettings
 from edged.vision.quality import QualitySettings
 from edged.daemon.track import TrackingSettings
+from edged.enrolment.store import EnrolmentSettings
 
 
 @dataclass
@@ -145,6 +146,8 @@ class Config:
     paths: PathsSettings = field(default_factory=PathsSettings, metadata={"help": "files"})
     drops: DropSettings = field(default_factory=DropSettings, metadata={
         "help": "over-the-air model and gallery drops (docs/ota.md)"})
+    enrolment: EnrolmentSettings = field(default_factory=EnrolmentSettings, metadata={
+        "help": "enrolment from the field: kept track faces, edged tracks (docs/enrolment.md)"})
     mqtt: MqttSettings = field(default_factory=MqttSettings, metadata={"help": "MQTT"})
     http: HttpSettings = field(default_factory=HttpSettings, metadata={
         "help": "the /metrics and /healthz endpoint, off by default (docs/metrics.md)"})

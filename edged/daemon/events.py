@@ -9,13 +9,15 @@ import threading
 import time
 from typing import Callable, List, Optional
 
-from edged.logs import fields
+from edged.enrolment.store import kept_track_of
+from edged.logs import Throttle, fields
 from edged.publish.payloads import event_payload
 from edged.types import Event
 
 log = logging.getLogger("edged.daemon")
 
 EVENT_QUEUE = 10000
+PRUNE_EVERY_S = 600.0  # kept track faces past enrolment.keep_days are deleted this often
 
 
 class EventSink:
@@ -31,6 +33,8 @@ class EventSink:
         self.hooks: List[Callable[[Event, float], None]] = []
         self.done = threading.Event()  # set by stop(): nothing more comes
         self._warned_at = -1e9
+        self._keep_log = Throttle(log)
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
 
     def put(self, ev: Event, captured: float, frame_index: Optional[int] = None) -> None:
         self.queue.put((ev, captured, frame_index))
@@ -58,6 +62,7 @@ class EventSink:
             except queue.Empty:
                 if self.done.is_set():
                     return
+                self._prune()
                 continue
             if item is None:
                 return
@@ -78,6 +83,8 @@ class EventSink:
         counters.latencies_all.append(lat)
         counters.event_done(ev)
         log_event(ev)
+        if ev.kept is not None:
+            self._keep(ev)
         if self.events_out is not None:
             self.write(ev, lat, frame_index)
         for hook in list(self.hooks):
@@ -85,6 +92,33 @@ class EventSink:
                 hook(ev, lat)
             except Exception:
                 log.exception("event hook failed")
+
+    def _prune(self) -> None:
+        """Kept tracks past their retention go, every PRUNE_EVERY_S even with no new track."""
+        now = time.monotonic()
+        store = self.d.kept
+        if store is None or now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY_S
+        try:
+            store.prune()
+        except OSError as exc:
+            log.warning("kept track faces: cannot prune %s: %s", store.root, exc)
+
+    def _keep(self, ev: Event) -> None:
+        """An ended track's best crops to the kept tracks (enrolment.keep_faces), on this
+        thread: a full disk costs the crops, never an event."""
+        store, track = self.d.kept, kept_track_of(ev)
+        ev.kept = None  # (the crops are not needed any more)
+        if store is None or track is None:
+            return
+        try:
+            store.keep(track)
+            self._keep_log.resolved("kept track faces: %s written again", store.root)
+        except OSError as exc:
+            self._keep_log.problem(logging.WARNING, "kept track faces: cannot keep track %d "
+                                   "of camera %s under %s: %s", ev.track_id, ev.camera,
+                                   store.root, exc)
 
     def write(self, ev: Event, latency: float, frame_index=None) -> None:
         """One line of ``--events-out``: the document MQTT subscribers get (one definition,

@@ -28,7 +28,7 @@ def rounded(v: Optional[float]) -> Optional[float]:
 
 class TrackEvidence:
     """The identity part of :class:`edged.daemon.track.Tracker` (a mixin: it shares the
-    tracker's settings ``s``, ``live``, ``unknown_below``, its tracks and its counters
+    tracker's settings ``s``, ``live``, ``unknown_below``, ``keep_faces``, its tracks and its counters
     ``ambiguous``, ``splits`` and ``spoofs``, and makes events with the tracker's
     ``_event``, ``_end``, ``_new_track`` and ``_appear``)."""
 
@@ -57,11 +57,21 @@ class TrackEvidence:
             return self._split(tr, face, m, t)
         tr.disagree = 0
         tr.mean = e * w if tr.mean is None else tr.mean + e * w
+        if self.keep_faces and face.aligned is not None:
+            self._keep_crop(tr, face, e, q)
         if face.liveness is not None:
             tr.live_weight += w
             tr.live_sum += w * float(face.liveness)
         self._add_evidence(tr, m, w)
         return self._decide(tr, t)
+
+    def _keep_crop(self, tr: Track, face: Face, e: np.ndarray, q: float) -> None:
+        """Keep the face among the track's best ``keep_faces`` crops by quality (only faces
+        that agree with the track: a split's faces go with the new track)."""
+        passed = bool(face.quality.passed) if face.quality is not None else True
+        tr.crops.append((q, face.aligned.copy(), e.copy(), passed))
+        tr.crops.sort(key=lambda c: -c[0])
+        del tr.crops[self.keep_faces:]
 
     def _disagrees(self, tr: Track, e: np.ndarray, m: Match) -> bool:
         """Whether embedding ``e`` (and its match ``m``) disagrees with the track so far: far

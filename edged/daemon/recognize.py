@@ -37,8 +37,9 @@ class Recognizer:
         self.versions_seen: Dict[str, dict] = {}  # per camera, the set its last frame went through
 
     def new_tracker(self, camera: str, cfg, svc) -> Tracker:
+        keep = cfg.enrolment.faces_per_track if cfg.enrolment.keep_faces else 0
         return Tracker(camera, cfg.tracking, match_threshold=modelset.threshold(cfg, svc),
-                       liveness=cfg.liveness)
+                       liveness=cfg.liveness, keep_faces=keep)
 
     def add_camera(self, name: str) -> None:
         self.trackers[name] = self.new_tracker(name, self.d.cfg, self.d.service)

@@ -11,6 +11,7 @@ from typing import Optional
 from edged import config as configmod
 from edged.daemon import drops
 from edged.daemon.capture import preflight
+from edged.enrolment.store import TrackStore
 from edged.ota import modelset
 from edged.ota.modelset import ServiceSet, StartupError
 
@@ -89,6 +90,8 @@ def _apply(daemon, cfg, new: ServiceSet) -> None:
         log.warning("reload: http settings changed; they take effect at the next restart")
     old_cfg = daemon.cfg
     daemon.cfg = dataclasses.replace(cfg, mqtt=daemon.cfg.mqtt, http=daemon.cfg.http)
+    if cfg.enrolment != old_cfg.enrolment or cfg.paths.state_dir != old_cfg.paths.state_dir:
+        daemon.kept = TrackStore.for_daemon(daemon.cfg)
     if daemon.ota is not None and (cfg.paths.gallery != old_cfg.paths.gallery
                                  or drops.drop_dir(daemon, cfg) != drops.drop_dir(daemon, old_cfg)
                                  or cfg.drops != old_cfg.drops):

@@ -43,6 +43,7 @@ from edged.daemon.recognize import Recognizer
 from edged.daemon.sdnotify import Notifier
 from edged.daemon.stats import Counters, StatsReport
 from edged.daemon.status import StatusBoard
+from edged.enrolment.store import TrackStore
 from edged.logs import fields
 from edged.ota import modelset
 from edged.ota.modelset import ModelSets, ServiceSet, StartupError  # noqa: F401 (edged run)
@@ -70,6 +71,7 @@ class Daemon:
         self.ota = None  # edged.ota.drops.DropManager once started
         self.publisher = None
         self.http = None  # edged.publish.http.HttpEndpoint while http.listen is set
+        self.kept = None  # edged.enrolment.store.TrackStore while enrolment.keep_faces is on
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -111,6 +113,7 @@ class Daemon:
         _warn_if_root()
         self._start_http(cfg)
         state = state_dir(cfg)
+        self.kept = TrackStore.for_daemon(cfg)
         loaded_since = time.time()  # drops that arrive from now on are taken (edged.ota)
         self._load(cfg)
         self._start_publisher(cfg, state)

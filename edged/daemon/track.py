@@ -207,6 +207,8 @@ class Track:
     # monotonic clock of the first and last sighting: durations and gaps, immune to clock steps
     first_mono: float = 0.0
     last_mono: float = 0.0
+    # the best crops by quality, (quality, aligned, embedding, passed): enrolment.keep_faces
+    crops: list = field(default_factory=list)
 
     @property
     def decided(self) -> bool:
@@ -230,8 +232,9 @@ class Tracker(TrackEvidence):
 
     def __init__(self, camera: str, settings: Optional[TrackingSettings] = None,
                  match_threshold: Optional[float] = None,
-                 liveness: Optional[LivenessSettings] = None):
+                 liveness: Optional[LivenessSettings] = None, keep_faces: int = 0):
         self.camera = camera
+        self.keep_faces = keep_faces  # crops kept per track for enrolment (0: none)
         self.s = settings or TrackingSettings()
         self.live = liveness if liveness is not None and liveness.enabled else None
         self.spoofs = 0
@@ -273,7 +276,13 @@ class Tracker(TrackEvidence):
                             name=track.name, identity=track.identity,
                             duration=round(max(0.0, track.last_mono - track.first_mono), 3),
                             best_score=rounded(track.best_score),
-                            quality=round(track.best_quality, 4))]
+                            quality=round(track.best_quality, 4), kept=self._kept(track))]
+
+    def _kept(self, track: Track) -> Optional[dict]:
+        """What enrolment keeps of an ended track (None when off or nothing was embedded)."""
+        if not self.keep_faces or not track.crops:
+            return None
+        return {"state": track.state, "started": track.first_time, "crops": list(track.crops)}
 
     def _appear(self, tr: Track, t: float) -> List[Event]:
         if tr.reported:

@@ -4,8 +4,9 @@ Bad enrolment crops are a main cause of strangers being named as known people, s
 refused, each time with a sentence saying what and why, when
 
 - it holds no crop that meets the quality minimums (``KeptFace.passed``);
-- its crops disagree with each other (their lowest pairwise cosine is below the
-  identification threshold: more than one person was followed as one track);
+- its crops disagree with each other (their lowest pairwise cosine is below the embedder's
+  verification threshold, the one ``edged compare`` decides "same person" by: more than one
+  person was followed as one track);
 - they already match ANOTHER enrolled person at or above the threshold (a look-alike enrolled
   under a new name poisons both: each would be named as the other);
 - they are to be added to an EXISTING person and do not match that person (the best score of
@@ -64,6 +65,23 @@ def identification_threshold(embedder_sha256: Optional[str],
     return MatchSettings().for_embedder(spec).cutoff
 
 
+def verification_threshold(embedder_sha256: Optional[str]) -> float:
+    """The pair threshold of the embedder whose file has ``embedder_sha256`` (``edged
+    compare``: two faces of one person score at least this), else the default of the pipeline."""
+    from edged.vision.embed import EmbedderSpec
+    from edged.vision.pipeline import DEFAULT_MATCH_THRESHOLD
+
+    spec = None
+    if embedder_sha256:
+        try:
+            spec = EmbedderSpec.of_model(embedder_sha256)
+        except ValueError:
+            spec = None
+    if spec is not None and spec.verification is not None:
+        return float(spec.verification)
+    return DEFAULT_MATCH_THRESHOLD
+
+
 def ident_from_name(name: str) -> str:
     """A new person's identity id: the name with its runs of white space as ``_`` (as
     ``edged gallery add``; kept here so that this package never imports the CLI)."""
@@ -110,7 +128,7 @@ def check_track(track: KeptTrack, gallery, name: str, ident: Optional[str] = Non
     reasons = _quality(track)
     used = enrolled_indices(track)
     emb = np.stack([np.asarray(track.faces[k].embedding, np.float32) for k in used])
-    reasons += _disagreement(track, used, emb, thr)
+    reasons += _disagreement(track, used, emb, verification_threshold(track.embedder))
     if gallery is None:
         return reasons
     if gallery.embedder_sha256 != track.embedder:
@@ -161,9 +179,10 @@ def _disagreement(track: KeptTrack, used: List[int], emb: np.ndarray,
     a, b = used[int(iu[0][k])] + 1, used[int(iu[1][k])] + 1  # (numbered as edged tracks show)
     return [Reason("mixed",
                    f"The crops of track {track.id} disagree with each other: crops {a} and "
-                   f"{b} score {low:.3f}, below the identification threshold {thr:.3f}, so "
-                   f"the track most likely follows more than one person; enrolling it would "
-                   f"teach the gallery a mix of faces.")]
+                   f"{b} score {low:.3f}, below {thr:.3f}, the score two faces of one person "
+                   f"reach (the embedder's verification threshold), so the track most likely "
+                   f"follows more than one person; enrolling it would teach the gallery a mix "
+                   f"of faces.")]
 
 
 def _look_alikes(track: KeptTrack, identities, scores: np.ndarray, target: Optional[int],

@@ -99,6 +99,19 @@ class TrackStore:
     def of_state_dir(cls, state_dir, settings: Optional[EnrolmentSettings] = None) -> "TrackStore":
         return cls(Path(state_dir) / TRACKS_DIR, settings)
 
+    @classmethod
+    def for_daemon(cls, cfg) -> Optional["TrackStore"]:
+        """The daemon's store under ``cfg`` (None: ``enrolment.keep_faces`` is off), pruned
+        of what expired meanwhile."""
+        if not cfg.enrolment.keep_faces:
+            return None
+        store = cls.of_state_dir(cfg.paths.state_dir, cfg.enrolment)
+        try:
+            store.prune()
+        except OSError as exc:
+            log.warning("kept track faces: cannot prune %s: %s", store.root, exc)
+        return store
+
     def path_of(self, track_id: str) -> Path:
         if not ID_RE.match(track_id or ""):
             raise TrackNotFound(f"{track_id!r} is not a kept track's id (8 or more hex digits)")
@@ -191,3 +204,22 @@ def _read(path: Path, faces: bool = True) -> KeptTrack:
 
 def file_mode(path) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+def kept_track_of(ev) -> Optional[KeptTrack]:
+    """The kept track of a ``track_ended`` event that carries its crops (``Event.kept``)."""
+    kept = getattr(ev, "kept", None)
+    if not kept or not kept.get("crops"):
+        return None
+    if ev.identity:
+        outcome = "recognized"
+    else:
+        outcome = {"unknown": "unknown", "spoof": "spoof"}.get(kept.get("state"), "undecided")
+    faces = [KeptFace(image=img, embedding=emb, quality=float(q), passed=bool(ok))
+             for q, img, emb, ok in kept["crops"]]
+    return KeptTrack(id=ev.id[:12], camera=ev.camera, track_id=int(ev.track_id),
+                     started=float(kept.get("started") or ev.frame_time),
+                     ended=float(ev.frame_time), outcome=outcome,
+                     embedder=str((ev.versions or {}).get("embedder") or ""), name=ev.name,
+                     identity=ev.identity, best_score=ev.best_score, faces=faces,
+                     n_faces=len(faces), best_quality=round(max(f.quality for f in faces), 4))

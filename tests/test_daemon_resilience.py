@@ -14,6 +14,7 @@ import yaml
 
 from conftest import wait_for
 from edged import config as configmod
+from edged.daemon.reload import reload_with_pings
 from edged.daemon.service import Daemon, StartupError
 from edged_daemon_helpers import fake_services
 from edged.daemon.sdnotify import Notifier
@@ -195,7 +196,7 @@ def test_the_watchdog_is_fed_during_a_slow_reload(shared_dir, tmp_path):
     try:
         d.reload = lambda: time.sleep(1.5) or True
         before = len(listener.times("WATCHDOG=1"))
-        assert d._reload_with_pings(0.2) is True
+        assert reload_with_pings(d, 0.2) is True
         during = len(listener.times("WATCHDOG=1")) - before
         assert during >= 4, listener.messages[-10:]
         time.sleep(0.5)

@@ -114,6 +114,8 @@ class EventSink:
             return
         try:
             store.keep(track)
+            if self.d.commands is not None:
+                self.d.commands.note_kept(track)
             self._keep_log.resolved("kept track faces: %s written again", store.root)
         except OSError as exc:
             self._keep_log.problem(logging.WARNING, "kept track faces: cannot keep track %d "

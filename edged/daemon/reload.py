@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from typing import Optional
 
 from edged import config as configmod
@@ -51,6 +52,28 @@ def reload(daemon) -> bool:
     return True
 
 
+def reload_with_pings(daemon, ping_every: Optional[float]) -> bool:
+    """reload() on the main thread, while a helper thread feeds the systemd watchdog as the
+    main loop does (only while frames go through): loading new models, warming them up on
+    a slow accelerator or waiting for a drop's probation may take longer than the
+    watchdog's interval."""
+    if not ping_every:
+        return daemon.reload()
+    done = threading.Event()
+
+    def ping():
+        while not done.wait(ping_every):
+            if daemon.health.progressed(daemon.counters.progress):
+                daemon.notifier.watchdog()
+
+    t = threading.Thread(target=ping, name="reload-watchdog", daemon=True)
+    t.start()
+    try:
+        return daemon.reload()
+    finally:
+        done.set()
+
+
 def _read_config(daemon):
     """The configuration file again (the one in force without one), checked."""
     cfg = daemon.cfg
@@ -92,6 +115,10 @@ def _apply(daemon, cfg, new: ServiceSet) -> None:
     daemon.cfg = dataclasses.replace(cfg, mqtt=daemon.cfg.mqtt, http=daemon.cfg.http)
     if cfg.enrolment != old_cfg.enrolment or cfg.paths.state_dir != old_cfg.paths.state_dir:
         daemon.kept = TrackStore.for_daemon(daemon.cfg)
+        if (cfg.enrolment.keep_faces, cfg.enrolment.mqtt_commands) != (
+                old_cfg.enrolment.keep_faces, old_cfg.enrolment.mqtt_commands):
+            log.warning("reload: enrolment.keep_faces and mqtt_commands take effect for MQTT and "
+                        "Home Assistant at the next restart")
     if daemon.ota is not None and (cfg.paths.gallery != old_cfg.paths.gallery
                                  or drops.drop_dir(daemon, cfg) != drops.drop_dir(daemon, old_cfg)
                                  or cfg.drops != old_cfg.drops):

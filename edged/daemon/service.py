@@ -37,6 +37,7 @@ from typing import Dict, List, Optional
 from edged import __version__
 from edged.daemon import drops, reload
 from edged.daemon.capture import Camera, FrameHub, preflight, quiet_opencv
+from edged.daemon.commands import EnrolCommands
 from edged.daemon.events import EventSink
 from edged.daemon.flow import FrameFlow
 from edged.daemon.recognize import Recognizer
@@ -72,6 +73,7 @@ class Daemon:
         self.publisher = None
         self.http = None  # edged.publish.http.HttpEndpoint while http.listen is set
         self.kept = None  # edged.enrolment.store.TrackStore while enrolment.keep_faces is on
+        self.commands: Optional[EnrolCommands] = None  # (the same, edged.daemon.commands)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -114,6 +116,7 @@ class Daemon:
         self._start_http(cfg)
         state = state_dir(cfg)
         self.kept = TrackStore.for_daemon(cfg)
+        self.commands = EnrolCommands(self) if cfg.enrolment.keep_faces else None
         loaded_since = time.time()  # drops that arrive from now on are taken (edged.ota)
         self._load(cfg)
         self._start_publisher(cfg, state)
@@ -128,6 +131,8 @@ class Daemon:
         for i in range(len(self.service.pipelines)):
             self._spawn(f"detect-{i}", lambda i=i: self.flow.detect_loop(i))
         drops.start_drops(self, since=loaded_since, restore=True)
+        if self.publisher.on_command is not None:
+            self.commands.start()
         self.ready = True
         self.health.phase = "running"
         self.status.check_health(force=True)
@@ -157,7 +162,12 @@ class Daemon:
         from edged.publish.publisher import Publisher
 
         try:
-            self.publisher = Publisher(cfg.mqtt, self.device, state, people=self.sets.people())
+            commands = self.commands is not None and cfg.enrolment.mqtt_commands
+            self.publisher = Publisher(
+                cfg.mqtt, self.device, state, people=self.sets.people(),
+                on_command=self.commands.submit if commands else None,
+                enrolment={"image": self.kept is not None and cfg.mqtt.snapshots,
+                           "commands": commands})
         except (ValueError, OSError) as exc:  # a setting that can never work (names the key)
             self.service.gallery.stop()
             raise StartupError(str(exc), config=isinstance(exc, ValueError)) from exc
@@ -234,7 +244,7 @@ class Daemon:
         while not self._stop.wait(0.1):
             if self._reload.is_set():
                 self._reload.clear()
-                self._reload_with_pings(ping_every)
+                reload.reload_with_pings(self, ping_every)
             self._tick(time.monotonic(), last, ping_every)
             if self.exit_when_done and self._all_done():
                 log.info("every source has ended; stopping")
@@ -270,27 +280,6 @@ class Daemon:
             if self.publisher is not None:
                 self.publisher.publish_stats(self.stats.document())
 
-    def _reload_with_pings(self, ping_every: Optional[float]) -> bool:
-        """reload() on the main thread, while a helper thread feeds the systemd watchdog as the
-        main loop does (only while frames go through): loading new models, warming them up on
-        a slow accelerator or waiting for a drop's probation may take longer than the
-        watchdog's interval."""
-        if not ping_every:
-            return self.reload()
-        done = threading.Event()
-
-        def ping():
-            while not done.wait(ping_every):
-                if self.health.progressed(self.counters.progress):
-                    self.notifier.watchdog()
-
-        t = threading.Thread(target=ping, name="reload-watchdog", daemon=True)
-        t.start()
-        try:
-            return self.reload()
-        finally:
-            done.set()
-
     def _all_done(self) -> bool:
         if not all(c.finished for c in self.cameras.values()):
             return False
@@ -311,6 +300,8 @@ class Daemon:
         self.recognizer.end_all("stop", self.service.versions if self.service else None)
         self.events.close()
         self._join(lambda name: name == "events", timeout)
+        if self.commands is not None:
+            self.commands.stop()
         self.health.phase = "stopped"
         if self.service is not None:  # before the publisher's last (retained) status
             self.status.update(_replace=("cameras", "problems"), **self.status.stopped())

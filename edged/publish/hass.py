@@ -38,7 +38,12 @@ log = logging.getLogger("edged.hass")
 
 # keys every payload / component carries (checked by the tests, listed in docs/mqtt.md)
 ROOT_KEYS = ("device", "origin", "availability", "components")
-COMPONENT_KEYS = ("platform", "unique_id", "state_topic", "name")
+COMPONENT_KEYS = ("platform", "unique_id", "name")
+#: what each platform needs besides (Home Assistant's MQTT schemas: an image reads its
+#: image_topic, a text and a button publish on their command_topic)
+PLATFORM_KEYS = {"binary_sensor": ("state_topic",), "sensor": ("state_topic",),
+                 "event": ("state_topic",), "image": ("image_topic",),
+                 "text": ("command_topic",), "button": ("command_topic",)}
 
 
 def object_id(device: str) -> str:
@@ -54,11 +59,16 @@ def _jinja_str(s: str) -> str:
 
 
 def build_discovery(device: str, topic_prefix: str, people: Iterable[str],
-                    cameras: Iterable[str], removed: Iterable[Tuple[str, str]] = ()) -> dict:
-    """The device discovery payload; ``removed`` lists (component id, platform) to delete."""
+                    cameras: Iterable[str], removed: Iterable[Tuple[str, str]] = (),
+                    enrolment: Optional[dict] = None) -> dict:
+    """The device discovery payload; ``removed`` lists (component id, platform) to delete;
+    ``enrolment``: ``{"image": bool, "commands": bool}``, the enrolment entities to announce
+    (the last unknown face with mqtt.snapshots; the name and the button with
+    enrolment.mqtt_commands)."""
     oid = object_id(device)
     comps: Dict[str, dict] = _person_components(oid, topic_prefix, people)
     comps.update(_device_components(oid, topic_prefix, cameras))
+    comps.update(_enrolment_components(oid, topic_prefix, enrolment or {}))
     for cid, platform in removed:
         if cid not in comps:
             comps[cid] = {"platform": platform}
@@ -138,6 +148,29 @@ def _device_components(oid: str, topic_prefix: str, cameras: Iterable[str]) -> D
     return comps
 
 
+def _enrolment_components(oid: str, topic_prefix: str, which: dict) -> Dict[str, dict]:
+    """Enrolment from Home Assistant (docs/enrolment.md): the last unknown face (an image), a
+    name (a text) and the button that enrols the one under the other."""
+    comps: Dict[str, dict] = {}
+    if which.get("image"):
+        cid = f"{oid}_last_unknown_face"
+        comps[cid] = {"platform": "image", "name": "Last unknown face", "unique_id": cid,
+                      "image_topic": f"{topic_prefix}/enrol/last_unknown",
+                      "content_type": "image/jpeg"}
+    if which.get("commands"):
+        cid = f"{oid}_enrol_name"
+        comps[cid] = {"platform": "text", "name": "Name to enrol", "unique_id": cid,
+                      "command_topic": f"{topic_prefix}/command/enrol_name",
+                      "state_topic": f"{topic_prefix}/enrol/name", "min": 0, "max": 64,
+                      "entity_category": "config"}
+        cid = f"{oid}_enrol_last_unknown"
+        comps[cid] = {"platform": "button", "name": "Enrol last unknown face",
+                      "unique_id": cid, "command_topic": f"{topic_prefix}/command/enrol",
+                      "payload_press": json.dumps({"track": "last_unknown"}),
+                      "entity_category": "config"}
+    return comps
+
+
 def _camera_components(oid: str, topic_prefix: str, cam: str) -> Dict[str, dict]:
     """A camera's health, read from the retained status (``cameras.<camera>``)."""
     status = f"{topic_prefix}/status"
@@ -178,8 +211,9 @@ class HassDiscovery:
     """Remembers what was announced so that removed people are removed in Home Assistant."""
 
     def __init__(self, device: str, topic_prefix: str, discovery_prefix: str,
-                 state_file: Optional[Path] = None):
+                 state_file: Optional[Path] = None, enrolment: Optional[dict] = None):
         self.device = device
+        self.enrolment = enrolment or {}
         self.topic_prefix = topic_prefix
         self.topic = discovery_topic(discovery_prefix, device)
         self.birth_topic = f"{discovery_prefix}/status"
@@ -198,10 +232,12 @@ class HassDiscovery:
                             self.state_file, exc)
 
     def payload(self, people: Iterable[str], cameras: Iterable[str]) -> dict:
-        current = build_discovery(self.device, self.topic_prefix, people, cameras)
+        current = build_discovery(self.device, self.topic_prefix, people, cameras,
+                                  enrolment=self.enrolment)
         removed = [(cid, p) for cid, p in self._announced.items()
                    if cid not in current["components"]]
-        doc = build_discovery(self.device, self.topic_prefix, people, cameras, removed)
+        doc = build_discovery(self.device, self.topic_prefix, people, cameras, removed,
+                              enrolment=self.enrolment)
         announced = {cid: c["platform"] for cid, c in current["components"].items()}
         if announced != self._announced and self.state_file is not None:
             try:
@@ -223,7 +259,9 @@ class HassDiscovery:
         for cid, comp in doc["components"].items():
             if set(comp) == {"platform"}:
                 continue  # a removal
-            for k in COMPONENT_KEYS:
+            if comp["platform"] not in PLATFORM_KEYS:
+                return f"component {cid}: unknown platform {comp['platform']!r}"
+            for k in COMPONENT_KEYS + PLATFORM_KEYS[comp["platform"]]:
                 if k not in comp:
                     return f"component {cid}: missing {k!r}"
         return None

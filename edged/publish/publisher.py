@@ -36,9 +36,10 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+from edged.publish.commands import CommandTopics
 from edged.publish.hass import HassDiscovery
 from edged.publish.mqtt import MqttClient, MqttSettings, topic_segment
-from edged.publish.payloads import _merge  # noqa: F401  (imported from here by the daemon)
+from edged.publish.payloads import _merge  # noqa: F401  (imported from here by tools)
 from edged.publish.payloads import event_payload, iso_utc, snapshot_payload
 from edged.publish.presence import PresenceTopics
 from edged.publish.retained import RetainedState
@@ -51,7 +52,7 @@ SPOOL_FILE = "mqtt-spool.db"
 HASS_FILE = "hass-discovery.json"  # what Home Assistant was told (edged.publish.hass)
 
 
-class Publisher(PresenceTopics, RetainedState):
+class Publisher(PresenceTopics, RetainedState, CommandTopics):
     """edged's MQTT side.  All public methods are thread-safe and never block on the network.
 
     This class delivers: start and stop, the spooled events, the sender thread and its in-flight
@@ -62,7 +63,7 @@ class Publisher(PresenceTopics, RetainedState):
     FLUSH_TIMEOUT_S = 3.0
 
     def __init__(self, settings: MqttSettings, device: str, state_dir,
-                 people: Sequence[str] = ()):
+                 people: Sequence[str] = (), on_command=None, enrolment: dict = None):
         self.settings = settings
         self.device = device
         self.prefix = (settings.topic_prefix or f"edged/{topic_segment(device)}").rstrip("/")
@@ -90,6 +91,7 @@ class Publisher(PresenceTopics, RetainedState):
         self.started_at = time.time()
         self._init_retained(device, self.started_at)
         self._init_presence()
+        self._init_commands(on_command)
         self.spool: Optional[Spool] = None
         self.client: Optional[MqttClient] = None
         self.hass: Optional[HassDiscovery] = None
@@ -104,7 +106,8 @@ class Publisher(PresenceTopics, RetainedState):
         if settings.homeassistant.enabled:
             self.hass = HassDiscovery(device, self.prefix,
                                       settings.homeassistant.discovery_prefix.rstrip("/"),
-                                      state_file=self.state_dir / HASS_FILE)
+                                      state_file=self.state_dir / HASS_FILE,
+                                      enrolment=enrolment)
         self.set_people(people)
 
     # -- public API -------------------------------------------------------------------------
@@ -232,6 +235,8 @@ class Publisher(PresenceTopics, RetainedState):
         self._wake.set()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if self._command_message(topic, payload):
+            return
         if self.hass and topic == self.hass.birth_topic and payload.strip() == b"online":
             log.info("Home Assistant is online: republishing discovery")
             self._hass_due = True
@@ -287,6 +292,7 @@ class Publisher(PresenceTopics, RetainedState):
         self._retain_anew()
         if self.hass:
             c.subscribe(self.hass.birth_topic, qos=1)
+        self._subscribe_commands()
         if self._inflight or self._ctl_inflight:
             self._resync_since = time.monotonic()
             log.info("MQTT: %d unacknowledged event(s) being resent, %d in the spool",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from conftest import wait_for
 from edged.enrolment.store import TrackStore

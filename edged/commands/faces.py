@@ -25,7 +25,7 @@ def _options(p: argparse.ArgumentParser, flip: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for inference (default: the number of cores, at most 4)")
     p.add_argument("--accelerator", default="cpu", metavar="TYPE",
-                   help="accelerator type for both models (cpu, gpu, nnapi, edgetpu; default cpu; "
+                   help="accelerator type for both models (cpu, gpu, nnapi, edgetpu, tensorrt; default cpu; "
                         "falls back to the CPU with a warning when unavailable)")
     if flip:
         p.add_argument("--flip", action="store_true",

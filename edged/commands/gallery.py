@@ -38,7 +38,7 @@ def pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for inference (default: the number of cores, at most 4)")
     p.add_argument("--accelerator", default="cpu", metavar="TYPE",
-                   help="accelerator for both models (cpu, gpu, nnapi, edgetpu; default cpu)")
+                   help="accelerator for both models (cpu, gpu, nnapi, edgetpu, tensorrt; default cpu)")
     p.add_argument("--embedder", metavar="NAME", default=None,
                    help="the embedder (mobilefacenet, sface; the daemon's models.embedder_model "
                         "must be the same): default the one that made FILE, else mobilefacenet")

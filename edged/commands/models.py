@@ -30,7 +30,11 @@ def register(sub, common):
     info = msub.add_parser("info", parents=[common],
                            help="load each model; print delegate, shapes and one invoke's time")
     info.add_argument("--accelerator", default="cpu", metavar="TYPE",
-                      help="accelerator type to try (cpu, gpu, nnapi, edgetpu; default cpu)")
+                      help="accelerator type to try (cpu, gpu, nnapi, edgetpu, tensorrt; "
+                           "default cpu)")
+    info.add_argument("--strict", action="store_true",
+                      help="fail when the accelerator cannot be used instead of falling back "
+                           "to the CPU (exit status 1)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
@@ -92,7 +96,8 @@ def cmd_info(args) -> int:
     for role, entry in manifest.entries.items():
         try:
             data, digest, path = modelstore.read_verified(role, args.models, manifest)
-            runner = open_runner(data, {"type": args.accelerator}, name=role, sha256=digest)
+            accel = {"type": args.accelerator, **({"strict": True} if args.strict else {})}
+            runner = open_runner(data, accel, name=role, sha256=digest)
             seconds = time_invoke(runner, repeat=5)
             rows.append({"role": role, "file": str(path), "sha256": digest,
                          "delegate": runner.delegate, "fallback": runner.fallback_reason,

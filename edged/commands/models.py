@@ -38,6 +38,16 @@ def register(sub, common):
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
+    conv = msub.add_parser("convert", parents=[common],
+                           help="write the verified models as ONNX (for TensorRT)",
+                           description="Convert P-Net, R-Net, O-Net and the embedder to ONNX "
+                                       "(tf2onnx: pip install 'edged[onnx]'), with onnx.json "
+                                       "naming each file's sha256 and its source's. P-Net is "
+                                       "written at its declared input size.")
+    conv.add_argument("--to", choices=["onnx"], required=True, help="the format (onnx)")
+    conv.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write")
+    conv.set_defaults(func=cmd_convert)
+
     q = msub.add_parser("quantize", parents=[common],
                         help="make int8 variants of P-Net, R-Net, O-Net and the embedder, "
                              "calibrated on real faces, each set with a drop manifest")
@@ -123,6 +133,21 @@ def cmd_info(args) -> int:
             print(f"  output   {name} {shape}")
         print(f"  invoke   {r['invoke_ms']} ms (default input shape)")
     return status
+
+
+def cmd_convert(args) -> int:
+    from edged.runtime.onnxexport import OnnxError, convert_set
+
+    try:
+        doc = convert_set(args.out, args.models)
+    except (OnnxError, modelstore.ModelError) as exc:
+        print(f"edged models convert: {exc}", file=sys.stderr)
+        return 1
+    for m in json.loads(doc.read_text())["models"]:
+        print(f"{m['role']:<9} {args.out / m['file']}  sha256 {m['sha256']}  (from "
+              f"{m['source_file']})")
+    print(f"manifest: {doc}")
+    return 0
 
 
 def cmd_quantize(args) -> int:

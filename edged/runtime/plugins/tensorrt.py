@@ -1,7 +1,7 @@
 """TensorRT on Jetson: each verified model built into an engine on the device's GPU.
 
-From the verified TFLite bytes: ONNX (tf2onnx, which reads ``.tflite`` and needs TensorFlow;
-JetPack has both), then a TensorRT engine built with the Python API for the precision asked
+From the verified TFLite bytes: ONNX (:mod:`edged.runtime.onnxexport`: tf2onnx, which reads
+``.tflite`` and needs TensorFlow; checked against TFLite on real faces in CI), then a TensorRT engine built with the Python API for the precision asked
 (``fp16`` by default, ``fp32``, or ``int8`` with a calibration set), an optimisation profile
 over the batch sizes edged runs (R-Net, O-Net, the embedder) or one engine per input shape (the
 P-Net pyramid), on the GPU or a DLA core. Engines are cached as files under ``engine_cache``
@@ -80,22 +80,6 @@ def _cuda():
     return cudart, name
 
 
-def to_onnx(model: bytes) -> bytes:
-    """The ONNX of a TFLite model (tf2onnx; opset 13)."""
-    try:
-        import tf2onnx
-    except ImportError as exc:
-        raise RuntimeError(f"converting the model to ONNX needs tf2onnx and TensorFlow ({exc}): "
-                           f"pip install tf2onnx (JetPack: NVIDIA's TensorFlow wheel)") from None
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
-        f.write(model)
-        f.flush()
-        proto, _ = tf2onnx.convert.from_tflite(f.name, opset=13)
-    return proto.SerializeToString()
-
-
 class TensorRtPlugin(AcceleratorPlugin):
     type_key = "tensorrt"
     Settings = TensorRtSettings
@@ -137,10 +121,16 @@ class TensorRtRunner(Runner):
     Runner interface every stage uses (float32 in, float32 out, resized on demand)."""
 
     def __init__(self, model: bytes, s: TensorRtSettings, name: str, trt, cudart, gpu: str):
+        from edged.runtime.onnxexport import OnnxError, tflite_to_onnx
+
         self.name, self.s, self.trt, self.cudart, self.gpu = name, s, trt, cudart, gpu
         self.sha = hashlib.sha256(model).hexdigest()
         self.delegate = f"tensorrt {trt.__version__} {s.precision} ({gpu})"
-        self._onnx = to_onnx(model)
+        self._model = model
+        try:
+            self._onnx = tflite_to_onnx(model, name)
+        except OnnxError as exc:
+            raise RuntimeError(str(exc)) from None
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._engines: Dict[tuple, object] = {}
         self._shape: Optional[tuple] = None
@@ -199,12 +189,20 @@ class TensorRtRunner(Runner):
                  self.s.precision, path)
         return runtime.deserialize_cuda_engine(plan)
 
+    def _onnx_for(self, shape: tuple) -> bytes:
+        """P-Net's ONNX is made for each pyramid level (tf2onnx bakes the size in)."""
+        if self.name != "pnet":
+            return self._onnx
+        from edged.runtime.onnxexport import pnet_at
+
+        return pnet_at(self._model, shape)
+
     def _build(self, shape: tuple) -> bytes:
         trt, s = self.trt, self.s
         builder = trt.Builder(self._logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
         parser = trt.OnnxParser(network, self._logger)
-        if not parser.parse(self._onnx):
+        if not parser.parse(self._onnx_for(shape)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"TensorRT cannot parse the ONNX of {self.name}: {errors}")
         config = builder.create_builder_config()

@@ -246,8 +246,8 @@ def test_drop_checks_and_self_test(installed, models_dir, tmp_path):
                       len(installed["onet"][0]))
     with pytest.raises(DropRejected, match="not a TFLite model"):
         prepare_model("rnet", b"x" * 5000, "junk.tflite")
-    with pytest.raises(DropRejected, match="role 'antispoof' is not used"):
-        prepare_model("antispoof", emb, "a.tflite")
+    with pytest.raises(DropRejected, match="role .landmarker. is not used"):
+        prepare_model("landmarker", emb, "a.tflite")
 
 
 def test_edged_status_without_a_status_file(tmp_path):
@@ -491,8 +491,8 @@ def test_bad_drops_are_refused_with_their_reason(installed, models_dir, tmp_path
     assert "not an edged model manifest (a JSON list, not an object)" in drop("d2.json", [ok])
     assert "'models' must be a list of entries, got 5" in drop("d3.json", dict(ok, models=5))
     role = json.loads(json.dumps(ok))
-    role["models"][0]["role"] = "antispoof"
-    assert "role 'antispoof' is not used by the daemon" in drop("e.json", role)
+    role["models"][0]["role"] = "landmarker"
+    assert "role 'landmarker' is not used by the daemon" in drop("e.json", role)
     path = json.loads(json.dumps(ok))
     path["models"][0]["file"] = "../r.tflite"
     assert "must be a plain name next to the manifest" in drop("f.json", path)

@@ -20,6 +20,9 @@ from edged.safefile import SYMLINK_REASON  # noqa: F401 (the reason's wording, d
 from edged.runtime.tflitefile import FILE_IDENTIFIER
 
 ROLES = ("pnet", "rnet", "onet", "embedder")
+#: roles a drop may also bring: in the set only while its stage is on (liveness.enabled)
+OPTIONAL_ROLES = ("antispoof",)
+DROP_ROLES = ROLES + OPTIONAL_ROLES
 DETECTOR_ROLES = ("pnet", "rnet", "onet")
 MODEL_SUFFIXES = (".tflite",)
 MANIFEST_SUFFIX = ".json"

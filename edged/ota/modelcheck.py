@@ -13,7 +13,7 @@ from edged.runtime import modelstore
 from edged.runtime.limits import (DEFAULT_FRAME, DEFAULT_MAX_MB, ModelMemoryError,
                                   check_model_memory, run_shapes)
 from edged.runtime.tflitefile import ModelFormatError, make_batch_dynamic
-from edged.ota.intake import ROLES, DropRejected, check_magic
+from edged.ota.intake import DROP_ROLES, DropRejected, check_magic
 from edged.ota.store import ModelBlob
 
 log = logging.getLogger("edged.ota")
@@ -27,6 +27,7 @@ SELF_TEST = {
     "rnet": ((1, 24, 24, 3), [(1, 2), (1, 4)]),
     "onet": ((1, 48, 48, 3), [(1, 2), (1, 4), (1, 10)]),
     "embedder": ((1, 112, 112, 3), [(1, "W")]),
+    "antispoof": ((1, 256, 256, 3), [(1, 8), (1, 8)]),
 }
 
 #: Test hook only: sha256s (comma separated) whose self-test is skipped, so that a model that
@@ -37,9 +38,9 @@ SKIP_SELFTEST_ENV = "EDGED_TEST_SKIP_SELFTEST"
 def prepare_model(role: str, data: bytes, where, expected_sha: Optional[str] = None,
                   expected_size: int = 0, derived_sha: Optional[str] = None) -> ModelBlob:
     """Check a dropped model's bytes and return what will be loaded; raise DropRejected."""
-    if role not in ROLES:
+    if role not in DROP_ROLES:
         raise DropRejected(f"{where}: role {role!r} is not used by the daemon "
-                           f"(roles: {', '.join(ROLES)})")
+                           f"(roles: {', '.join(DROP_ROLES)})")
     check_magic(where, data[:8])
     try:
         if expected_sha:
@@ -80,7 +81,7 @@ def self_test(blob: ModelBlob, accel) -> None:
     try:
         data = pnet_model_for(blob.data, shape) if blob.role == "pnet" else blob.data
         runner = open_runner(data, accel, name=f"selftest-{blob.role}", sha256=blob.sha256,
-                             where=f"models.{'embedder' if blob.role == 'embedder' else 'detector'}")
+                             where=_accel_key(blob.role))
         if tuple(runner.input_details()[0]["shape"]) != shape:
             runner.resize(shape)
         x = np.random.default_rng(20261121).uniform(-1.0, 1.0, shape).astype(np.float32)
@@ -97,6 +98,11 @@ def self_test(blob: ModelBlob, accel) -> None:
         if not np.isfinite(np.asarray(o, dtype=np.float64)).all():
             raise DropRejected(f"{blob.file}: self-test as {blob.role}: non-finite output "
                                f"(NaN or inf) on the fixed input")
+
+
+def _accel_key(role: str) -> str:
+    return {"embedder": "models.embedder", "antispoof": "liveness.accelerator"}.get(
+        role, "models.detector")
 
 
 def _expected_outputs(blob: ModelBlob, expected: list, got: list) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from edged.runtime import modelstore
-from edged.ota.intake import (LIMIT_NAME, ROLES, DropRejected, arrived_before, check_file,
+from edged.ota.intake import (DROP_ROLES, LIMIT_NAME, DropRejected, arrived_before, check_file,
                               digest_model, load_manifest, read_model, short, signature)
 from edged.ota.modelcheck import check_drop, prepare_model, self_test
 from edged.ota.store import HeldEmbedder, ModelBlob
@@ -43,9 +43,9 @@ class ModelDrops:
             raise DropRejected(f"{path}: the manifest lists no model")
         limit = self.settings.max_bytes
         for e in manifest.entries.values():
-            if e.role not in ROLES:
+            if e.role not in DROP_ROLES:
                 raise DropRejected(f"{path}: role {e.role!r} is not used by the daemon "
-                                   f"(roles: {', '.join(ROLES)})")
+                                   f"(roles: {', '.join(DROP_ROLES)})")
             if os.path.basename(e.file) != e.file:
                 raise DropRejected(f"{path}: file {e.file!r} must be a plain name next to "
                                    f"the manifest")
@@ -185,7 +185,7 @@ class ModelDrops:
             return
         self._took(path, sig, sha, "")
         role, derived_sha = known
-        if role not in ROLES:
+        if role not in DROP_ROLES:
             self._report("unchanged", "models", path, t0,
                          why=f"role {role!r} is not used by the daemon")
             return
@@ -196,7 +196,11 @@ class ModelDrops:
     def _install(self, blobs: Dict[str, ModelBlob], path: Path, t0: float) -> None:
         svc = self.d.service
         current = svc.models
-        changed = {r: b for r, b in blobs.items() if current[r].sha256 != b.sha256}
+        if "antispoof" in blobs and svc.pipeline.liveness is None:
+            raise DropRejected(f"{path}: an antispoof model, but liveness.enabled is false: "
+                               f"the daemon runs none (enable liveness, then drop it again)")
+        changed = {r: b for r, b in blobs.items()
+                   if r not in current or current[r].sha256 != b.sha256}
         if not changed:  # (an embedder held back stays held)
             self._report("unchanged", "models", path, t0, why="already in service")
             return
@@ -234,6 +238,8 @@ class ModelDrops:
 
     def _accel(self, role: str):
         cfg = self.d.cfg.models
+        if role == "antispoof":
+            return None  # (the liveness stage runs on the CPU: edged.vision.liveness)
         return cfg.embedder if role == "embedder" else cfg.detector
 
     # -- what waited too long (tick) ----------------------------------------------------------

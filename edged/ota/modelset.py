@@ -101,7 +101,6 @@ class ModelSets:
     def build(self, cfg) -> ServiceSet:
         """Load models and the gallery off the hot path; raise StartupError when impossible."""
         from edged.vision.embed import Embedder
-        from edged.vision.liveness import LivenessStage
         from edged.vision.pipeline import FacePipeline, PipelineSettings
 
         settings = PipelineSettings(detection=cfg.detection, quality=cfg.quality,
@@ -114,7 +113,7 @@ class ModelSets:
             # embedder: only the track thread embeds.
             emb = models["embedder"]
             embedder = Embedder(emb.data, emb.sha256, cfg.models.embedder)
-            live = LivenessStage.for_settings(cfg.liveness, md)  # None when off
+            live = _liveness(cfg, md, models, installed)  # None when off
             pipes = [FacePipeline(detector(models, settings, cfg), embedder, settings, live)
                      for _ in range(cfg.pipeline.workers)]
             pipe = pipes[0]
@@ -166,7 +165,13 @@ class ModelSets:
             detectors = [detector(models, settings, cfg) for _ in cur.pipelines]
         else:
             detectors = [p.detector for p in cur.pipelines]
-        pipes = [FacePipeline(det, embedder, settings, cur.pipeline.liveness) for det in detectors]
+        live = cur.pipeline.liveness
+        if "antispoof" in changed:  # (a drop: only while liveness is on, edged.ota.modeldrops)
+            from edged.vision.liveness import LivenessStage
+
+            live = LivenessStage(models["antispoof"].data, models["antispoof"].sha256,
+                                 live.settings)
+        pipes = [FacePipeline(det, embedder, settings, live) for det in detectors]
         gallery = gallery_holder if gallery_holder is not None else cur.gallery
         return ServiceSet(pipelines=pipes, gallery=gallery,
                           versions=versions_of(pipes[0], gallery),
@@ -399,6 +404,33 @@ def load_models(cfg, md: Path):
         models[role] = ModelBlob(role, data, digest, str(path))
         installed.append(models[role])
     return models, installed
+
+
+def _liveness(cfg, md: Path, models: dict, installed: list):
+    """The liveness stage when ``liveness.enabled`` (else None), with the antispoof model last
+    in service (a drop) or the installed one; its blob joins ``models`` (kept with the set)."""
+    from edged.ota.store import ModelBlob
+    from edged.vision.liveness import LivenessStage
+
+    if not cfg.liveness.enabled:
+        return None
+    from edged.ota.store import load_installed_copy
+
+    blob = models.get("antispoof")
+    if blob is None:
+        try:
+            data, digest, path = modelstore.read_verified("antispoof", md)
+            blob = ModelBlob("antispoof", data, digest, str(path))
+        except modelstore.ModelError as exc:  # replaced by a drop not confirmed: the copy
+            blob = load_installed_copy(cfg.paths.state_dir, "antispoof",
+                                       modelstore.Manifest.load().model("antispoof").load_sha256)
+            if blob is None:
+                raise
+            log.error("models: %s; loading the copy of the installed model kept at %s (run "
+                      "'edged models install' to restore the file)", exc, blob.file)
+        models["antispoof"] = blob
+        installed.append(blob)
+    return LivenessStage(blob.data, blob.sha256, cfg.liveness)
 
 
 def detector(models: dict, settings, cfg):

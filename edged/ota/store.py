@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from edged.runtime import modelstore
-from edged.ota.intake import ROLES, DropRejected
+from edged.ota.intake import DROP_ROLES, ROLES, DropRejected
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ModelBlob:
 IN_SERVICE_DIR = "models"  # under paths.state_dir
 IN_SERVICE_MANIFEST = "in-service.json"
 #: the names :func:`save_in_service` gives the models it keeps; nothing else there is removed
-OWN_FILE = re.compile(r"(?:%s)-[0-9a-f]{16}\.tflite" % "|".join(ROLES))
+OWN_FILE = re.compile(r"(?:%s)-[0-9a-f]{16}\.tflite" % "|".join(DROP_ROLES))
 
 
 def in_service_dir(state_dir) -> Path:
@@ -62,12 +62,13 @@ def save_in_service(state_dir, models: Dict[str, ModelBlob]) -> Path:
     under ``<state_dir>/models/`` and a manifest of them (the repository's format), each file
     written atomically, the manifest last; files no longer named are removed."""
     d = Path(state_dir) / IN_SERVICE_DIR
-    blobs = [models[role] for role in ROLES]
+    roles = [role for role in DROP_ROLES if role in models]  # (antispoof: while it is on)
+    blobs = [models[role] for role in roles]
     doc = {"format": "edged-model-manifest", "version": 1,
            "note": "the models edged had in service; written by the daemon (docs/ota.md)",
            "models": [{"role": role, "file": _own_name(b), "sha256": b.sha256,
                        "size": len(b.data), "dropped_as": b.file}
-                      for role, b in zip(ROLES, blobs)]}
+                      for role, b in zip(roles, blobs)]}
     _write_model_dir(d, blobs, IN_SERVICE_MANIFEST, doc)
     return d / IN_SERVICE_MANIFEST
 
@@ -108,9 +109,10 @@ def load_in_service(state_dir) -> Optional[Dict[str, ModelBlob]]:
         return None
     manifest = modelstore.Manifest.load(path)
     out = {}
-    for role in ROLES:
-        data, digest, p = modelstore.read_verified(role, path.parent, manifest)
-        out[role] = ModelBlob(role, data, digest, str(p))
+    for role in DROP_ROLES:
+        if role in ROLES or role in manifest.entries:
+            data, digest, p = modelstore.read_verified(role, path.parent, manifest)
+            out[role] = ModelBlob(role, data, digest, str(p))
     return out
 
 

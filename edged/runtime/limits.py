@@ -64,6 +64,8 @@ def run_shapes(role: str, frames: Iterable[Sequence[int]] = (), detection=None) 
         return _batches((48, 48, 3), ONET_MAX_BATCH)
     if role == "embedder":
         return _batches((112, 112, 3), MAX_BATCH)
+    if role == "antispoof":
+        return [(1, 256, 256, 3)]  # one face at a time (edged.vision.liveness)
     if role != "pnet":
         raise ValueError(f"unknown model role {role!r}")
     d = detection or DetectionSettings()

@@ -194,3 +194,61 @@ def test_cli_refuses_a_calibration_folder_without_faces(tmp_path):
     assert p.returncode == 1
     assert f"{tmp_path}: no faces/dev folder" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- fully int8
+
+
+@pytest.fixture(scope="module")
+def full_set(calibration, prepared):
+    """P-Net and the embedder without NEG and ABS, quantised with int8 input and output."""
+    from edged.runtime.fullint8 import without_neg_abs
+
+    _, fl = prepared
+    out = {}
+    for role in ("pnet", "embedder"):
+        rewritten = without_neg_abs(fl[role])
+        ranges = quantize.calibrate(role, rewritten, calibration.split(role)[0])
+        out[role] = (rewritten, quantize.quantize_model(role, rewritten, quantize.FULL, ranges))
+    return out
+
+
+def test_neg_and_abs_rewritten_compute_the_same_floats(prepared, full_set):
+    from edged.runtime.fullint8 import op_names
+
+    _, fl = prepared
+    for role, shape in (("pnet", (1, 24, 24, 3)), ("embedder", (2, 112, 112, 3))):
+        rewritten = full_set[role][0]
+        assert "NEG" in op_names(fl[role]) or "ABS" in op_names(fl[role])
+        assert not {"NEG", "ABS"} & set(op_names(rewritten)), op_names(rewritten)
+        x = np.random.default_rng(2).uniform(-1, 1, shape).astype(np.float32)
+        data = [_pnet_24(m) if role == "pnet" else m for m in (fl[role], rewritten)]
+        a, b = (open_runner(m, {"type": "cpu"}, name=role).run(x) for m in data)
+        assert all(np.array_equal(u, v) for u, v in zip(a, b)), role
+
+
+def test_full_int8_models_are_int8_through_and_still_work(full_set, public_photos, models_dir):
+    from edged.runtime.fullint8 import io_types, op_names
+
+    for role, (_, q) in full_set.items():
+        assert io_types(q) == ("int8", "int8"), role
+        assert not {"NEG", "ABS"} & set(op_names(q)), role
+    # the embedder is int8 from end to end (requantised between scales, never float); P-Net's
+    # softmax, written out as REDUCE_MAX, SUB, EXP, SUM, DIV, stays float (its one DEQUANTIZE
+    # and QUANTIZE pair per output: an Edge TPU runs it on the CPU, after the rest)
+    assert "DEQUANTIZE" not in op_names(full_set["embedder"][1])
+    assert op_names(full_set["pnet"][1]).get("DEQUANTIZE", 0) <= 2
+    for role, (_, q) in full_set.items():  # a drop of it passes the drop's own checks
+        ota.self_test(ota.prepare_model(role, q, f"{role}.int8-full.tflite"), {"type": "cpu"})
+    # the runner quantises a float input with the model's scale and dequantises the outputs
+    faces = _faces(public_photos, models_dir)
+    ref = Embedder.from_models(models_dir).embed(faces)
+    q = full_set["embedder"][1]
+    got = Embedder(q, modelstore.sha256_bytes(q)).embed(faces)
+    cos = np.sum(ref * got, axis=1)
+    assert cos.min() > 0.85, cos  # int8 all through: measured in the test's report
+    print(f"\nfully int8 MobileFaceNet, cosine to float: {np.round(cos, 3).tolist()}")
+    r = modelstore.read_verified
+    det = MtcnnDetector(full_set["pnet"][1], r("rnet", models_dir)[0], r("onet", models_dir)[0])
+    for img in _read(public_photos, EVALUATION):
+        assert len(det.detect(img)) == 1

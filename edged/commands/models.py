@@ -61,6 +61,10 @@ def register(sub, common):
                    help="dynamic (int8 weights), static (int8 weights and activations, "
                         "calibrated), mixed (static with the worst layers in float); "
                         "repeat for several (default: all three)")
+    q.add_argument("--full-int8", action="store_true",
+                   help="also make the 'full' set: every op, the input and the output in int8, "
+                        "NEG and ABS rewritten (the first step to edgetpu_compiler: "
+                        "docs/int8.md); alone: only that set")
     q.add_argument("--float-layers", type=int, default=2, metavar="N",
                    help="layers of each net the mixed recipe may keep in float, each only "
                         "if it recovers output SNR (default 2)")
@@ -169,8 +173,9 @@ def cmd_quantize(args) -> int:
         cal = quantize.calibration_from_dir(src, args.models, max_photos=args.max_photos)
         for role, what in cal.description["samples"].items():
             print(f"  {role:<9} {what}")
-        report = quantize.quantize_all(cal, args.out, args.recipe or quantize.RECIPES,
-                                       args.models, args.float_layers)
+        recipes = list(args.recipe or ([] if args.full_int8 else quantize.RECIPES))
+        recipes += [quantize.FULL] if args.full_int8 else []
+        report = quantize.quantize_all(cal, args.out, recipes, args.models, args.float_layers)
     except (quantize.QuantizeError, modelstore.ModelError) as exc:
         print(f"edged models quantize: {exc}", file=sys.stderr)
         return 1

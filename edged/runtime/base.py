@@ -143,9 +143,29 @@ class TfliteRunner(Runner):
                 self.resize(x.shape, i)
         interp = self.interpreter
         for d, x in zip(self._inputs, inputs):
-            interp.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
+            interp.set_tensor(d["index"], _quantized(x, d))
         interp.invoke()
-        return [interp.get_tensor(d["index"]) for d in self._outputs]
+        return [_dequantized(interp.get_tensor(d["index"]), d) for d in self._outputs]
+
+
+def _quantized(x: np.ndarray, d: dict) -> np.ndarray:
+    """``x`` as the input tensor ``d`` takes it: a float array quantised with the tensor's own
+    scale and zero point when the model's input is int8 (a fully int8 model)."""
+    dtype = np.dtype(d["dtype"])
+    scale, zero = d.get("quantization") or (0.0, 0)
+    if dtype.kind in "iu" and scale and np.asarray(x).dtype.kind == "f":
+        info = np.iinfo(dtype)
+        q = np.rint(np.asarray(x, np.float32) / np.float32(scale)) + zero
+        return np.ascontiguousarray(np.clip(q, info.min, info.max), dtype=dtype)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _dequantized(y: np.ndarray, d: dict) -> np.ndarray:
+    """An int8 output as floats (its scale and zero point); other outputs as they are."""
+    scale, zero = d.get("quantization") or (0.0, 0)
+    if y.dtype.kind in "iu" and scale:
+        return (y.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+    return y
 
 
 @dataclasses.dataclass

@@ -45,9 +45,11 @@ from edged.runtime import modelstore
 from edged.runtime.tflitefile import ModelFormatError, check_model_bytes, pnet_model_for
 
 ROLES = ("pnet", "rnet", "onet", "embedder")
-RECIPES = ("dynamic", "static", "mixed")
+RECIPES = ("dynamic", "static", "mixed")  # the default sets
+FULL = "full"  # every op, the input and the output in int8 (--full-int8; edged.runtime.fullint8)
 #: file name suffix of each recipe's models: mtcnn_pnet.int8-static.tflite
-SUFFIX = {"dynamic": "int8-dynamic", "static": "int8-static", "mixed": "int8-mixed"}
+SUFFIX = {"dynamic": "int8-dynamic", "static": "int8-static", "mixed": "int8-mixed",
+          FULL: "int8-full"}
 #: samples per calibration batch (R-Net, O-Net, embedder) and the caps per net
 BATCH = {"rnet": 32, "onet": 16, "embedder": 8}
 MAX_SAMPLES = {"pnet": 160, "rnet": 1024, "onet": 512, "embedder": 256}
@@ -144,8 +146,11 @@ def recipe_for(kind: str, float_tensors: Sequence[str] = ()) -> list:
     _, recipe, _ = quantizer_api()
     if kind == "dynamic":
         return list(recipe.dynamic_wi8_afp32())
+    if kind == FULL:  # (on a model without NEG and ABS: fullint8.without_neg_abs)
+        return list(recipe.static_wi8_ai8())
     if kind not in ("static", "mixed"):
-        raise QuantizeError(f"unknown recipe {kind!r}; expected one of {', '.join(RECIPES)}")
+        raise QuantizeError(f"unknown recipe {kind!r}; expected one of "
+                            f"{', '.join(RECIPES + (FULL,))}")
     rules = list(recipe.static_wi8_ai8())
     # float32 in and out: the runtime feeds floats (a QUANTIZE op is inserted after the input)
     rules += [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize"}
@@ -550,15 +555,16 @@ def quantize_all(calibration: Calibration, out: Path, recipes: Sequence[str] = R
     ``mixed`` keeps in float up to ``float_layers`` layers chosen by
     :func:`choose_float_layers` from the ``static`` report."""
     for kind in recipes:
-        if kind not in RECIPES:
-            raise QuantizeError(f"unknown recipe {kind!r}; expected one of {', '.join(RECIPES)}")
+        if kind not in RECIPES + (FULL,):
+            raise QuantizeError(f"unknown recipe {kind!r}; expected one of "
+                                f"{', '.join(RECIPES + (FULL,))}")
     sources = source_models(models_dir)
     prepared = {r: prepare_float(sources[r][0], sources[r][2]) for r in ROLES}
-    static = [k for k in recipes if k != "dynamic"]
+    static = [k for k in recipes if k not in ("dynamic", FULL)]
     ranges = {r: calibrate(r, prepared[r], calibration.split(r)[0]) for r in ROLES} if static else {}
     report = {"calibration": calibration.description, "sets": {}}
     static_rows: Dict[str, list] = {}
-    for kind in dict.fromkeys((["static"] if static else []) + list(recipes)):
+    for kind in dict.fromkeys((["static"] if static else []) + [k for k in recipes if k != FULL]):
         models, layers = {}, {}
         for role in ROLES:
             val = calibration.split(role)[1][:4]
@@ -581,5 +587,9 @@ def quantize_all(calibration: Calibration, out: Path, recipes: Sequence[str] = R
             manifest = write_set(out / kind, kind, models, sources, calibration,
                                  {r: layers[r]["float_layers"] for r in ROLES})
             report["sets"][kind] = {"manifest": str(manifest), "models": layers}
+    if FULL in recipes:
+        from edged.runtime.fullint8 import full_set
+
+        report["sets"][FULL] = full_set(calibration, out, sources, prepared, log)
     modelstore.atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -25,7 +25,7 @@ A model drop is checked (sha256, TFLite structure), a MobileFaceNet with its bat
 gets its dynamic-batch copy (as ``edged models install`` does), then every new model passes a
 self-test (built with the configured accelerator, one invoke on a fixed input, outputs finite
 and of the expected shapes), the new interpreters are built and warmed up, and the new
-:class:`edged.daemon.service.ServiceSet` replaces the old one between two frames.
+:class:`edged.ota.modelset.ServiceSet` replaces the old one between two frames.
 
 A new embedder is held back when the gallery in service was made by another one (its vectors
 would mean nothing to it) until a gallery made by it arrives; then both go into service in

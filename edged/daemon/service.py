@@ -73,7 +73,7 @@ class Daemon:
         self.publisher = None
         self.http = None  # edged.publish.http.HttpEndpoint while http.listen is set
         self.kept = None  # edged.enrolment.store.TrackStore while enrolment.keep_faces is on
-        self.commands: Optional[EnrolCommands] = None  # (the same, edged.daemon.commands)
+        self.commands: Optional[EnrolCommands] = None  # (the same): MQTT enrolment commands
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._threads: List[threading.Thread] = []

@@ -19,7 +19,7 @@ from edged.runtime import modelstore
 from edged.safefile import SYMLINK_REASON  # noqa: F401 (the reason's wording, docs/ota.md)
 from edged.runtime.tflitefile import FILE_IDENTIFIER
 
-ROLES = ("pnet", "rnet", "onet", "embedder")
+ROLES = modelstore.ROLES
 #: roles a drop may also bring: in the set only while its stage is on (liveness.enabled)
 OPTIONAL_ROLES = ("antispoof",)
 DROP_ROLES = ROLES + OPTIONAL_ROLES

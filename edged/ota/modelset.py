@@ -24,7 +24,7 @@ from edged.runtime import modelstore
 
 log = logging.getLogger("edged.daemon")
 
-ROLES = ("pnet", "rnet", "onet", "embedder")
+ROLES = modelstore.ROLES
 
 
 class StartupError(RuntimeError):
@@ -369,7 +369,7 @@ def describe_change(old: dict, new: dict) -> str:
 def load_models(cfg, md: Path):
     """role -> ModelBlob: the set last in service (drops) where kept, else the installed
     models (or the copy of one kept at an earlier start); and the installed ones read."""
-    from edged.ota.store import ModelBlob, load_in_service, load_installed_copy
+    from edged.ota.store import load_in_service
 
     models = {}
     try:  # the models last in service (over-the-air drops), when kept
@@ -382,53 +382,42 @@ def load_models(cfg, md: Path):
                     "installed models", exc)
     installed = []
     for role in ROLES:
-        if role in models:
-            continue
-        try:
-            data, digest, path = modelstore.read_verified(
-                role, md, name=cfg.models.model_name(role))
-        except modelstore.ModelError as exc:
-            # an installed file replaced by a drop that was not confirmed (the drop
-            # directory is the models directory by default): the copy kept at an earlier
-            # start, if it is the model the manifest names
-            copy = load_installed_copy(
-                cfg.paths.state_dir, role, modelstore.Manifest.load().model(
-                    role, cfg.models.model_name(role)).load_sha256)
-            if copy is None:
-                raise
-            log.error("models: %s; loading the copy of the installed model kept at "
-                      "%s (run 'edged models install' to restore the file)", exc, copy.file)
-            models[role] = copy
-            installed.append(copy)  # (kept: the next start may need it again)
-            continue
-        models[role] = ModelBlob(role, data, digest, str(path))
-        installed.append(models[role])
+        if role not in models:
+            models[role] = read_installed(cfg, md, role)
+            installed.append(models[role])  # (a copy too: the next start may need it again)
     return models, installed
+
+
+def read_installed(cfg, md: Path, role: str):
+    """The installed model of ``role`` (verified), or, when that file was replaced by a drop
+    that was not confirmed (the drop directory is the models directory by default), the copy
+    kept at an earlier start, if it is the model the manifest names."""
+    from edged.ota.store import ModelBlob, load_installed_copy
+
+    name = cfg.models.model_name(role)
+    try:
+        data, digest, path = modelstore.read_verified(role, md, name=name)
+    except modelstore.ModelError as exc:
+        copy = load_installed_copy(cfg.paths.state_dir, role,
+                                   modelstore.Manifest.load().model(role, name).load_sha256)
+        if copy is None:
+            raise
+        log.error("models: %s; loading the copy of the installed model kept at "
+                  "%s (run 'edged models install' to restore the file)", exc, copy.file)
+        return copy
+    return ModelBlob(role, data, digest, str(path))
 
 
 def _liveness(cfg, md: Path, models: dict, installed: list):
     """The liveness stage when ``liveness.enabled`` (else None), with the antispoof model last
     in service (a drop) or the installed one; its blob joins ``models`` (kept with the set)."""
-    from edged.ota.store import ModelBlob
     from edged.vision.liveness import LivenessStage
 
     if not cfg.liveness.enabled:
         return None
-    from edged.ota.store import load_installed_copy
-
     blob = models.get("antispoof")
     if blob is None:
-        try:
-            data, digest, path = modelstore.read_verified("antispoof", md)
-            blob = ModelBlob("antispoof", data, digest, str(path))
-        except modelstore.ModelError as exc:  # replaced by a drop not confirmed: the copy
-            blob = load_installed_copy(cfg.paths.state_dir, "antispoof",
-                                       modelstore.Manifest.load().model("antispoof").load_sha256)
-            if blob is None:
-                raise
-            log.error("models: %s; loading the copy of the installed model kept at %s (run "
-                      "'edged models install' to restore the file)", exc, blob.file)
-        models["antispoof"] = blob
+        blob = models["antispoof"] = read_installed(cfg, md, "antispoof")
         installed.append(blob)
     return LivenessStage(blob.data, blob.sha256, cfg.liveness)
 

@@ -29,6 +29,8 @@ log = logging.getLogger("edged.models")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # edged/
 CHECKOUT_ROOT = PACKAGE_ROOT.parent
 SYSTEM_MODELS_DIR = Path("/var/lib/edged/models")
+#: the models every set the daemon runs is made of (the detector's three, the embedder)
+ROLES = ("pnet", "rnet", "onet", "embedder")
 
 
 class ModelError(Exception):

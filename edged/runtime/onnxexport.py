@@ -21,14 +21,13 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
 log = logging.getLogger("edged.models")
 
 OPSET = 13
-ROLES = ("pnet", "rnet", "onet", "embedder")
 
 
 class OnnxError(RuntimeError):
@@ -121,7 +120,7 @@ def _symbolic(proto) -> None:
                                                                   node.input[1]))
 
 
-def convert_set(out: Path, models_dir=None, roles=ROLES) -> Path:
+def convert_set(out: Path, models_dir=None, roles=None) -> Path:
     """Every verified model of ``roles`` as ``<role>.onnx`` in ``out``, with ``onnx.json``
     naming each file's sha256 and its source's; returns that document's path."""
     from edged.runtime import modelstore
@@ -129,7 +128,7 @@ def convert_set(out: Path, models_dir=None, roles=ROLES) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for role in roles:
+    for role in roles or modelstore.ROLES:
         data, digest, path = modelstore.read_verified(role, models_dir)
         onnx_bytes = tflite_to_onnx(data, role)
         name = f"{role}.onnx"
@@ -156,9 +155,3 @@ def onnx_session(onnx_bytes: bytes):
 
 def run_onnx(session, x: np.ndarray) -> list:
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})
-
-
-def output_names(onnx_bytes: bytes) -> Optional[Dict[str, int]]:
-    import onnx
-
-    return {o.name: i for i, o in enumerate(onnx.load_from_string(onnx_bytes).graph.output)}

@@ -44,7 +44,7 @@ import numpy as np
 from edged.runtime import modelstore
 from edged.runtime.tflitefile import ModelFormatError, check_model_bytes, pnet_model_for
 
-ROLES = ("pnet", "rnet", "onet", "embedder")
+ROLES = modelstore.ROLES
 RECIPES = ("dynamic", "static", "mixed")  # the default sets
 FULL = "full"  # every op, the input and the output in int8 (--full-int8; edged.runtime.fullint8)
 #: file name suffix of each recipe's models: mtcnn_pnet.int8-static.tflite

@@ -84,10 +84,7 @@ class Recognizer:
                 if events:
                     log.info("camera %s: no frames for %.1f s; %d track(s) ended", name,
                              gap, len(events), extra=fields(camera=name))
-                versions = self.versions_seen.get(name, {})
-                for ev in events:
-                    ev.versions = dict(versions)
-                    self.d.events.put(ev, now)
+                self.d.events.put_all(events, self.versions_seen.get(name, {}))
 
     def process(self, frame, faces, svc) -> List[Event]:
         """One detected frame through track -> embed -> match; returns its events.

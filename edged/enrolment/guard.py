@@ -54,29 +54,29 @@ def identification_threshold(embedder_sha256: Optional[str],
     if override is not None:
         return float(override)
     from edged.gallery import MatchSettings
+
+    return MatchSettings().for_embedder(_spec(embedder_sha256)).cutoff
+
+
+def _spec(embedder_sha256: Optional[str]):
+    """The manifest's spec of the embedder whose file has ``embedder_sha256``; None when the
+    manifest does not name it (or its entry has no usable embedding block)."""
     from edged.vision.embed import EmbedderSpec
 
-    spec = None
-    if embedder_sha256:
-        try:
-            spec = EmbedderSpec.of_model(embedder_sha256)
-        except ValueError:  # a manifest entry without a usable embedding block
-            spec = None
-    return MatchSettings().for_embedder(spec).cutoff
+    if not embedder_sha256:
+        return None
+    try:
+        return EmbedderSpec.of_model(embedder_sha256)
+    except ValueError:  # a manifest entry without a usable embedding block
+        return None
 
 
 def verification_threshold(embedder_sha256: Optional[str]) -> float:
     """The pair threshold of the embedder whose file has ``embedder_sha256`` (``edged
     compare``: two faces of one person score at least this), else the default of the pipeline."""
-    from edged.vision.embed import EmbedderSpec
     from edged.vision.pipeline import DEFAULT_MATCH_THRESHOLD
 
-    spec = None
-    if embedder_sha256:
-        try:
-            spec = EmbedderSpec.of_model(embedder_sha256)
-        except ValueError:
-            spec = None
+    spec = _spec(embedder_sha256)
     if spec is not None and spec.verification is not None:
         return float(spec.verification)
     return DEFAULT_MATCH_THRESHOLD

@@ -2,6 +2,15 @@
 
 import argparse as _argparse
 import math as _math
+import os as _os
+
+#: the daemon's configuration file, where the commands look when none is given
+DEFAULT_CONFIG = "/etc/edged/config.yaml"
+
+
+def config_given_or_default(config):
+    """``config`` (``--config``), else :data:`DEFAULT_CONFIG` when it exists, else None."""
+    return config or (DEFAULT_CONFIG if _os.path.exists(DEFAULT_CONFIG) else None)
 
 
 def _finite_in(lo: float, hi: float, what: str):

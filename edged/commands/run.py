@@ -5,7 +5,8 @@ import logging
 import os
 import sys
 
-DEFAULT_CONFIG = "/etc/edged/config.yaml"
+from edged.commands import DEFAULT_CONFIG
+
 #: exit status of every configuration error (sysexits.h); the unit's RestartPreventExitStatus
 EX_CONFIG = 78
 

@@ -19,7 +19,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-DEFAULT_CONFIG = "/etc/edged/config.yaml"
+from edged.commands import DEFAULT_CONFIG, config_given_or_default
+
 STALE_S = 30.0  # the daemon rewrites the file at least every 5 s while it runs
 NOT_RUNNING = 3
 READ_TRIES = 3  # a status written in place (a full disk) may be read half written
@@ -44,7 +45,7 @@ def _state_dir(args) -> Path:
         return Path(args.state_dir)
     from edged import config as configmod
 
-    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    path = config_given_or_default(args.config)
     if path is None:
         return Path(configmod.PathsSettings().state_dir)
     cfg = configmod.load(path)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edged.commands import EXIT_ERROR, EXIT_OK, exit_status_epilog, similarity
+from edged.commands import (DEFAULT_CONFIG, EXIT_ERROR, EXIT_OK, config_given_or_default,
+                            exit_status_epilog, similarity)
 
-DEFAULT_CONFIG = "/etc/edged/config.yaml"
 DESCRIPTION = """\
 With enrolment.keep_faces on, the daemon keeps the best aligned face crops of each ended
 track under <state_dir>/tracks (on the board only, files 0600; docs/enrolment.md). These
@@ -159,7 +159,7 @@ def place_of(args) -> Place:
     from edged import config as configmod
     from edged.enrolment.store import EnrolmentSettings
 
-    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    path = config_given_or_default(args.config)
     if path is None:
         paths = configmod.PathsSettings()
         return Place(Path(args.state_dir or paths.state_dir),

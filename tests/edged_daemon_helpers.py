@@ -182,6 +182,22 @@ class DaemonProcess:
             return []
         return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
 
+    def last_frame(self) -> int:
+        """The highest frame index of the events so far (``--events-out``'s ``debug``)."""
+        return max([e["debug"]["frame_index"] or 0 for e in self.events()] + [0])
+
+    def whole_pass_after(self, frame: int, n: int, timeout: float) -> int:
+        """The first frame of the first whole pass of an ``n``-frame looped clip after
+        ``frame``, once an event of the pass after it shows that pass is over."""
+        start = (frame // n + 1) * n
+        deadline = time.monotonic() + timeout
+        while not any((e["debug"]["frame_index"] or 0) >= start + n for e in self.events()):
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no event past frame {start + n} after {timeout}s:\n"
+                                     f"{self.log()[-3000:]}")
+            time.sleep(0.5)
+        return start
+
     def terminate(self, timeout: float = 15.0) -> float:
         """SIGTERM; return the seconds it took to exit."""
         t0 = time.monotonic()
@@ -194,6 +210,18 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def clip_frames(clip) -> int:
+    """How many frames OpenCV reads from the video file ``clip``."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from conftest import wait_for
 from edged.enrolment.store import TrackStore
 from edged.vision.imageio import load_image
 from edged.vision.pipeline import FacePipeline, central_face
-from edged_daemon_helpers import EDGED, DaemonProcess, write_config
+from edged_daemon_helpers import EDGED, DaemonProcess, clip_frames, write_config
 
 LMM = "Lin-Manuel_Miranda"
 
@@ -27,17 +27,6 @@ def hamilton(shared_dir):
     return clip, still
 
 
-def _frames(clip) -> int:
-    import cv2
-
-    cap = cv2.VideoCapture(str(clip))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
-
-
 def _tracks(cfg, *args):
     r = subprocess.run([EDGED, "tracks", *args, "--config", str(cfg)], capture_output=True,
                        text=True, timeout=120)
@@ -47,7 +36,7 @@ def _tracks(cfg, *args):
 def test_a_kept_track_enrolled_from_the_field_is_recognised_on_the_next_pass(
         hamilton, models_dir, tmp_path):
     clip, still = hamilton
-    n = _frames(clip)
+    n = clip_frames(clip)
     pipe = FacePipeline.from_models(models_dir)
     img = load_image(still)
     face = central_face(pipe.process(img), img.shape)
@@ -83,12 +72,10 @@ def test_a_kept_track_enrolled_from_the_field_is_recognised_on_the_next_pass(
         r = _tracks(cfg, "enrol", his["id"], LMM)
         assert r.returncode == 0, r.stdout + r.stderr
         d.wait_log("gallery swap:", 60, after=at)
-        swapped_at = max([e["debug"]["frame_index"] or 0 for e in d.events()] + [0])
+        swapped_at = d.last_frame()
 
         # -- the next whole pass after the swap: him, once, and nobody else
-        start = (swapped_at // n + 1) * n
-        assert wait_for(lambda: any((e["debug"]["frame_index"] or 0) >= start + n
-                                    for e in d.events()), 240, step=0.5), d.log()[-3000:]
+        start = d.whole_pass_after(swapped_at, n, 240)
         one_pass = [e for e in d.events()
                     if e["debug"]["frame_index"] is not None
                     and start <= e["debug"]["frame_index"] < start + n]

@@ -18,30 +18,18 @@ if sys.version_info < (3, 10):
     pytest.skip("ai-edge-quantizer needs Python >= 3.10 (edged[quantize] is not installable here)",
                 allow_module_level=True)
 
-from conftest import wait_for  # noqa: E402
 from edged.gallery import write_gallery  # noqa: E402
 from edged.ota.modelcheck import prepare_model  # noqa: E402
-from edged.runtime import modelstore, quantize  # noqa: E402
+from edged.runtime import quantize  # noqa: E402
 from edged.vision.embed import Embedder  # noqa: E402
 from edged.vision.imageio import load_image  # noqa: E402
 from edged.vision.pipeline import FacePipeline, central_face  # noqa: E402
-from edged_daemon_helpers import EDGED, DaemonProcess, write_config  # noqa: E402
+from edged_daemon_helpers import EDGED, DaemonProcess, clip_frames, write_config  # noqa: E402
 from test_ota import StatusWatch  # noqa: E402
 
 CLIP = "videos/facerec_short_hamilton_clip.mp4"
 ENROL = "videos/hamilton_enrol"
 CLOSE_SHOT = (82, 211)  # the performer's close shot (shared/videos/README.md)
-
-
-def _frames(clip) -> int:
-    import cv2
-
-    cap = cv2.VideoCapture(str(clip))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
 
 
 def _int8_set(models_dir, out):
@@ -81,22 +69,10 @@ def _outcome(events, start: int, n: int) -> list:
     return out
 
 
-def _whole_pass_after(d, frame: int, n: int) -> int:
-    """The first frame of the first whole pass after ``frame``, once that pass is over."""
-    start = (frame // n + 1) * n
-    assert wait_for(lambda: any((e["debug"]["frame_index"] or 0) >= start + n
-                                for e in d.events()), 300, step=0.5), d.log()[-3000:]
-    return start
-
-
-def _last_frame(d) -> int:
-    return max([e["debug"]["frame_index"] or 0 for e in d.events()] + [0])
-
-
 def test_an_int8_set_dropped_over_the_air_names_the_same_people(shared_dir, models_dir, broker,
                                                                tmp_path):
     clip = shared_dir / CLIP
-    n = _frames(clip)
+    n = clip_frames(clip)
     models, manifest = _int8_set(models_dir, tmp_path / "int8")
     # the bytes and sha256 the daemon will run (its drop check prepares each model so)
     blobs = {role: prepare_model(role, data, role) for role, data in models.items()}
@@ -120,7 +96,7 @@ def test_an_int8_set_dropped_over_the_air_names_the_same_people(shared_dir, mode
     try:
         d.wait_log("ready", 120)
         # -- the float set: one whole pass
-        start = _whole_pass_after(d, _last_frame(d), n)
+        start = d.whole_pass_after(d.last_frame(), n, 300)
         float_outcome = _outcome(d.events(), start, n)
         assert ("Lin-Manuel_Miranda", "close") in float_outcome, float_outcome
 
@@ -143,7 +119,7 @@ def test_an_int8_set_dropped_over_the_air_names_the_same_people(shared_dir, mode
         assert st["versions"]["detector"] == {r: blobs[r].sha256 for r in ("pnet", "rnet", "onet")}
 
         # -- the int8 set: the next whole pass names the same people in the same shots
-        start = _whole_pass_after(d, _last_frame(d), n)
+        start = d.whole_pass_after(d.last_frame(), n, 300)
         int8_outcome = _outcome(d.events(), start, n)
         print(f"\nfloat pass: {float_outcome}; int8 pass: {int8_outcome}")
         assert int8_outcome == float_outcome
